@@ -1,3 +1,312 @@
-"""Typed wrappers over torch.ops.apb_sparse.* (placeholder until the extension lands)."""
+"""Typed Python wrappers over ``torch.ops.apb_sparse.*``, with fake (meta) and autograd registrations.
+
+Sparse weights use CSR over output channels (output features for linear layers):
+
+* ``row_ptr``: int32 ``[out + 1]``
+* ``col_idx``: int32 ``[nnz]``; for convolutions the tap index ``(c * kH + kh) * kW + kw`` inside
+  the output channel's group, for linear layers the input feature.
+* ``values``: ``[nnz]``, the input's dtype.
+
+:func:`pack_csr` builds these from a dense (masked) weight.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+try:
+    from . import _C  # noqa: F401  (loading the library registers the ops)
+    _IMPORT_ERROR: Optional[BaseException] = None
+except ImportError as exc:  # pragma: no cover - only without a build
+    _C = None
+    _IMPORT_ERROR = exc
+
+__all__ = [
+    "available", "pack_csr", "unpack_csr", "masked_conv2d", "sparse_conv2d", "sparse_linear",
+    "conv_output_size", "use_portable_kernel",
+]
+
+IntPair = Union[int, Sequence[int]]
+
+
 def available() -> bool:
-    return False
+    """True when the compiled extension ``apb_sparse._C`` is loaded."""
+    return _C is not None
+
+
+def _require() -> None:
+    if _C is None:
+        raise RuntimeError(
+            "apb_sparse._C is not built: install torch first, then `pip install --no-build-isolation -e .` "
+            f"(import error: {_IMPORT_ERROR})")
+
+
+def use_portable_kernel(enable: bool) -> bool:
+    """Force (``True``) or release the portable (non-AVX2) CPU kernel. Returns the previous setting.
+
+    Used by tests to check that the vectorised and portable paths agree.
+    """
+    _require()
+    return bool(_C._set_force_generic(bool(enable)))
+
+
+def _pair(name: str, value: IntPair, minimum: int) -> List[int]:
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if isinstance(value, int):
+        value = (value, value)
+    try:
+        out = [int(v) for v in value]
+    except TypeError:
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}") from None
+    if len(out) != 2:
+        raise ValueError(f"{name} must have 2 entries, got {value!r}")
+    if any(v < minimum for v in out):
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return out
+
+
+def _check_input(name: str, x: Tensor, dim: Optional[int] = None) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if dim is not None and x.dim() != dim:
+        raise ValueError(f"{name} must be {dim}-D, got shape {tuple(x.shape)}")
+    if x.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"{name} must be float32 or float64, got {x.dtype}")
+
+
+def conv_output_size(input_size: Sequence[int], weight_size: Sequence[int], stride: IntPair = 1,
+                     padding: IntPair = 0, dilation: IntPair = 1) -> Tuple[int, int, int, int]:
+    """Output shape ``(N, O, OH, OW)`` of a convolution."""
+    s, p, d = _pair("stride", stride, 1), _pair("padding", padding, 0), _pair("dilation", dilation, 1)
+    n, _, h, w = input_size
+    o, _, kh, kw = weight_size
+    oh = (h + 2 * p[0] - d[0] * (kh - 1) - 1) // s[0] + 1
+    ow = (w + 2 * p[1] - d[1] * (kw - 1) - 1) // s[1] + 1
+    return int(n), int(o), int(oh), int(ow)
+
+
+@torch.no_grad()
+def pack_csr(weight: Tensor, mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    """Pack the nonzeros of ``weight * mask`` into CSR over dim 0.
+
+    Args:
+        weight: ``(O, ...)`` dense weight (conv ``(O, C/g, kH, kW)`` or linear ``(O, I)``).
+        mask: optional 0/1 tensor of the same shape.
+
+    Returns:
+        ``(values, row_ptr, col_idx)``; see the module docstring.
+    """
+    if mask is not None:
+        if mask.shape != weight.shape:
+            raise ValueError(f"mask has shape {tuple(mask.shape)}, expected {tuple(weight.shape)}")
+        weight = weight * mask.to(weight.dtype)
+    w2 = weight.detach().reshape(weight.shape[0], -1)
+    if w2.shape[1] >= 2**31 or w2.numel() >= 2**31:
+        raise ValueError("weight is too large for int32 CSR indices")
+    rows, cols = torch.nonzero(w2, as_tuple=True)
+    values = w2[rows, cols].contiguous()
+    counts = torch.bincount(rows, minlength=w2.shape[0])
+    row_ptr = torch.zeros(w2.shape[0] + 1, dtype=torch.int32, device=weight.device)
+    row_ptr[1:] = torch.cumsum(counts, 0).to(torch.int32)
+    return values, row_ptr, cols.to(torch.int32).contiguous()
+
+
+def unpack_csr(values: Tensor, row_ptr: Tensor, col_idx: Tensor, shape: Sequence[int]) -> Tensor:
+    """Dense tensor of ``shape`` from CSR (inverse of :func:`pack_csr`)."""
+    rows_n = int(shape[0])
+    cols_n = 1
+    for s in shape[1:]:
+        cols_n *= int(s)
+    counts = (row_ptr[1:] - row_ptr[:-1]).to(torch.int64)
+    rows = torch.repeat_interleave(torch.arange(rows_n, device=values.device), counts)
+    dense = torch.zeros(rows_n, cols_n, dtype=values.dtype, device=values.device)
+    dense[rows, col_idx.to(torch.int64)] = values
+    return dense.reshape(tuple(int(s) for s in shape))
+
+
+def _csr_rows(row_ptr: Tensor) -> Tensor:
+    counts = (row_ptr[1:] - row_ptr[:-1]).to(torch.int64)
+    return torch.repeat_interleave(torch.arange(counts.numel(), device=row_ptr.device), counts)
+
+
+# ----------------------------------------------------------------------------------------------
+# masked_conv2d
+
+
+def masked_conv2d(input: Tensor, weight: Tensor, mask: Tensor, bias: Optional[Tensor] = None,
+                  stride: IntPair = 1, padding: IntPair = 0, dilation: IntPair = 1,
+                  groups: int = 1) -> Tensor:
+    """Convolution with ``weight * mask`` that skips the masked-out (and zero) weights.
+
+    Differentiable with respect to ``input``, ``weight``, ``mask`` and ``bias``.  The weight and
+    mask gradients are dense (every position), so methods can learn scores through the mask.
+
+    Args:
+        input: ``(N, C, H, W)`` float32/float64, any strides (channels_last included).
+        weight: ``(O, C / groups, kH, kW)``.
+        mask: same shape as ``weight`` (0/1 values; any real values are multiplied in).
+        bias: optional ``(O,)``.
+        stride, padding, dilation: int or pair; groups: int.
+
+    Returns:
+        ``(N, O, OH, OW)`` contiguous tensor, equal to
+        ``F.conv2d(input, weight * mask, bias, stride, padding, dilation, groups)``.
+    """
+    _require()
+    _check_input("input", input, 4)
+    if not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    return torch.ops.apb_sparse.masked_conv2d(
+        input, weight, mask, bias, _pair("stride", stride, 1), _pair("padding", padding, 0),
+        _pair("dilation", dilation, 1), groups)
+
+
+def sparse_conv2d(input: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor,
+                  weight_size: Sequence[int], bias: Optional[Tensor] = None, stride: IntPair = 1,
+                  padding: IntPair = 0, dilation: IntPair = 1, groups: int = 1) -> Tensor:
+    """Convolution with a CSR-packed weight (see :func:`pack_csr`).
+
+    Differentiable with respect to ``input`` (white-box attacks on deployed models), ``values``
+    and ``bias``.
+
+    Args:
+        input: ``(N, C, H, W)``, any strides.
+        values, row_ptr, col_idx: the CSR weight.
+        weight_size: the dense weight shape ``(O, C / groups, kH, kW)``.
+
+    Returns:
+        ``(N, O, OH, OW)`` contiguous tensor.
+    """
+    _require()
+    _check_input("input", input, 4)
+    if not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    if len(weight_size) != 4:
+        raise ValueError(f"weight_size must have 4 entries, got {weight_size!r}")
+    return torch.ops.apb_sparse.sparse_conv2d(
+        input, values, row_ptr, col_idx, [int(s) for s in weight_size], bias,
+        _pair("stride", stride, 1), _pair("padding", padding, 0), _pair("dilation", dilation, 1), groups)
+
+
+def sparse_linear(input: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, in_features: int,
+                  bias: Optional[Tensor] = None) -> Tensor:
+    """Linear layer ``input @ W.T + bias`` with a CSR-packed ``W`` of shape ``(out, in_features)``.
+
+    Args:
+        input: ``(*, in_features)``.
+
+    Returns:
+        ``(*, out)`` where ``out = row_ptr.numel() - 1``.
+    """
+    _require()
+    _check_input("input", input)
+    return torch.ops.apb_sparse.sparse_linear(input, values, row_ptr, col_idx, int(in_features), bias)
+
+
+if _C is not None:
+
+    def _conv_out(input, weight_size, stride, padding, dilation):
+        n, o, oh, ow = conv_output_size(input.shape, weight_size, stride, padding, dilation)
+        return input.new_empty((n, o, oh, ow))
+
+    @torch.library.register_fake("apb_sparse::masked_conv2d")
+    def _(input, weight, mask, bias, stride, padding, dilation, groups):
+        return _conv_out(input, weight.shape, stride, padding, dilation)
+
+    @torch.library.register_fake("apb_sparse::masked_conv2d_backward_input")
+    def _(grad_output, weight, mask, input_size, stride, padding, dilation, groups):
+        return grad_output.new_empty(tuple(input_size))
+
+    @torch.library.register_fake("apb_sparse::sparse_conv2d")
+    def _(input, values, row_ptr, col_idx, weight_size, bias, stride, padding, dilation, groups):
+        return _conv_out(input, weight_size, stride, padding, dilation)
+
+    @torch.library.register_fake("apb_sparse::sparse_conv2d_backward_input")
+    def _(grad_output, values, row_ptr, col_idx, weight_size, input_size, stride, padding, dilation, groups):
+        return grad_output.new_empty(tuple(input_size))
+
+    @torch.library.register_fake("apb_sparse::sparse_linear")
+    def _(input, values, row_ptr, col_idx, in_features, bias):
+        return input.new_empty((*input.shape[:-1], row_ptr.shape[0] - 1))
+
+    @torch.library.register_fake("apb_sparse::sparse_linear_backward_input")
+    def _(grad_output, values, row_ptr, col_idx, in_features):
+        return grad_output.new_empty((*grad_output.shape[:-1], in_features))
+
+    # -- autograd ------------------------------------------------------------------------------
+
+    def _masked_conv2d_setup(ctx, inputs, output):
+        input, weight, mask, bias, stride, padding, dilation, groups = inputs
+        ctx.save_for_backward(input, weight, mask)
+        ctx.conv = (stride, padding, dilation, groups)
+        ctx.has_bias = bias is not None
+
+    def _masked_conv2d_backward(ctx, grad):
+        input, weight, mask = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conv
+        need_x, need_w, need_m, need_b = ctx.needs_input_grad[:4]
+        gx = gw = gm = gb = None
+        if need_x:
+            gx = torch.ops.apb_sparse.masked_conv2d_backward_input(
+                grad, weight, mask, list(input.shape), stride, padding, dilation, groups)
+        if need_w or need_m:
+            # Gradient of the effective weight at every position (dense by nature: score-based
+            # methods need it where the mask is 0 too).
+            geff = torch.nn.grad.conv2d_weight(input, weight.shape, grad, stride, padding, dilation, groups)
+            gw = geff * mask if need_w else None
+            gm = geff * weight if need_m else None
+        if need_b and ctx.has_bias:
+            gb = grad.sum((0, 2, 3))
+        return gx, gw, gm, gb, None, None, None, None
+
+    torch.library.register_autograd("apb_sparse::masked_conv2d", _masked_conv2d_backward,
+                                    setup_context=_masked_conv2d_setup)
+
+    def _sparse_conv2d_setup(ctx, inputs, output):
+        input, values, row_ptr, col_idx, weight_size, bias, stride, padding, dilation, groups = inputs
+        ctx.save_for_backward(input, values, row_ptr, col_idx)
+        ctx.conv = (list(weight_size), stride, padding, dilation, groups)
+        ctx.has_bias = bias is not None
+
+    def _sparse_conv2d_backward(ctx, grad):
+        input, values, row_ptr, col_idx = ctx.saved_tensors
+        weight_size, stride, padding, dilation, groups = ctx.conv
+        gx = gv = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = torch.ops.apb_sparse.sparse_conv2d_backward_input(
+                grad, values, row_ptr, col_idx, weight_size, list(input.shape), stride, padding, dilation, groups)
+        if ctx.needs_input_grad[1]:
+            geff = torch.nn.grad.conv2d_weight(input, weight_size, grad, stride, padding, dilation, groups)
+            gv = geff.reshape(weight_size[0], -1)[_csr_rows(row_ptr), col_idx.to(torch.int64)]
+        if ctx.needs_input_grad[5] and ctx.has_bias:
+            gb = grad.sum((0, 2, 3))
+        return gx, gv, None, None, None, gb, None, None, None, None
+
+    torch.library.register_autograd("apb_sparse::sparse_conv2d", _sparse_conv2d_backward,
+                                    setup_context=_sparse_conv2d_setup)
+
+    def _sparse_linear_setup(ctx, inputs, output):
+        input, values, row_ptr, col_idx, in_features, bias = inputs
+        ctx.save_for_backward(input, values, row_ptr, col_idx)
+        ctx.in_features = in_features
+        ctx.has_bias = bias is not None
+
+    def _sparse_linear_backward(ctx, grad):
+        input, values, row_ptr, col_idx = ctx.saved_tensors
+        gx = gv = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = torch.ops.apb_sparse.sparse_linear_backward_input(grad, values, row_ptr, col_idx, ctx.in_features)
+        out_features = row_ptr.shape[0] - 1
+        if ctx.needs_input_grad[1]:
+            g2 = grad.reshape(-1, out_features)
+            x2 = input.reshape(-1, ctx.in_features)
+            gv = (g2[:, _csr_rows(row_ptr)] * x2[:, col_idx.to(torch.int64)]).sum(0)
+        if ctx.needs_input_grad[5] and ctx.has_bias:
+            gb = grad.reshape(-1, out_features).sum(0)
+        return gx, gv, None, None, None, gb
+
+    torch.library.register_autograd("apb_sparse::sparse_linear", _sparse_linear_backward,
+                                    setup_context=_sparse_linear_setup)

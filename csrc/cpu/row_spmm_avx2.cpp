@@ -1,0 +1,22 @@
+// AVX2 + FMA build of the row-gather kernel (selected at run time by cpu_has_avx2_fma()).
+#include <cstdint>
+#include <cstring>
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#define APB_ISA_NAMESPACE avx2
+#include "row_spmm_impl.h"
+
+namespace apb_sparse {
+namespace kernel {
+
+void row_spmm_avx2(const RowSpmmArgs<float>& a, int64_t r0, int64_t r1, int64_t p0, int64_t p1) {
+  avx2::run<float>(a, r0, r1, p0, p1);
+}
+void row_spmm_avx2(const RowSpmmArgs<double>& a, int64_t r0, int64_t r1, int64_t p0, int64_t p1) {
+  avx2::run<double>(a, r0, r1, p0, p1);
+}
+
+}  // namespace kernel
+}  // namespace apb_sparse
+#pragma GCC pop_options

@@ -1,0 +1,533 @@
+// CPU implementations of the apb_sparse ops (schemas in csrc/ops.cpp).
+//
+// Every op is lowered onto kernel::row_spmm (row_spmm.h):
+//  * sparse/masked conv forward: rows = output channels; the input is re-laid out once per call
+//    into zero-padded, stride-phase-split planes ("grid") so that every nonzero tap reads a
+//    contiguous strip of the grid at a precomputed offset, for any stride, padding and dilation.
+//  * conv backward-to-input: rows = (input channel, stride phase) planes, nonzeros = the
+//    transposed weight, source = grad_output scattered into the same grid coordinates.
+//  * linear: rows = output (or, backward, input) features, positions = batch.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/irange.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "row_spmm.h"
+
+namespace apb_sparse {
+namespace {
+
+using at::Tensor;
+using kernel::RowSpmmArgs;
+
+int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+/// Convolution geometry in "grid" coordinates.  The padded input (Hp x Wp) is split into
+/// sh*sw stride phases; phase (a, b) holds padded pixels (i*sh + a, j*sw + b) at grid (i, j) of
+/// an Hq x Wq plane.  Output (n, oh, ow) lives at grid position p = n*Hq*Wq + oh*Wq + ow, and
+/// tap (kh, kw) reads phase ((kh*dh) % sh, (kw*dw) % sw) at p + ((kh*dh)/sh)*Wq + (kw*dw)/sw.
+struct ConvGeom {
+  int64_t N, C, H, W;
+  int64_t O, Cg, KH, KW, G, Og;
+  int64_t sh, sw, ph, pw, dh, dw;
+  int64_t Hp, Wp, OH, OW, Hq, Wq, S, plane;
+
+  ConvGeom(at::IntArrayRef input_size, at::IntArrayRef weight_size, at::IntArrayRef stride,
+           at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+    TORCH_CHECK(input_size.size() == 4, "input must be 4-D (N, C, H, W), got ", input_size.size(), " dims");
+    TORCH_CHECK(weight_size.size() == 4, "weight_size must have 4 entries (O, C/groups, kH, kW), got ",
+                weight_size.size());
+    TORCH_CHECK(stride.size() == 2 && stride[0] > 0 && stride[1] > 0, "stride must be 2 positive ints, got ", stride);
+    TORCH_CHECK(padding.size() == 2 && padding[0] >= 0 && padding[1] >= 0,
+                "padding must be 2 non-negative ints, got ", padding);
+    TORCH_CHECK(dilation.size() == 2 && dilation[0] > 0 && dilation[1] > 0,
+                "dilation must be 2 positive ints, got ", dilation);
+    TORCH_CHECK(groups > 0, "groups must be positive, got ", groups);
+    N = input_size[0]; C = input_size[1]; H = input_size[2]; W = input_size[3];
+    O = weight_size[0]; Cg = weight_size[1]; KH = weight_size[2]; KW = weight_size[3];
+    TORCH_CHECK(O >= 0 && Cg > 0 && KH > 0 && KW > 0, "weight_size must be positive, got ", weight_size);
+    G = groups;
+    TORCH_CHECK(C == Cg * G, "input has ", C, " channels, expected weight_size[1] * groups = ", Cg * G);
+    TORCH_CHECK(O % G == 0, "weight_size[0] (", O, ") must be divisible by groups (", G, ")");
+    Og = O / G;
+    sh = stride[0]; sw = stride[1]; ph = padding[0]; pw = padding[1]; dh = dilation[0]; dw = dilation[1];
+    Hp = H + 2 * ph; Wp = W + 2 * pw;
+    OH = (Hp - dh * (KH - 1) - 1) / sh + 1;
+    OW = (Wp - dw * (KW - 1) - 1) / sw + 1;
+    TORCH_CHECK(Hp >= dh * (KH - 1) + 1 && Wp >= dw * (KW - 1) + 1,
+                "input (", H, "x", W, ") with padding ", padding, " is smaller than the dilated kernel");
+    Hq = (Hp + sh - 1) / sh; Wq = (Wp + sw - 1) / sw;
+    S = sh * sw;
+    plane = N * Hq * Wq;
+  }
+  int64_t taps() const { return Cg * KH * KW; }
+  /// Stride phase read by tap (kh, kw).
+  int64_t phase(int64_t kh, int64_t kw) const { return ((kh * dh) % sh) * sw + (kw * dw) % sw; }
+  /// Offset inside a phase plane of tap (kh, kw).
+  int64_t tap_offset(int64_t kh, int64_t kw) const { return ((kh * dh) / sh) * Wq + (kw * dw) / sw; }
+  int64_t max_tap_offset() const { return tap_offset(KH - 1, KW - 1); }
+};
+
+/// CSR view with the offsets each nonzero reads from.
+template <typename T>
+struct Csr {
+  std::vector<int32_t> row_ptr;
+  std::vector<int64_t> off;
+  std::vector<T> val;
+};
+
+/// Splits rows [0, R) (weights = nonzeros + a fixed cost) and positions [0, length) into chunks,
+/// one per thread, and runs the kernel on each chunk in parallel.  Balancing by nonzeros rather
+/// than by row count matters for unevenly pruned layers.
+template <typename T>
+void parallel_row_spmm(const RowSpmmArgs<T>& a, int64_t R) {
+  if (R == 0 || a.length == 0) return;
+  const int64_t nnz = a.row_ptr[R];
+  const int64_t work = (nnz + R) * a.length;
+  int64_t nthreads = at::get_num_threads();
+  if (work < 32768) nthreads = 1;  // too small to amortise waking the thread pool
+  const int64_t TW = kernel::tile_width<T>();
+  if (nthreads <= 1) {
+    kernel::row_spmm(a, 0, R, 0, a.length);
+    return;
+  }
+  if (R >= 4 * nthreads) {
+    // Row chunks with equal weight (nnz + 2 per row for the epilogue).
+    std::vector<int64_t> bounds(nthreads + 1, R);
+    bounds[0] = 0;
+    const double total = double(nnz + 2 * R);
+    int64_t r = 0;
+    for (int64_t t = 1; t < nthreads; ++t) {
+      const double target = total * t / nthreads;
+      while (r < R && double(a.row_ptr[r] + 2 * r) < target) ++r;
+      bounds[t] = r;
+    }
+    at::parallel_for(0, nthreads, 1, [&](int64_t b, int64_t e) {
+      for (int64_t t = b; t < e; ++t) {
+        if (bounds[t] < bounds[t + 1]) kernel::row_spmm(a, bounds[t], bounds[t + 1], 0, a.length);
+      }
+    });
+  } else {
+    const int64_t per = round_up((a.length + nthreads - 1) / nthreads, TW);
+    at::parallel_for(0, nthreads, 1, [&](int64_t b, int64_t e) {
+      for (int64_t t = b; t < e; ++t) {
+        const int64_t p0 = t * per, p1 = std::min(a.length, (t + 1) * per);
+        if (p0 < p1) kernel::row_spmm(a, 0, R, p0, p1);
+      }
+    });
+  }
+}
+
+/// Positions per cache block so that the strips all rows read (sources planes x block) stay
+/// within about 256 KiB of L2.
+template <typename T>
+int64_t cache_block(int64_t source_rows) {
+  const int64_t TW = kernel::tile_width<T>();
+  const int64_t b = (256 * 1024) / (std::max<int64_t>(source_rows, 1) * int64_t(sizeof(T)));
+  return std::max<int64_t>(TW, b / TW * TW);
+}
+
+/// Copies the input (any strides) into the zero-padded phase grid [C][S][plane] + margin.
+template <typename T>
+Tensor make_input_grid(const Tensor& input, const ConvGeom& g, int64_t margin) {
+  Tensor grid = at::empty({g.C * g.S * g.plane + margin}, input.options());
+  T* out = grid.data_ptr<T>();
+  const T* x = input.const_data_ptr<T>();
+  const int64_t sN = input.stride(0), sC = input.stride(1), sH = input.stride(2), sW = input.stride(3);
+  std::fill(out + g.C * g.S * g.plane, out + g.C * g.S * g.plane + margin, T(0));
+  at::parallel_for(0, g.C * g.S, 1, [&](int64_t b, int64_t e) {
+    for (int64_t cs = b; cs < e; ++cs) {
+      const int64_t c = cs / g.S, s = cs % g.S, a = s / g.sw, bb = s % g.sw;
+      T* dst = out + cs * g.plane;
+      for (int64_t n = 0; n < g.N; ++n) {
+        const T* xc = x + n * sN + c * sC;
+        for (int64_t i = 0; i < g.Hq; ++i) {
+          T* row = dst + (n * g.Hq + i) * g.Wq;
+          const int64_t hh = i * g.sh + a - g.ph;
+          if (hh < 0 || hh >= g.H) {
+            std::fill(row, row + g.Wq, T(0));
+            continue;
+          }
+          const T* xr = xc + hh * sH;
+          if (g.sw == 1 && sW == 1) {
+            // Fast path: one contiguous copy between the left and right zero padding.
+            const int64_t lo = std::min<int64_t>(g.pw, g.Wq);
+            std::fill(row, row + lo, T(0));
+            const int64_t n_copy = std::max<int64_t>(0, std::min<int64_t>(g.W, g.Wq - lo));
+            std::memcpy(row + lo, xr, sizeof(T) * n_copy);
+            std::fill(row + lo + n_copy, row + g.Wq, T(0));
+          } else {
+            for (int64_t j = 0; j < g.Wq; ++j) {
+              const int64_t ww = j * g.sw + bb - g.pw;
+              row[j] = (ww >= 0 && ww < g.W) ? xr[ww * sW] : T(0);
+            }
+          }
+        }
+      }
+    }
+  });
+  return grid;
+}
+
+/// Validates a CSR weight given as tensors and returns raw pointers (values, row_ptr, col_idx).
+void check_csr(const Tensor& values, const Tensor& row_ptr, const Tensor& col_idx, int64_t rows,
+               int64_t cols, const Tensor& input) {
+  TORCH_CHECK(values.dim() == 1, "values must be 1-D, got ", values.dim(), " dims");
+  TORCH_CHECK(row_ptr.dim() == 1 && row_ptr.scalar_type() == at::kInt,
+              "row_ptr must be a 1-D int32 tensor, got ", row_ptr.scalar_type(), " with ", row_ptr.dim(), " dims");
+  TORCH_CHECK(col_idx.dim() == 1 && col_idx.scalar_type() == at::kInt,
+              "col_idx must be a 1-D int32 tensor, got ", col_idx.scalar_type(), " with ", col_idx.dim(), " dims");
+  TORCH_CHECK(values.scalar_type() == input.scalar_type(), "values dtype ", values.scalar_type(),
+              " does not match the input dtype ", input.scalar_type());
+  TORCH_CHECK(values.device() == input.device() && row_ptr.device() == input.device() &&
+                  col_idx.device() == input.device(),
+              "values, row_ptr and col_idx must be on the input's device ", input.device());
+  TORCH_CHECK(row_ptr.numel() == rows + 1, "row_ptr has ", row_ptr.numel(), " entries, expected ", rows + 1);
+  TORCH_CHECK(col_idx.numel() == values.numel(), "col_idx has ", col_idx.numel(), " entries but values has ",
+              values.numel());
+  const Tensor rp = row_ptr.contiguous(), ci = col_idx.contiguous();
+  const int32_t* r = rp.const_data_ptr<int32_t>();
+  TORCH_CHECK(r[0] == 0 && r[rows] == values.numel(), "row_ptr must start at 0 and end at nnz = ", values.numel());
+  for (int64_t i = 0; i < rows; ++i) TORCH_CHECK(r[i] <= r[i + 1], "row_ptr must be non-decreasing");
+  const int32_t* c = ci.const_data_ptr<int32_t>();
+  for (int64_t j = 0; j < ci.numel(); ++j)
+    TORCH_CHECK(c[j] >= 0 && c[j] < cols, "col_idx entry ", c[j], " out of range [0, ", cols, ")");
+}
+
+/// Packs the nonzeros of a dense (O, K) row-major weight into CSR (column = tap index).
+template <typename T>
+void pack_dense(const T* w, const T* m, int64_t O, int64_t K, std::vector<int32_t>& row_ptr,
+                std::vector<int32_t>& col, std::vector<T>& val) {
+  row_ptr.assign(O + 1, 0);
+  col.clear();
+  val.clear();
+  for (int64_t o = 0; o < O; ++o) {
+    for (int64_t k = 0; k < K; ++k) {
+      const T v = m ? w[o * K + k] * m[o * K + k] : w[o * K + k];
+      if (v != T(0)) {
+        col.push_back(int32_t(k));
+        val.push_back(v);
+      }
+    }
+    row_ptr[o + 1] = int32_t(col.size());
+  }
+}
+
+/// Forward convolution from CSR (tap-index columns) into a fresh NCHW output.
+template <typename T>
+Tensor conv_forward(const Tensor& input, const ConvGeom& g, const int32_t* row_ptr, const int32_t* col,
+                    const T* val, const Tensor& bias) {
+  Tensor out = at::empty({g.N, g.O, g.OH, g.OW}, input.options());
+  if (out.numel() == 0) return out;
+  const int64_t VW = kernel::vector_width<T>(), TW = kernel::tile_width<T>();
+  const int64_t length = round_up((g.N - 1) * g.Hq * g.Wq + g.OH * g.Wq, VW);
+  Tensor grid = make_input_grid<T>(input, g, g.Hq * g.Wq + TW + VW);
+  const int64_t nnz = row_ptr[g.O];
+  std::vector<int64_t> off(nnz);
+  const int64_t KK = g.KH * g.KW;
+  for (int64_t o = 0; o < g.O; ++o) {
+    const int64_t grp = o / g.Og;
+    for (int32_t j = row_ptr[o]; j < row_ptr[o + 1]; ++j) {
+      const int64_t t = col[j], c = grp * g.Cg + t / KK, kh = (t % KK) / g.KW, kw = t % g.KW;
+      off[j] = (c * g.S + g.phase(kh, kw)) * g.plane + g.tap_offset(kh, kw);
+    }
+  }
+  std::vector<int64_t> omap(length);
+  const int64_t HWq = g.Hq * g.Wq;
+  for (int64_t p = 0; p < length; ++p) {
+    const int64_t n = p / HWq, i = (p % HWq) / g.Wq, j = p % g.Wq;
+    omap[p] = (n < g.N && i < g.OH && j < g.OW) ? n * g.O * g.OH * g.OW + i * g.OW + j : -1;
+  }
+  std::vector<int64_t> base(g.O);
+  for (int64_t o = 0; o < g.O; ++o) base[o] = o * g.OH * g.OW;
+  Tensor b = bias.defined() ? bias.contiguous() : Tensor();
+  RowSpmmArgs<T> a{row_ptr, off.data(), val, grid.const_data_ptr<T>(), length, omap.data(), 1,
+                   base.data(), b.defined() ? b.const_data_ptr<T>() : nullptr, out.mutable_data_ptr<T>(),
+                   false, cache_block<T>(g.C * g.S)};
+  parallel_row_spmm(a, g.O);
+  return out;
+}
+
+/// grad_input of a convolution from CSR: transposes the nonzeros onto (input channel, phase)
+/// rows and gathers grad_output placed on the forward grid.
+template <typename T>
+Tensor conv_backward_input(const Tensor& grad_output, const ConvGeom& g, const int32_t* row_ptr,
+                           const int32_t* col, const T* val) {
+  Tensor gin = at::empty({g.N, g.C, g.H, g.W}, grad_output.options());
+  if (gin.numel() == 0) return gin;
+  const int64_t VW = kernel::vector_width<T>(), TW = kernel::tile_width<T>();
+  const int64_t M = round_up(g.max_tap_offset(), VW);
+  const int64_t length = round_up(g.plane, VW);
+  const int64_t Lrow = M + length + TW;
+  // grad_output on the grid: row o holds position p at M + p; zero elsewhere.
+  Tensor gog = at::zeros({g.O * Lrow}, grad_output.options());
+  {
+    T* dst = gog.mutable_data_ptr<T>();
+    const T* go = grad_output.const_data_ptr<T>();
+    const int64_t sN = grad_output.stride(0), sC = grad_output.stride(1), sH = grad_output.stride(2),
+                  sW = grad_output.stride(3);
+    at::parallel_for(0, g.O, 1, [&](int64_t b, int64_t e) {
+      for (int64_t o = b; o < e; ++o)
+        for (int64_t n = 0; n < g.N; ++n)
+          for (int64_t i = 0; i < g.OH; ++i) {
+            T* d = dst + o * Lrow + M + (n * g.Hq + i) * g.Wq;
+            const T* s = go + n * sN + o * sC + i * sH;
+            for (int64_t j = 0; j < g.OW; ++j) d[j] = s[j * sW];
+          }
+    });
+  }
+  // Transpose: rows r = c * S + phase; entry offset = o * Lrow + M - tap_offset.
+  const int64_t R = g.C * g.S, KK = g.KH * g.KW, nnz = row_ptr[g.O];
+  std::vector<int32_t> tptr(R + 1, 0);
+  std::vector<int64_t> rowof(nnz);
+  for (int64_t o = 0; o < g.O; ++o) {
+    const int64_t grp = o / g.Og;
+    for (int32_t j = row_ptr[o]; j < row_ptr[o + 1]; ++j) {
+      const int64_t t = col[j], c = grp * g.Cg + t / KK, kh = (t % KK) / g.KW, kw = t % g.KW;
+      rowof[j] = c * g.S + g.phase(kh, kw);
+      ++tptr[rowof[j] + 1];
+    }
+  }
+  for (int64_t r = 0; r < R; ++r) tptr[r + 1] += tptr[r];
+  std::vector<int32_t> fill(tptr.begin(), tptr.end() - 1);
+  std::vector<int64_t> off(nnz);
+  std::vector<T> tval(nnz);
+  for (int64_t o = 0; o < g.O; ++o) {
+    for (int32_t j = row_ptr[o]; j < row_ptr[o + 1]; ++j) {
+      const int64_t t = col[j], kh = (t % KK) / g.KW, kw = t % g.KW;
+      const int32_t k = fill[rowof[j]]++;
+      off[k] = o * Lrow + M - g.tap_offset(kh, kw);
+      tval[k] = val[j];
+    }
+  }
+  // Destination of grid position q of phase (a, b): padded pixel (i*sh + a, j*sw + b).
+  std::vector<int64_t> omap(g.S * length);
+  const int64_t HWq = g.Hq * g.Wq;
+  for (int64_t s = 0; s < g.S; ++s) {
+    const int64_t a = s / g.sw, bb = s % g.sw;
+    for (int64_t q = 0; q < length; ++q) {
+      const int64_t n = q / HWq, i = (q % HWq) / g.Wq, j = q % g.Wq;
+      const int64_t hh = i * g.sh + a - g.ph, ww = j * g.sw + bb - g.pw;
+      omap[s * length + q] = (n < g.N && hh >= 0 && hh < g.H && ww >= 0 && ww < g.W)
+                                 ? n * g.C * g.H * g.W + hh * g.W + ww
+                                 : -1;
+    }
+  }
+  std::vector<int64_t> base(R);
+  for (int64_t r = 0; r < R; ++r) base[r] = (r / g.S) * g.H * g.W;
+  RowSpmmArgs<T> a{tptr.data(), off.data(), tval.data(), gog.const_data_ptr<T>(), length, omap.data(),
+                   g.S, base.data(), nullptr, gin.mutable_data_ptr<T>(), false, cache_block<T>(g.O)};
+  parallel_row_spmm(a, R);
+  return gin;
+}
+
+void check_conv_input(const Tensor& input, const char* name) {
+  TORCH_CHECK(input.dim() == 4, name, " must be 4-D (N, C, H, W), got ", input.dim(), " dims");
+  TORCH_CHECK(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble, name,
+              " must be float32 or float64, got ", input.scalar_type());
+}
+
+void check_bias(const std::optional<Tensor>& bias, const Tensor& input, int64_t O) {
+  if (!bias.has_value()) return;
+  TORCH_CHECK(bias->dim() == 1 && bias->numel() == O, "bias must have shape (", O, "), got ", bias->sizes());
+  TORCH_CHECK(bias->scalar_type() == input.scalar_type(), "bias dtype ", bias->scalar_type(),
+              " does not match the input dtype ", input.scalar_type());
+  TORCH_CHECK(bias->device() == input.device(), "bias must be on the input's device ", input.device());
+}
+
+Tensor sparse_conv2d_cpu(const Tensor& input, const Tensor& values, const Tensor& row_ptr,
+                         const Tensor& col_idx, at::IntArrayRef weight_size, const std::optional<Tensor>& bias,
+                         at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  check_conv_input(input, "input");
+  const ConvGeom g(input.sizes(), weight_size, stride, padding, dilation, groups);
+  check_csr(values, row_ptr, col_idx, g.O, g.taps(), input);
+  check_bias(bias, input, g.O);
+  const Tensor v = values.contiguous(), rp = row_ptr.contiguous(), ci = col_idx.contiguous();
+  Tensor out;
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "sparse_conv2d", [&] {
+    out = conv_forward<scalar_t>(input, g, rp.const_data_ptr<int32_t>(), ci.const_data_ptr<int32_t>(),
+                                 v.const_data_ptr<scalar_t>(), bias.has_value() ? *bias : Tensor());
+  });
+  return out;
+}
+
+Tensor sparse_conv2d_backward_input_cpu(const Tensor& grad_output, const Tensor& values, const Tensor& row_ptr,
+                                        const Tensor& col_idx, at::IntArrayRef weight_size,
+                                        at::IntArrayRef input_size, at::IntArrayRef stride,
+                                        at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  check_conv_input(grad_output, "grad_output");
+  const ConvGeom g(input_size, weight_size, stride, padding, dilation, groups);
+  TORCH_CHECK(grad_output.size(0) == g.N && grad_output.size(1) == g.O && grad_output.size(2) == g.OH &&
+                  grad_output.size(3) == g.OW,
+              "grad_output has shape ", grad_output.sizes(), ", expected (", g.N, ", ", g.O, ", ", g.OH, ", ",
+              g.OW, ")");
+  check_csr(values, row_ptr, col_idx, g.O, g.taps(), grad_output);
+  const Tensor v = values.contiguous(), rp = row_ptr.contiguous(), ci = col_idx.contiguous();
+  Tensor out;
+  AT_DISPATCH_FLOATING_TYPES(grad_output.scalar_type(), "sparse_conv2d_backward_input", [&] {
+    out = conv_backward_input<scalar_t>(grad_output, g, rp.const_data_ptr<int32_t>(),
+                                        ci.const_data_ptr<int32_t>(), v.const_data_ptr<scalar_t>());
+  });
+  return out;
+}
+
+void check_weight_mask(const Tensor& weight, const Tensor& mask, const Tensor& input) {
+  TORCH_CHECK(weight.dim() == 4, "weight must be 4-D (O, C/groups, kH, kW), got ", weight.dim(), " dims");
+  TORCH_CHECK(mask.sizes() == weight.sizes(), "mask has shape ", mask.sizes(), ", expected the weight's shape ",
+              weight.sizes());
+  TORCH_CHECK(weight.scalar_type() == input.scalar_type(), "weight dtype ", weight.scalar_type(),
+              " does not match the input dtype ", input.scalar_type());
+  TORCH_CHECK(mask.scalar_type() == input.scalar_type(), "mask dtype ", mask.scalar_type(),
+              " does not match the input dtype ", input.scalar_type());
+  TORCH_CHECK(weight.device() == input.device() && mask.device() == input.device(),
+              "weight and mask must be on the input's device ", input.device());
+}
+
+Tensor masked_conv2d_cpu(const Tensor& input, const Tensor& weight, const Tensor& mask,
+                         const std::optional<Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
+                         at::IntArrayRef dilation, int64_t groups) {
+  check_conv_input(input, "input");
+  check_weight_mask(weight, mask, input);
+  const ConvGeom g(input.sizes(), weight.sizes(), stride, padding, dilation, groups);
+  check_bias(bias, input, g.O);
+  const Tensor w = weight.contiguous(), m = mask.contiguous();
+  Tensor out;
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "masked_conv2d", [&] {
+    std::vector<int32_t> rp, col;
+    std::vector<scalar_t> val;
+    pack_dense<scalar_t>(w.const_data_ptr<scalar_t>(), m.const_data_ptr<scalar_t>(), g.O, g.taps(), rp, col, val);
+    out = conv_forward<scalar_t>(input, g, rp.data(), col.data(), val.data(), bias.has_value() ? *bias : Tensor());
+  });
+  return out;
+}
+
+Tensor masked_conv2d_backward_input_cpu(const Tensor& grad_output, const Tensor& weight, const Tensor& mask,
+                                        at::IntArrayRef input_size, at::IntArrayRef stride,
+                                        at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  check_conv_input(grad_output, "grad_output");
+  check_weight_mask(weight, mask, grad_output);
+  const ConvGeom g(input_size, weight.sizes(), stride, padding, dilation, groups);
+  TORCH_CHECK(grad_output.size(0) == g.N && grad_output.size(1) == g.O && grad_output.size(2) == g.OH &&
+                  grad_output.size(3) == g.OW,
+              "grad_output has shape ", grad_output.sizes(), ", expected (", g.N, ", ", g.O, ", ", g.OH, ", ",
+              g.OW, ")");
+  const Tensor w = weight.contiguous(), m = mask.contiguous();
+  Tensor out;
+  AT_DISPATCH_FLOATING_TYPES(grad_output.scalar_type(), "masked_conv2d_backward_input", [&] {
+    std::vector<int32_t> rp, col;
+    std::vector<scalar_t> val;
+    pack_dense<scalar_t>(w.const_data_ptr<scalar_t>(), m.const_data_ptr<scalar_t>(), g.O, g.taps(), rp, col, val);
+    out = conv_backward_input<scalar_t>(grad_output, g, rp.data(), col.data(), val.data());
+  });
+  return out;
+}
+
+/// y[b, r] = init[r] + sum_j val[j] * x[b, col[j]] with rows r of the CSR; x given as (B, K)
+/// with any strides, y written to (B, R) row-major.
+template <typename T>
+void linear_rows(const Tensor& x, int64_t R, const int32_t* row_ptr, const int32_t* col, const T* val,
+                 const T* init, T* y) {
+  const int64_t B = x.size(0), K = x.size(1);
+  const int64_t VW = kernel::vector_width<T>(), TW = kernel::tile_width<T>();
+  const int64_t length = round_up(B, VW);
+  // Transposed input: feature k holds the batch contiguously.
+  Tensor xt = at::empty({K * length + TW}, x.options());
+  T* d = xt.mutable_data_ptr<T>();
+  const T* s = x.const_data_ptr<T>();
+  const int64_t sB = x.stride(0), sK = x.stride(1);
+  for (int64_t k = 0; k < K; ++k) {
+    for (int64_t b = 0; b < B; ++b) d[k * length + b] = s[b * sB + k * sK];
+    std::fill(d + k * length + B, d + (k + 1) * length, T(0));
+  }
+  std::fill(d + K * length, d + K * length + TW, T(0));
+  const int64_t nnz = row_ptr[R];
+  std::vector<int64_t> off(nnz);
+  for (int64_t j = 0; j < nnz; ++j) off[j] = int64_t(col[j]) * length;
+  std::vector<int64_t> omap(length);
+  for (int64_t p = 0; p < length; ++p) omap[p] = p < B ? p * R : -1;
+  std::vector<int64_t> base(R);
+  for (int64_t r = 0; r < R; ++r) base[r] = r;
+  RowSpmmArgs<T> a{row_ptr, off.data(), val, d, length, omap.data(), 1, base.data(), init, y, false,
+                   cache_block<T>(K)};
+  parallel_row_spmm(a, R);
+}
+
+Tensor sparse_linear_cpu(const Tensor& input, const Tensor& values, const Tensor& row_ptr, const Tensor& col_idx,
+                         int64_t in_features, const std::optional<Tensor>& bias) {
+  TORCH_CHECK(input.dim() >= 1, "input must have at least 1 dim");
+  TORCH_CHECK(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble,
+              "input must be float32 or float64, got ", input.scalar_type());
+  TORCH_CHECK(input.size(-1) == in_features, "input has ", input.size(-1), " features, expected in_features = ",
+              in_features);
+  const int64_t R = row_ptr.numel() - 1;
+  check_csr(values, row_ptr, col_idx, R, in_features, input);
+  check_bias(bias, input, R);
+  std::vector<int64_t> out_size(input.sizes().begin(), input.sizes().end());
+  out_size.back() = R;
+  Tensor out = at::empty(out_size, input.options());
+  if (out.numel() == 0) return out;
+  const Tensor x = input.reshape({-1, in_features});
+  const Tensor v = values.contiguous(), rp = row_ptr.contiguous(), ci = col_idx.contiguous();
+  const Tensor b = bias.has_value() ? bias->contiguous() : Tensor();
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "sparse_linear", [&] {
+    linear_rows<scalar_t>(x, R, rp.const_data_ptr<int32_t>(), ci.const_data_ptr<int32_t>(),
+                          v.const_data_ptr<scalar_t>(), b.defined() ? b.const_data_ptr<scalar_t>() : nullptr,
+                          out.mutable_data_ptr<scalar_t>());
+  });
+  return out;
+}
+
+Tensor sparse_linear_backward_input_cpu(const Tensor& grad_output, const Tensor& values, const Tensor& row_ptr,
+                                        const Tensor& col_idx, int64_t in_features) {
+  TORCH_CHECK(grad_output.dim() >= 1, "grad_output must have at least 1 dim");
+  const int64_t R = row_ptr.numel() - 1;
+  TORCH_CHECK(grad_output.size(-1) == R, "grad_output has ", grad_output.size(-1), " features, expected ", R);
+  check_csr(values, row_ptr, col_idx, R, in_features, grad_output);
+  std::vector<int64_t> in_size(grad_output.sizes().begin(), grad_output.sizes().end());
+  in_size.back() = in_features;
+  Tensor gin = at::empty(in_size, grad_output.options());
+  if (gin.numel() == 0) return gin;
+  const Tensor gy = grad_output.reshape({-1, R});
+  const Tensor v = values.contiguous(), rp = row_ptr.contiguous(), ci = col_idx.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(grad_output.scalar_type(), "sparse_linear_backward_input", [&] {
+    // CSC of the weight = CSR of its transpose (rows = input features).
+    const int32_t* r = rp.const_data_ptr<int32_t>();
+    const int32_t* c = ci.const_data_ptr<int32_t>();
+    const scalar_t* vv = v.const_data_ptr<scalar_t>();
+    const int64_t nnz = r[R];
+    std::vector<int32_t> tptr(in_features + 1, 0), tcol(nnz);
+    std::vector<scalar_t> tval(nnz);
+    for (int64_t j = 0; j < nnz; ++j) ++tptr[c[j] + 1];
+    for (int64_t k = 0; k < in_features; ++k) tptr[k + 1] += tptr[k];
+    std::vector<int32_t> fill(tptr.begin(), tptr.end() - 1);
+    for (int64_t o = 0; o < R; ++o)
+      for (int32_t j = r[o]; j < r[o + 1]; ++j) {
+        const int32_t k = fill[c[j]]++;
+        tcol[k] = int32_t(o);
+        tval[k] = vv[j];
+      }
+    linear_rows<scalar_t>(gy, in_features, tptr.data(), tcol.data(), tval.data(), nullptr,
+                          gin.mutable_data_ptr<scalar_t>());
+  });
+  return gin;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(apb_sparse, CPU, m) {
+  m.impl("sparse_conv2d", &sparse_conv2d_cpu);
+  m.impl("sparse_conv2d_backward_input", &sparse_conv2d_backward_input_cpu);
+  m.impl("masked_conv2d", &masked_conv2d_cpu);
+  m.impl("masked_conv2d_backward_input", &masked_conv2d_backward_input_cpu);
+  m.impl("sparse_linear", &sparse_linear_cpu);
+  m.impl("sparse_linear_backward_input", &sparse_linear_backward_input_cpu);
+}
+
+}  // namespace apb_sparse

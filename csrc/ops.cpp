@@ -1,0 +1,27 @@
+// Schemas of every apb_sparse op (implementations: cpu/sparse_ops.cpp, cuda/*.cu).
+//
+// Sparse weights are CSR over output channels (or output features): row_ptr int32 [O + 1],
+// col_idx int32 [nnz] with the tap index (c_in_group * kH + kh) * kW + kw, values [nnz].
+#include <torch/library.h>
+
+TORCH_LIBRARY(apb_sparse, m) {
+  m.def(
+      "masked_conv2d(Tensor input, Tensor weight, Tensor mask, Tensor? bias, int[2] stride, "
+      "int[2] padding, int[2] dilation, int groups) -> Tensor");
+  m.def(
+      "masked_conv2d_backward_input(Tensor grad_output, Tensor weight, Tensor mask, int[] input_size, "
+      "int[2] stride, int[2] padding, int[2] dilation, int groups) -> Tensor");
+  m.def(
+      "sparse_conv2d(Tensor input, Tensor values, Tensor row_ptr, Tensor col_idx, int[] weight_size, "
+      "Tensor? bias, int[2] stride, int[2] padding, int[2] dilation, int groups) -> Tensor");
+  m.def(
+      "sparse_conv2d_backward_input(Tensor grad_output, Tensor values, Tensor row_ptr, Tensor col_idx, "
+      "int[] weight_size, int[] input_size, int[2] stride, int[2] padding, int[2] dilation, int groups) "
+      "-> Tensor");
+  m.def(
+      "sparse_linear(Tensor input, Tensor values, Tensor row_ptr, Tensor col_idx, int in_features, "
+      "Tensor? bias) -> Tensor");
+  m.def(
+      "sparse_linear_backward_input(Tensor grad_output, Tensor values, Tensor row_ptr, Tensor col_idx, "
+      "int in_features) -> Tensor");
+}
