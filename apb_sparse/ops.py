@@ -77,6 +77,16 @@ def _check_input(name: str, x: Tensor, dim: Optional[int] = None) -> None:
         raise TypeError(f"{name} must be float32 or float64, got {x.dtype}")
 
 
+def _same_device(input: Tensor, **tensors: Optional[Tensor]) -> None:
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.device != input.device:
+            raise ValueError(f"{name} is on {t.device}, expected the input's device {input.device}")
+
+
 def conv_output_size(input_size: Sequence[int], weight_size: Sequence[int], stride: IntPair = 1,
                      padding: IntPair = 0, dilation: IntPair = 1) -> Tuple[int, int, int, int]:
     """Output shape ``(N, O, OH, OW)`` of a convolution."""
@@ -159,6 +169,7 @@ def masked_conv2d(input: Tensor, weight: Tensor, mask: Tensor, bias: Optional[Te
     _check_input("input", input, 4)
     if not isinstance(groups, int) or groups < 1:
         raise ValueError(f"groups must be a positive int, got {groups!r}")
+    _same_device(input, weight=weight, mask=mask, bias=bias)
     return torch.ops.apb_sparse.masked_conv2d(
         input, weight, mask, bias, _pair("stride", stride, 1), _pair("padding", padding, 0),
         _pair("dilation", dilation, 1), groups)
@@ -186,6 +197,7 @@ def sparse_conv2d(input: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tenso
         raise ValueError(f"groups must be a positive int, got {groups!r}")
     if len(weight_size) != 4:
         raise ValueError(f"weight_size must have 4 entries, got {weight_size!r}")
+    _same_device(input, values=values, row_ptr=row_ptr, col_idx=col_idx, bias=bias)
     return torch.ops.apb_sparse.sparse_conv2d(
         input, values, row_ptr, col_idx, [int(s) for s in weight_size], bias,
         _pair("stride", stride, 1), _pair("padding", padding, 0), _pair("dilation", dilation, 1), groups)
@@ -203,6 +215,7 @@ def sparse_linear(input: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tenso
     """
     _require()
     _check_input("input", input)
+    _same_device(input, values=values, row_ptr=row_ptr, col_idx=col_idx, bias=bias)
     return torch.ops.apb_sparse.sparse_linear(input, values, row_ptr, col_idx, int(in_features), bias)
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -120,7 +120,7 @@ def _prunable(model: nn.Module):
 
 
 def sparsify(model: nn.Module, masks: Optional[Mapping[str, Tensor]] = None, *, inplace: bool = False,
-             path: str = "auto") -> nn.Module:
+             path: Union[str, Mapping[str, str]] = "auto") -> nn.Module:
     """Replace each ``nn.Conv2d`` / ``nn.Linear`` (masked ones included) by its sparse counterpart.
 
     Args:
@@ -130,7 +130,9 @@ def sparsify(model: nn.Module, masks: Optional[Mapping[str, Tensor]] = None, *, 
         inplace: modify ``model`` instead of a deep copy.
         path: ``"auto"`` (per-layer choice by expected cost), or force ``"dense"``,
             ``"unstructured"`` or ``"structured"`` (layers that cannot take the structured path,
-            grouped convs and linear layers, use the unstructured one).
+            grouped convs and linear layers, use the unstructured one); or a mapping
+            ``{layer name: path}`` (e.g. the paths of a saved model, to rebuild it before
+            ``load_state_dict``; layers not named use ``"auto"``).
 
     Returns:
         The converted model.  ``model.apb_sparse_choices`` maps each converted layer's name to a
@@ -138,9 +140,15 @@ def sparsify(model: nn.Module, masks: Optional[Mapping[str, Tensor]] = None, *, 
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if path not in PATHS:
-        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+    per_layer = dict(path) if isinstance(path, Mapping) else {}
+    default = "auto" if isinstance(path, Mapping) else path
+    for p in [default, *per_layer.values()]:
+        if p not in PATHS:
+            raise ValueError(f"path must be one of {PATHS}, got {p!r}")
     layers = _prunable(model)
+    unknown_paths = sorted(set(per_layer) - {n for n, _ in layers})
+    if unknown_paths:
+        raise ValueError(f"path names layers that are not Conv2d/Linear layers of the model: {unknown_paths}")
     masks = dict(masks or {})
     unknown = sorted(set(masks) - {n for n, _ in layers})
     if unknown:
@@ -151,7 +159,7 @@ def sparsify(model: nn.Module, masks: Optional[Mapping[str, Tensor]] = None, *, 
     choices: Dict[str, LayerChoice] = {}
     for name, layer in layers:
         weight = _effective_weight(layer, masks.get(name))
-        choice = _choose(layer, weight, path)
+        choice = _choose(layer, weight, per_layer.get(name, default))
         model = _replace(model, name, _convert(layer, weight, choice.path))
         choices[name] = choice
     model.apb_sparse_choices = choices
@@ -323,6 +331,16 @@ def _check_sparsity(sparsity: float) -> float:
     return float(sparsity)
 
 
+def _keep_largest(scores: Tensor, n_keep: int) -> Tensor:
+    """0/1 tensor keeping exactly ``n_keep`` largest entries of the 1-D ``scores``."""
+    keep = torch.zeros_like(scores)
+    if n_keep >= scores.numel():
+        return keep.fill_(1)
+    if n_keep > 0:
+        keep[torch.topk(scores, n_keep, sorted=False).indices] = 1
+    return keep
+
+
 @torch.no_grad()
 def magnitude_masks(model: nn.Module, sparsity: float, *, structure: str = "unstructured",
                     scope: str = "local", layers: Optional[Sequence[str]] = None) -> Dict[str, Tensor]:
@@ -369,21 +387,15 @@ def magnitude_masks(model: nn.Module, sparsity: float, *, structure: str = "unst
     weights = {n: _effective_weight(all_layers[n], None) for n in names}
     if scope == "global":
         flat = torch.cat([w.abs().flatten() for w in weights.values()])
-        k = int(round(sparsity * flat.numel()))
-        keep = torch.ones_like(flat)
-        if k > 0:
-            keep[torch.argsort(flat, stable=True)[:k]] = 0
+        keep = _keep_largest(flat, flat.numel() - int(round(sparsity * flat.numel())))
         offset = 0
         for n, w in weights.items():
             masks[n] = keep[offset:offset + w.numel()].reshape(w.shape).clone()
             offset += w.numel()
         return masks
     for n, w in weights.items():
-        k = int(round(sparsity * w.numel()))
-        mask = torch.ones(w.numel(), dtype=w.dtype, device=w.device)
-        if k > 0:
-            mask[torch.argsort(w.abs().flatten(), stable=True)[:k]] = 0
-        masks[n] = mask.reshape(w.shape)
+        keep = _keep_largest(w.abs().flatten(), w.numel() - int(round(sparsity * w.numel())))
+        masks[n] = keep.reshape(w.shape)
     return masks
 
 

@@ -1,0 +1,237 @@
+#!/usr/bin/env python
+"""CPU inference latency: dense torch vs apb_sparse vs stock torch sparse (unfold + CSR mm).
+
+For each architecture, batch size and mask: check the outputs agree, warm up, then time every
+variant once per round, interleaved, and report medians and speedups over the dense model timed in
+the same run.  Writes a table to stdout and JSON (with the environment) to --out.
+
+    python benchmarks/latency.py --quick          # ResNet-18 only, fewer rounds
+    python benchmarks/latency.py                  # ResNet-18 and VGG-16, batch 1 and 32
+    python benchmarks/latency.py --per-layer      # per-layer profile (time, useful GFLOP/s)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Dict, List
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import apb_sparse
+from apb_sparse.bench import environment, interleaved_medians
+from apb_sparse.models import get_model
+
+
+class UnfoldCsrConv2d(nn.Module):
+    """What stock torch offers for a sparse conv: im2col (F.unfold) + torch.sparse.mm with CSR."""
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        if conv.groups != 1:
+            raise ValueError("stock baseline supports groups == 1 only")
+        self.conv = conv
+        self.weight = conv.weight.detach().reshape(conv.out_channels, -1).to_sparse_csr()
+        self.bias = None if conv.bias is None else conv.bias.detach()
+
+    def forward(self, x):
+        c = self.conv
+        n, _, h, w = x.shape
+        oh = (h + 2 * c.padding[0] - c.dilation[0] * (c.kernel_size[0] - 1) - 1) // c.stride[0] + 1
+        ow = (w + 2 * c.padding[1] - c.dilation[1] * (c.kernel_size[1] - 1) - 1) // c.stride[1] + 1
+        cols = F.unfold(x, c.kernel_size, c.dilation, c.padding, c.stride)  # (N, CKK, L)
+        cols = cols.transpose(0, 1).reshape(cols.shape[1], -1)  # (CKK, N*L)
+        out = torch.sparse.mm(self.weight, cols).reshape(c.out_channels, n, oh * ow).transpose(0, 1)
+        out = out.reshape(n, c.out_channels, oh, ow)
+        return out if self.bias is None else out + self.bias.view(1, -1, 1, 1)
+
+
+class CsrLinear(nn.Module):
+    def __init__(self, lin: nn.Linear):
+        super().__init__()
+        self.weight = lin.weight.detach().to_sparse_csr()
+        self.bias = None if lin.bias is None else lin.bias.detach()
+
+    def forward(self, x):
+        out = torch.sparse.mm(self.weight, x.t()).t()
+        return out if self.bias is None else out + self.bias
+
+
+def stock_sparse(model: nn.Module) -> nn.Module:
+    import copy
+
+    model = copy.deepcopy(model)
+    for name, mod in list(model.named_modules()):
+        new = None
+        if type(mod) is nn.Conv2d and mod.groups == 1:
+            new = UnfoldCsrConv2d(mod)
+        elif type(mod) is nn.Linear:
+            new = CsrLinear(mod)
+        if new is not None:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, new)
+    return model
+
+
+def build_variants(arch: str, mask_name: str, dense: nn.Module, stock: bool) -> Dict[str, nn.Module]:
+    """Masked dense model, our sparsified model (and compacted one for channels), stock baseline."""
+    kind, _, value = mask_name.partition("@")
+    sparsity = float(value)
+    if kind in ("us", "global"):
+        masks = apb_sparse.magnitude_masks(dense, sparsity, scope="global" if kind == "global" else "local")
+    else:
+        masks = apb_sparse.magnitude_masks(dense, sparsity, structure="channels")
+    masked = apb_sparse.apply_masks(dense, masks)
+    if kind == "ch":
+        apb_sparse.zero_dead_batchnorm(masked)
+    variants = {"masked": masked, "ours": apb_sparse.sparsify(masked)}
+    if kind == "ch":
+        variants["compact"] = apb_sparse.compact(masked)
+    if stock:
+        variants["stock"] = stock_sparse(masked)
+    return variants
+
+
+def run(args) -> dict:
+    torch.manual_seed(0)
+    results = []
+    for arch in args.archs:
+        dense = get_model(arch).eval()
+        for batch in args.batches:
+            x = torch.rand(batch, 3, 32, 32)
+            for mask_name in args.masks:
+                variants = build_variants(arch, mask_name, dense, stock=not args.no_stock)
+                with torch.inference_mode():
+                    ref = variants["masked"](x)
+                    scale = max(1.0, ref.abs().max().item())
+                    for name, model in variants.items():
+                        err = (model(x) - ref).abs().max().item()
+                        if err > 1e-3 * scale:
+                            raise RuntimeError(f"{arch} {mask_name} {name}: output differs from the masked "
+                                               f"model by {err:.3g}")
+                fns = {"dense": (lambda m=dense: m(x))}
+                fns.update({k: (lambda m=m: m(x)) for k, m in variants.items() if k != "masked"})
+                timing = interleaved_medians(fns, rounds=args.rounds, warmup=2)
+                report = apb_sparse.sparsity_report(variants["ours"], (batch, 3, 32, 32))
+                base = timing["dense"]["median_s"]
+                row = {"arch": arch, "batch": batch, "mask": mask_name, "sparsity": report.sparsity,
+                       "dense_macs": report.dense_macs, "sparse_macs": report.sparse_macs,
+                       "paths": {p: sum(1 for c in variants["ours"].apb_sparse_choices.values() if c.path == p)
+                                 for p in ("dense", "unstructured", "structured")},
+                       "median_ms": {k: v["median_s"] * 1e3 for k, v in timing.items()},
+                       "speedup": {k: base / v["median_s"] for k, v in timing.items() if k != "dense"},
+                       "times_ms": {k: [t * 1e3 for t in v["times_s"]] for k, v in timing.items()}}
+                if "compact" in variants:
+                    row["compact_macs"] = apb_sparse.sparsity_report(variants["compact"], (batch, 3, 32, 32)).dense_macs
+                results.append(row)
+                print(_format_row(row), flush=True)
+    return {"environment": environment(), "rounds": args.rounds, "results": results}
+
+
+def _format_row(r: dict) -> str:
+    ms, sp = r["median_ms"], r["speedup"]
+    cells = [f"{r['arch']:<9}", f"b={r['batch']:<3}", f"{r['mask']:<10}", f"dense {ms['dense']:8.2f} ms",
+             f"ours {ms['ours']:8.2f} ms ({sp['ours']:5.2f}x)"]
+    if "compact" in ms:
+        cells.append(f"compact {ms['compact']:8.2f} ms ({sp['compact']:5.2f}x)")
+    if "stock" in ms:
+        cells.append(f"stock {ms['stock']:8.2f} ms ({sp['stock']:5.2f}x)")
+    return "  ".join(cells)
+
+
+def markdown_table(data: dict) -> str:
+    """The results as a Markdown table (speedups over dense torch in the same run)."""
+    lines = ["| arch | batch | mask | dense ms | apb_sparse ms (speedup) | compact ms (speedup) | unfold+CSR ms (speedup) |",
+             "|---|---|---|---|---|---|---|"]
+    for r in data["results"]:
+        ms, sp = r["median_ms"], r["speedup"]
+
+        def cell(k):
+            return f"{ms[k]:.2f} ({sp[k]:.2f}x)" if k in ms else "-"
+        lines.append(f"| {r['arch']} | {r['batch']} | {r['mask']} | {ms['dense']:.2f} | {cell('ours')} | "
+                     f"{cell('compact')} | {cell('stock')} |")
+    return "\n".join(lines)
+
+
+def per_layer(args) -> dict:
+    """Per conv/linear layer: dense vs sparse time and useful GFLOP/s (nonzero MACs x 2 / time)."""
+    torch.manual_seed(0)
+    rows = []
+    for arch in args.archs:
+        dense = get_model(arch).eval()
+        for batch in args.batches:
+            x = torch.rand(batch, 3, 32, 32)
+            for mask_name in args.masks:
+                variants = build_variants(arch, mask_name, dense, stock=False)
+                sparse, masked = variants["ours"], variants["masked"]
+                inputs = {}
+                hooks = [m.register_forward_hook(lambda m, i, o, n=n: inputs.__setitem__(n, i[0]))
+                         for n, m in masked.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+                with torch.inference_mode():
+                    masked(x)
+                for h in hooks:
+                    h.remove()
+                dmods, smods = dict(masked.named_modules()), dict(sparse.named_modules())
+                report = {l.name: l for l in apb_sparse.sparsity_report(sparse, tuple(x.shape)).layers}
+                for name, inp in inputs.items():
+                    t = interleaved_medians({"dense": lambda m=dmods[name], i=inp: m(i),
+                                             "sparse": lambda m=smods[name], i=inp: m(i)},
+                                            rounds=args.rounds, warmup=1, min_time=0.002)
+                    lr = report[name]
+                    td, ts = t["dense"]["median_s"], t["sparse"]["median_s"]
+                    rows.append({"arch": arch, "batch": batch, "mask": mask_name, "layer": name,
+                                 "path": lr.path, "input": list(inp.shape), "weight": lr.shape,
+                                 "nonzeros": lr.nonzeros, "dense_ms": td * 1e3, "sparse_ms": ts * 1e3,
+                                 "speedup": td / ts, "ideal": lr.dense_macs / max(1, lr.sparse_macs),
+                                 "dense_gflops": 2 * lr.dense_macs / td / 1e9,
+                                 "useful_gflops": 2 * lr.sparse_macs / ts / 1e9})
+                    r = rows[-1]
+                    print(f"{arch:<9} b={batch:<3} {mask_name:<9} {name:<22} {r['path']:<12} "
+                          f"dense {r['dense_ms']:7.3f} ms ({r['dense_gflops']:5.1f} GF/s)  "
+                          f"sparse {r['sparse_ms']:7.3f} ms ({r['useful_gflops']:5.1f} useful GF/s)  "
+                          f"{r['speedup']:5.2f}x of ideal {r['ideal']:6.1f}x", flush=True)
+    return {"environment": environment(), "rounds": args.rounds, "per_layer": rows}
+
+
+def main(argv: List[str] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="ResNet-18 only, fewer masks and rounds")
+    p.add_argument("--archs", nargs="+", default=None, help="architectures (default resnet18 vgg16)")
+    p.add_argument("--batches", nargs="+", type=int, default=None, help="batch sizes (default 1 32)")
+    p.add_argument("--masks", nargs="+", default=None,
+                   help="us@S (per-layer magnitude), global@S (global magnitude), ch@S (filters); "
+                        "default us@0 us@0.5 us@0.9 us@0.95 us@0.99 ch@0.5")
+    p.add_argument("--rounds", type=int, default=None, help="timed rounds (default 15, quick 5)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--no-stock", action="store_true", help="skip the unfold + CSR baseline")
+    p.add_argument("--per-layer", action="store_true", help="per-layer profile instead of end to end")
+    p.add_argument("--out", default=None, help="JSON output (default benchmarks/results/latency_cpu[_per_layer].json)")
+    args = p.parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            p.error("--threads must be >= 1")
+        torch.set_num_threads(args.threads)
+    args.archs = args.archs or (["resnet18"] if args.quick else ["resnet18", "vgg16"])
+    args.batches = args.batches or [1, 32]
+    args.masks = args.masks or (["us@0.9", "us@0.99", "ch@0.5"] if args.quick else
+                                ["us@0", "us@0.5", "us@0.9", "us@0.95", "us@0.99", "ch@0.5"])
+    args.rounds = args.rounds or (5 if args.quick else 15)
+    torch.set_flush_denormal(True)
+    data = per_layer(args) if args.per_layer else run(args)
+    if not args.per_layer:
+        print()
+        print(markdown_table(data))
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                   "latency_cpu_per_layer.json" if args.per_layer else "latency_cpu.json")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(data, f, indent=1)
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,17 @@
+import pytest
+import torch
+
+import apb_sparse  # noqa: F401  (loads the ops)
+
+
+def _cuda_ready() -> bool:
+    return torch.cuda.is_available() and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "apb_sparse::sparse_conv2d", "CUDA")
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not _cuda_ready(), reason="no CUDA device"))]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return torch.device(request.param)

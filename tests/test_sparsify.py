@@ -1,0 +1,155 @@
+"""Whole models: sparsify / compact / densify equal the masked dense model; reports; bad inputs."""
+import pytest
+import torch
+from torch import nn
+
+import apb_sparse
+from apb_sparse import compact, densify, magnitude_masks, apply_masks, sparsify, sparsity_report
+from apb_sparse.models import get_model
+from apb_sparse.nn import ChannelSparseConv2d, SparseConv2d, SparseLinear, to_masked
+
+
+def _model(arch: str) -> nn.Module:
+    torch.manual_seed(0)
+    model = get_model(arch).eval()
+    for m in model.modules():  # non-trivial BatchNorm statistics
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    return model
+
+
+CASES = [("unstructured", 0.9), ("unstructured", 0.95), ("unstructured", 0.99), ("channels", 0.5)]
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    torch.manual_seed(1)
+    return torch.rand(2, 3, 32, 32)
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "vgg16"])
+@pytest.mark.parametrize("structure,sparsity", CASES)
+def test_sparsify_compact_densify_match_masked_model(arch, structure, sparsity, inputs, tmp_path):
+    model = _model(arch)
+    masks = magnitude_masks(model, sparsity, structure=structure)
+    masked = apply_masks(model, masks)
+    if structure == "channels":
+        apb_sparse.zero_dead_batchnorm(masked)  # a pruned filter takes its BatchNorm channel along
+    with torch.no_grad():
+        ref = masked(inputs)
+        tol = dict(rtol=1e-4, atol=1e-4 * max(1.0, ref.abs().max().item()))
+        sparse = sparsify(masked)
+        torch.testing.assert_close(sparse(inputs), ref, **tol)
+        report = sparsity_report(sparse, (1, 3, 32, 32))
+        assert report.sparsity == pytest.approx(sparsity_report(masked).sparsity, abs=1e-9)
+        if structure == "unstructured":
+            assert report.sparsity == pytest.approx(sparsity, abs=2e-3)
+            assert report.sparse_macs < (1 - sparsity + 0.02) * report.dense_macs
+        torch.testing.assert_close(densify(sparse)(inputs), ref, **tol)
+        small = compact(sparse)
+        torch.testing.assert_close(small(inputs), ref, **tol)
+        if structure == "channels":
+            after = sparsity_report(small, (1, 3, 32, 32)).dense_macs
+            assert after < 0.6 * report.dense_macs  # the dead channels are really gone
+
+
+@pytest.mark.parametrize("structure,sparsity", [("unstructured", 0.9), ("channels", 0.5)])
+def test_forced_paths_and_state_dict_round_trip(structure, sparsity, inputs, tmp_path):
+    model = _model("resnet18")
+    masks = magnitude_masks(model, sparsity, structure=structure)
+    masked = apply_masks(model, masks)
+    with torch.no_grad():
+        ref = masked(inputs)
+        tol = dict(rtol=1e-4, atol=1e-4 * max(1.0, ref.abs().max().item()))
+        for path in ("dense", "unstructured", "structured"):
+            sparse = sparsify(masked, path=path)
+            torch.testing.assert_close(sparse(inputs), ref, **tol)
+        # state_dict round trip through a file (weights_only load) into a model with other nonzeros
+        torch.save(sparse.state_dict(), tmp_path / "m.pt")
+        paths = {name: c.path for name, c in sparse.apb_sparse_choices.items()}
+        fresh = sparsify(_model("resnet18"), masks=magnitude_masks(_model("resnet18"), 0.5), path=paths)
+        fresh.load_state_dict(torch.load(tmp_path / "m.pt", weights_only=True))
+        torch.testing.assert_close(fresh(inputs), ref, **tol)
+
+
+def test_sparsify_uses_zeros_masks_and_masked_layers(inputs):
+    model = _model("resnet18")
+    masks = magnitude_masks(model, 0.95)
+    # 1) dense-with-zeros checkpoint, 2) explicit masks, 3) masked training layers: same model
+    a = sparsify(apply_masks(model, masks))
+    b = sparsify(model, masks)
+    masked = to_masked(model)
+    apply_masks(masked, masks, inplace=True)
+    c = sparsify(masked)
+    with torch.no_grad():
+        ref = apply_masks(model, masks)(inputs)
+        for m in (a, b, c):
+            torch.testing.assert_close(m(inputs), ref, rtol=1e-4, atol=1e-5)
+    assert all(isinstance(l, (SparseConv2d, SparseLinear)) for n, l in a.named_modules() if n in masks)
+    assert set(a.apb_sparse_choices) == set(masks)
+    assert not any(isinstance(l, SparseConv2d) for l in model.modules())  # inplace=False left it alone
+
+
+def test_auto_path_choice_follows_cost():
+    torch.manual_seed(0)
+    dense = nn.Conv2d(16, 16, 3)
+    very_sparse = nn.Conv2d(16, 16, 3)
+    channels = nn.Conv2d(16, 16, 3)
+    with torch.no_grad():
+        very_sparse.weight.mul_(torch.rand_like(very_sparse.weight) > 0.98)
+        channels.weight[8:] = 0
+        channels.weight[:, 8:] = 0
+    model = nn.Sequential(dense, very_sparse, channels)
+    out = sparsify(model)
+    assert isinstance(out[0], nn.Conv2d) and not isinstance(out[0], (SparseConv2d, ChannelSparseConv2d))
+    assert isinstance(out[1], SparseConv2d)
+    assert isinstance(out[2], ChannelSparseConv2d)
+    assert [c.path for c in out.apb_sparse_choices.values()] == ["dense", "unstructured", "structured"]
+
+
+def test_sparse_model_input_gradients_match(inputs):
+    model = _model("resnet18")
+    masked = apply_masks(model, magnitude_masks(model, 0.9))
+    sparse = sparsify(masked)
+    x1 = inputs.clone().requires_grad_()
+    x2 = inputs.clone().requires_grad_()
+    y = torch.tensor([1, 2])
+    nn.functional.cross_entropy(masked(x1), y).backward()
+    nn.functional.cross_entropy(sparse(x2), y).backward()
+    torch.testing.assert_close(x2.grad, x1.grad, rtol=1e-3, atol=1e-6)
+
+
+def test_global_masks_and_report_text():
+    model = _model("vgg16")
+    masks = magnitude_masks(model, 0.95, scope="global")
+    total = sum(m.numel() for m in masks.values())
+    kept = sum(int(m.sum()) for m in masks.values())
+    assert kept == total - round(0.95 * total)
+    per_layer = [1 - m.mean().item() for m in masks.values()]
+    assert max(per_layer) - min(per_layer) > 0.05  # global magnitude is uneven across layers
+    text = str(sparsity_report(sparsify(apply_masks(model, masks)), (1, 3, 32, 32)))
+    assert "total" in text and "unstructured" in text
+
+
+def test_bad_arguments():
+    model = _model("vgg16")
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="sparsity must be in"):
+            magnitude_masks(model, bad)
+    with pytest.raises(ValueError, match="structure"):
+        magnitude_masks(model, 0.5, structure="blocks")
+    with pytest.raises(ValueError, match="masks has keys"):
+        sparsify(model, {"nope": torch.ones(1)})
+    with pytest.raises(ValueError, match="mask has shape"):
+        sparsify(model, {"classifier": torch.ones(3, 3)})
+    with pytest.raises(ValueError, match="path must be one of"):
+        sparsify(model, path="fast")
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        sparsify("resnet18")
+    sparse = sparsify(model)
+    with pytest.raises(ValueError, match="input must be 4-D"):
+        sparse.features[0](torch.rand(3, 32, 32)) if isinstance(sparse.features[0], SparseConv2d) else \
+            SparseConv2d.from_dense(model.features[0])(torch.rand(3, 32, 32))
