@@ -25,9 +25,8 @@ inline V loadu(const T* p) {
 
 template <typename V, typename T>
 inline V broadcast(T x) {
-  V v;
-  for (int i = 0; i < static_cast<int>(sizeof(V) / sizeof(T)); ++i) v[i] = x;
-  return v;
+  // vector + scalar splats the scalar (one vbroadcast); an element-wise loop does not vectorise.
+  return x - V{};  // x - (+0) == x exactly, so the subtraction folds away
 }
 
 /// One register tile: NV vectors of consecutive positions starting at p for row r.

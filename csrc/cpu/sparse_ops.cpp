@@ -73,6 +73,28 @@ struct ConvGeom {
   /// Offset inside a phase plane of tap (kh, kw).
   int64_t tap_offset(int64_t kh, int64_t kw) const { return ((kh * dh) / sh) * Wq + (kw * dw) / sw; }
   int64_t max_tap_offset() const { return tap_offset(KH - 1, KW - 1); }
+  /// For every tap index t = (c * KH + kh) * KW + kw of a group: offset of its strip in the
+  /// input grid, relative to the group's first plane.
+  std::vector<int64_t> tap_offsets() const {
+    std::vector<int64_t> t(taps());
+    for (int64_t c = 0; c < Cg; ++c)
+      for (int64_t kh = 0; kh < KH; ++kh)
+        for (int64_t kw = 0; kw < KW; ++kw)
+          t[(c * KH + kh) * KW + kw] = (c * S + phase(kh, kw)) * plane + tap_offset(kh, kw);
+    return t;
+  }
+  /// For every tap index: its input channel within the group (high part) and stride phase,
+  /// packed as c * S + phase, and its offset inside the phase plane.
+  void tap_rows(std::vector<int64_t>& row, std::vector<int64_t>& shift) const {
+    row.resize(taps());
+    shift.resize(taps());
+    for (int64_t c = 0; c < Cg; ++c)
+      for (int64_t kh = 0; kh < KH; ++kh)
+        for (int64_t kw = 0; kw < KW; ++kw) {
+          row[(c * KH + kh) * KW + kw] = c * S + phase(kh, kw);
+          shift[(c * KH + kh) * KW + kw] = tap_offset(kh, kw);
+        }
+  }
 };
 
 /// CSR view with the offsets each nonzero reads from.
@@ -231,13 +253,13 @@ Tensor conv_forward(const Tensor& input, const ConvGeom& g, const int32_t* row_p
   Tensor grid = make_input_grid<T>(input, g, g.Hq * g.Wq + TW + VW);
   const int64_t nnz = row_ptr[g.O];
   std::vector<int64_t> off(nnz);
-  const int64_t KK = g.KH * g.KW;
+  // Offset of every tap inside its group's planes, computed once (divisions per tap, not per
+  // nonzero: the per-nonzero loop below is a plain gather).
+  const std::vector<int64_t> tap_off = g.tap_offsets();
+  const int64_t group_stride = g.Cg * g.S * g.plane;
   for (int64_t o = 0; o < g.O; ++o) {
-    const int64_t grp = o / g.Og;
-    for (int32_t j = row_ptr[o]; j < row_ptr[o + 1]; ++j) {
-      const int64_t t = col[j], c = grp * g.Cg + t / KK, kh = (t % KK) / g.KW, kw = t % g.KW;
-      off[j] = (c * g.S + g.phase(kh, kw)) * g.plane + g.tap_offset(kh, kw);
-    }
+    const int64_t base = (o / g.Og) * group_stride;
+    for (int32_t j = row_ptr[o]; j < row_ptr[o + 1]; ++j) off[j] = base + tap_off[col[j]];
   }
   std::vector<int64_t> omap(length);
   const int64_t HWq = g.Hq * g.Wq;
@@ -284,14 +306,15 @@ Tensor conv_backward_input(const Tensor& grad_output, const ConvGeom& g, const i
     });
   }
   // Transpose: rows r = c * S + phase; entry offset = o * Lrow + M - tap_offset.
-  const int64_t R = g.C * g.S, KK = g.KH * g.KW, nnz = row_ptr[g.O];
+  const int64_t R = g.C * g.S, nnz = row_ptr[g.O];
+  std::vector<int64_t> tap_row, tap_shift;
+  g.tap_rows(tap_row, tap_shift);
   std::vector<int32_t> tptr(R + 1, 0);
   std::vector<int64_t> rowof(nnz);
   for (int64_t o = 0; o < g.O; ++o) {
-    const int64_t grp = o / g.Og;
+    const int64_t base = (o / g.Og) * g.Cg * g.S;
     for (int32_t j = row_ptr[o]; j < row_ptr[o + 1]; ++j) {
-      const int64_t t = col[j], c = grp * g.Cg + t / KK, kh = (t % KK) / g.KW, kw = t % g.KW;
-      rowof[j] = c * g.S + g.phase(kh, kw);
+      rowof[j] = base + tap_row[col[j]];
       ++tptr[rowof[j] + 1];
     }
   }
@@ -301,9 +324,8 @@ Tensor conv_backward_input(const Tensor& grad_output, const ConvGeom& g, const i
   std::vector<T> tval(nnz);
   for (int64_t o = 0; o < g.O; ++o) {
     for (int32_t j = row_ptr[o]; j < row_ptr[o + 1]; ++j) {
-      const int64_t t = col[j], kh = (t % KK) / g.KW, kw = t % g.KW;
       const int32_t k = fill[rowof[j]]++;
-      off[k] = o * Lrow + M - g.tap_offset(kh, kw);
+      off[k] = o * Lrow + M - tap_shift[col[j]];
       tval[k] = val[j];
     }
   }
