@@ -3,11 +3,11 @@
 Core API: :func:`sparsify`, :func:`densify`, :func:`compact`, :func:`sparsity_report`, the layers
 in :mod:`apb_sparse.nn` and the ops in :mod:`apb_sparse.ops`.
 """
-from . import nn, ops
+from . import fuse, nn, ops
 from .compact import channel_groups, compact, zero_dead_batchnorm
 from .sparsify import (apply_masks, densify, magnitude_masks, sparsify, sparsity_report)
 
 __version__ = "0.1.0"
 
-__all__ = ["nn", "ops", "sparsify", "densify", "compact", "sparsity_report", "magnitude_masks", "apply_masks",
+__all__ = ["nn", "ops", "fuse", "sparsify", "densify", "compact", "sparsity_report", "magnitude_masks", "apply_masks",
            "channel_groups", "zero_dead_batchnorm"]

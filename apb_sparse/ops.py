@@ -177,16 +177,20 @@ def masked_conv2d(input: Tensor, weight: Tensor, mask: Tensor, bias: Optional[Te
 
 def sparse_conv2d(input: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor,
                   weight_size: Sequence[int], bias: Optional[Tensor] = None, stride: IntPair = 1,
-                  padding: IntPair = 0, dilation: IntPair = 1, groups: int = 1) -> Tensor:
-    """Convolution with a CSR-packed weight (see :func:`pack_csr`).
+                  padding: IntPair = 0, dilation: IntPair = 1, groups: int = 1,
+                  residual: Optional[Tensor] = None, relu: bool = False) -> Tensor:
+    """Convolution with a CSR-packed weight (see :func:`pack_csr`), optionally fused with a
+    residual add and a ReLU: ``relu(conv(input) + bias + residual)``.
 
-    Differentiable with respect to ``input`` (white-box attacks on deployed models), ``values``
-    and ``bias``.
+    Differentiable with respect to ``input`` (white-box attacks on deployed models), ``values``,
+    ``bias`` and ``residual``.
 
     Args:
         input: ``(N, C, H, W)``, any strides.
         values, row_ptr, col_idx: the CSR weight.
         weight_size: the dense weight shape ``(O, C / groups, kH, kW)``.
+        residual: optional tensor of the output's shape added before the activation.
+        relu: apply ReLU to the result.
 
     Returns:
         ``(N, O, OH, OW)`` contiguous tensor.
@@ -197,10 +201,11 @@ def sparse_conv2d(input: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tenso
         raise ValueError(f"groups must be a positive int, got {groups!r}")
     if len(weight_size) != 4:
         raise ValueError(f"weight_size must have 4 entries, got {weight_size!r}")
-    _same_device(input, values=values, row_ptr=row_ptr, col_idx=col_idx, bias=bias)
+    _same_device(input, values=values, row_ptr=row_ptr, col_idx=col_idx, bias=bias, residual=residual)
     return torch.ops.apb_sparse.sparse_conv2d(
         input, values, row_ptr, col_idx, [int(s) for s in weight_size], bias,
-        _pair("stride", stride, 1), _pair("padding", padding, 0), _pair("dilation", dilation, 1), groups)
+        _pair("stride", stride, 1), _pair("padding", padding, 0), _pair("dilation", dilation, 1), groups,
+        residual, bool(relu))
 
 
 def sparse_linear(input: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, in_features: int,
@@ -234,7 +239,8 @@ if _C is not None:
         return grad_output.new_empty(tuple(input_size))
 
     @torch.library.register_fake("apb_sparse::sparse_conv2d")
-    def _(input, values, row_ptr, col_idx, weight_size, bias, stride, padding, dilation, groups):
+    def _(input, values, row_ptr, col_idx, weight_size, bias, stride, padding, dilation, groups, residual=None,
+          relu=False):
         return _conv_out(input, weight_size, stride, padding, dilation)
 
     @torch.library.register_fake("apb_sparse::sparse_conv2d_backward_input")
@@ -279,15 +285,18 @@ if _C is not None:
                                     setup_context=_masked_conv2d_setup)
 
     def _sparse_conv2d_setup(ctx, inputs, output):
-        input, values, row_ptr, col_idx, weight_size, bias, stride, padding, dilation, groups = inputs
-        ctx.save_for_backward(input, values, row_ptr, col_idx)
+        input, values, row_ptr, col_idx, weight_size, bias, stride, padding, dilation, groups = inputs[:10]
+        relu = inputs[11] if len(inputs) > 11 else False
+        ctx.save_for_backward(input, values, row_ptr, col_idx, output if relu else None)
         ctx.conv = (list(weight_size), stride, padding, dilation, groups)
         ctx.has_bias = bias is not None
 
     def _sparse_conv2d_backward(ctx, grad):
-        input, values, row_ptr, col_idx = ctx.saved_tensors
+        input, values, row_ptr, col_idx, output = ctx.saved_tensors
         weight_size, stride, padding, dilation, groups = ctx.conv
-        gx = gv = gb = None
+        if output is not None:  # fused ReLU
+            grad = grad * (output > 0).to(grad.dtype)
+        gx = gv = gb = gr = None
         if ctx.needs_input_grad[0]:
             gx = torch.ops.apb_sparse.sparse_conv2d_backward_input(
                 grad, values, row_ptr, col_idx, weight_size, list(input.shape), stride, padding, dilation, groups)
@@ -296,7 +305,9 @@ if _C is not None:
             gv = geff.reshape(weight_size[0], -1)[_csr_rows(row_ptr), col_idx.to(torch.int64)]
         if ctx.needs_input_grad[5] and ctx.has_bias:
             gb = grad.sum((0, 2, 3))
-        return gx, gv, None, None, None, gb, None, None, None, None
+        if len(ctx.needs_input_grad) > 10 and ctx.needs_input_grad[10]:
+            gr = grad
+        return gx, gv, None, None, None, gb, None, None, None, None, gr, None
 
     torch.library.register_autograd("apb_sparse::sparse_conv2d", _sparse_conv2d_backward,
                                     setup_context=_sparse_conv2d_setup)

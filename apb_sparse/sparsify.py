@@ -120,7 +120,7 @@ def _prunable(model: nn.Module):
 
 
 def sparsify(model: nn.Module, masks: Optional[Mapping[str, Tensor]] = None, *, inplace: bool = False,
-             path: Union[str, Mapping[str, str]] = "auto") -> nn.Module:
+             path: Union[str, Mapping[str, str]] = "auto", fuse: bool = False) -> nn.Module:
     """Replace each ``nn.Conv2d`` / ``nn.Linear`` (masked ones included) by its sparse counterpart.
 
     Args:
@@ -133,6 +133,9 @@ def sparsify(model: nn.Module, masks: Optional[Mapping[str, Tensor]] = None, *, 
             grouped convs and linear layers, use the unstructured one); or a mapping
             ``{layer name: path}`` (e.g. the paths of a saved model, to rebuild it before
             ``load_state_dict``; layers not named use ``"auto"``).
+        fuse: inference-only fusions (the model must be in eval mode): fold BatchNorms into the
+            preceding convs and move ReLUs / residual adds into the sparse kernels' epilogue
+            (see :mod:`apb_sparse.fuse`). The result is an ``fx.GraphModule``.
 
     Returns:
         The converted model.  ``model.apb_sparse_choices`` maps each converted layer's name to a
@@ -156,12 +159,21 @@ def sparsify(model: nn.Module, masks: Optional[Mapping[str, Tensor]] = None, *, 
     if not inplace:
         model = copy.deepcopy(model)
         layers = _prunable(model)
+    if fuse:
+        from .fuse import fold_batchnorm
+
+        model = fold_batchnorm(model, inplace=True)
+        layers = _prunable(model)
     choices: Dict[str, LayerChoice] = {}
     for name, layer in layers:
         weight = _effective_weight(layer, masks.get(name))
         choice = _choose(layer, weight, per_layer.get(name, default))
         model = _replace(model, name, _convert(layer, weight, choice.path))
         choices[name] = choice
+    if fuse:
+        from .fuse import fuse_activations
+
+        model = fuse_activations(model)
     model.apb_sparse_choices = choices
     return model
 

@@ -76,7 +76,7 @@ def stock_sparse(model: nn.Module) -> nn.Module:
     return model
 
 
-def build_variants(arch: str, mask_name: str, dense: nn.Module, stock: bool) -> Dict[str, nn.Module]:
+def build_variants(arch: str, mask_name: str, dense: nn.Module, stock: bool, fuse: bool = True) -> Dict[str, nn.Module]:
     """Masked dense model, our sparsified model (and compacted one for channels), stock baseline."""
     kind, _, value = mask_name.partition("@")
     sparsity = float(value)
@@ -87,9 +87,10 @@ def build_variants(arch: str, mask_name: str, dense: nn.Module, stock: bool) -> 
     masked = apb_sparse.apply_masks(dense, masks)
     if kind == "ch":
         apb_sparse.zero_dead_batchnorm(masked)
-    variants = {"masked": masked, "ours": apb_sparse.sparsify(masked)}
+    variants = {"masked": masked, "ours": apb_sparse.sparsify(masked, fuse=fuse)}
     if kind == "ch":
-        variants["compact"] = apb_sparse.compact(masked)
+        small = apb_sparse.compact(masked)
+        variants["compact"] = apb_sparse.fuse.fold_batchnorm(small) if fuse else small
     if stock:
         variants["stock"] = stock_sparse(masked)
     return variants
@@ -103,7 +104,7 @@ def run(args) -> dict:
         for batch in args.batches:
             x = torch.rand(batch, 3, 32, 32)
             for mask_name in args.masks:
-                variants = build_variants(arch, mask_name, dense, stock=not args.no_stock)
+                variants = build_variants(arch, mask_name, dense, stock=not args.no_stock, fuse=not args.no_fuse)
                 with torch.inference_mode():
                     ref = variants["masked"](x)
                     scale = max(1.0, ref.abs().max().item())
@@ -113,6 +114,9 @@ def run(args) -> dict:
                             raise RuntimeError(f"{arch} {mask_name} {name}: output differs from the masked "
                                                f"model by {err:.3g}")
                 fns = {"dense": (lambda m=dense: m(x))}
+                if args.dense_fused:
+                    folded = apb_sparse.fuse.fold_batchnorm(dense)
+                    fns["dense_folded"] = lambda m=folded: m(x)
                 fns.update({k: (lambda m=m: m(x)) for k, m in variants.items() if k != "masked"})
                 timing = interleaved_medians(fns, rounds=args.rounds, warmup=2)
                 report = apb_sparse.sparsity_report(variants["ours"], (batch, 3, 32, 32))
@@ -165,7 +169,7 @@ def per_layer(args) -> dict:
         for batch in args.batches:
             x = torch.rand(batch, 3, 32, 32)
             for mask_name in args.masks:
-                variants = build_variants(arch, mask_name, dense, stock=False)
+                variants = build_variants(arch, mask_name, dense, stock=False, fuse=False)
                 sparse, masked = variants["ours"], variants["masked"]
                 inputs = {}
                 hooks = [m.register_forward_hook(lambda m, i, o, n=n: inputs.__setitem__(n, i[0]))
@@ -208,6 +212,10 @@ def main(argv: List[str] = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--no-stock", action="store_true", help="skip the unfold + CSR baseline")
     p.add_argument("--per-layer", action="store_true", help="per-layer profile instead of end to end")
+    p.add_argument("--no-fuse", action="store_true",
+                   help="do not fold BatchNorm / fuse ReLU and residual adds into our sparse layers")
+    p.add_argument("--dense-fused", action="store_true",
+                   help="also time the dense model with BatchNorm folded (torch gets the same folding)")
     p.add_argument("--out", default=None, help="JSON output (default benchmarks/results/latency_cpu[_per_layer].json)")
     args = p.parse_args(argv)
     if args.threads is not None:

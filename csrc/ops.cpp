@@ -1,5 +1,7 @@
 // Schemas of every apb_sparse op (implementations: cpu/sparse_ops.cpp, cuda/*.cu).
 //
+// sparse_conv2d optionally fuses a residual add and a ReLU: relu(conv(input) + bias + residual).
+//
 // Sparse weights are CSR over output channels (or output features): row_ptr int32 [O + 1],
 // col_idx int32 [nnz] with the tap index (c_in_group * kH + kh) * kW + kw, values [nnz].
 #include <torch/library.h>
@@ -13,7 +15,8 @@ TORCH_LIBRARY(apb_sparse, m) {
       "int[2] stride, int[2] padding, int[2] dilation, int groups) -> Tensor");
   m.def(
       "sparse_conv2d(Tensor input, Tensor values, Tensor row_ptr, Tensor col_idx, int[] weight_size, "
-      "Tensor? bias, int[2] stride, int[2] padding, int[2] dilation, int groups) -> Tensor");
+      "Tensor? bias, int[2] stride, int[2] padding, int[2] dilation, int groups, Tensor? residual=None, "
+      "bool relu=False) -> Tensor");
   m.def(
       "sparse_conv2d_backward_input(Tensor grad_output, Tensor values, Tensor row_ptr, Tensor col_idx, "
       "int[] weight_size, int[] input_size, int[2] stride, int[2] padding, int[2] dilation, int groups) "

@@ -97,6 +97,9 @@ class SparseConv2d(_CsrMixin, nn.Module):
             raise ValueError(f"weight has shape {tuple(weight.shape)}, expected {shape}")
         self._set_csr(weight)
         self.bias = nn.Parameter(torch.zeros(out_channels, device=weight.device, dtype=weight.dtype)) if bias else None
+        # Set by apb_sparse.fuse: apply ReLU in the kernel's epilogue.
+        self.fused_relu = False
+        self._args = (list(self.weight_shape), list(self.stride), list(self.padding), list(self.dilation))
 
     @property
     def weight_shape(self) -> Tuple[int, int, int, int]:
@@ -129,13 +132,22 @@ class SparseConv2d(_CsrMixin, nn.Module):
                 conv.bias.copy_(self.bias)
         return conv
 
-    def forward(self, input: Tensor) -> Tensor:
-        return ops.sparse_conv2d(input, self.values, self.row_ptr, self.col_idx, self.weight_shape, self.bias,
-                                 self.stride, self.padding, self.dilation, self.groups)
+    def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        """``conv(input)``, or ``relu(conv(input) + residual)`` style fusions set up by apb_sparse.fuse."""
+        if not isinstance(input, Tensor) or input.dim() != 4:
+            raise ValueError(f"input must be a 4-D tensor (N, C, H, W), got "
+                             f"{tuple(input.shape) if isinstance(input, Tensor) else type(input).__name__}")
+        weight_shape, stride, padding, dilation = self._args
+        # The op itself validates every argument; calling it directly keeps per-layer Python
+        # overhead low, which matters at batch 1 where a sparse layer takes tens of microseconds.
+        return torch.ops.apb_sparse.sparse_conv2d(input, self.values, self.row_ptr, self.col_idx, weight_shape,
+                                                  self.bias, stride, padding, dilation, self.groups, residual,
+                                                  self.fused_relu)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-                f"padding={self.padding}, groups={self.groups}, nnz={self.nnz}, sparsity={self.sparsity:.3f}")
+                f"padding={self.padding}, groups={self.groups}, nnz={self.nnz}, sparsity={self.sparsity:.3f}"
+                + (", fused_relu=True" if self.fused_relu else ""))
 
 
 class SparseLinear(_CsrMixin, nn.Module):

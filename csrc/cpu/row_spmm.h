@@ -3,7 +3,8 @@
 // All sparse convolutions (forward and backward-to-input) and sparse linear layers are rewritten
 // as one primitive: for every sparse row r and every position p of a contiguous strip,
 //
-//     dst[dst_base[r] + omap[cls(r)][p]] = act( init[r] + sum_{j in row r} val[j] * src[off[j] + p] )
+//     d = dst_base[r] + omap[cls(r)][p]
+//     dst[d] = act( init[r] + sum_{j in row r} val[j] * src[off[j] + p]  + residual[d] )
 //
 // where off[j] is a precomputed offset of the j-th nonzero's input strip (for a convolution: the
 // input plane of its channel, already shifted by its (kh, kw) tap).  Inner loop: broadcast one
@@ -31,7 +32,8 @@ struct RowSpmmArgs {
   const int64_t* dst_base;  ///< [rows] destination base offset of each row.
   const T* init;            ///< [rows] initial value (bias) of each row, or nullptr for 0.
   T* dst;
-  bool relu;                ///< clamp results at 0 (fused activation).
+  const T* residual;        ///< added to every stored result (same offsets as dst), or nullptr.
+  bool relu;                ///< clamp results at 0 after the residual (fused activation).
   int64_t block;            ///< positions per cache block (multiple of the tile width).
 };
 

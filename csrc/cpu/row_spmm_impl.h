@@ -46,12 +46,14 @@ inline void tile(const RowSpmmArgs<T>& a, int64_t r, int64_t p) {
     for (int v = 0; v < NV; ++v) acc[v] += w * loadu<V, T>(s + v * W);
   }
   alignas(32) T buf[NV * W];
+  const bool plain = a.residual == nullptr;
   for (int v = 0; v < NV; ++v) {
-    if (a.relu) acc[v] = acc[v] > V{} ? acc[v] : V{};
+    if (a.relu && plain) acc[v] = acc[v] > V{} ? acc[v] : V{};
     std::memcpy(buf + v * W, &acc[v], sizeof(V));
   }
   const int64_t* om = a.omap + (r % a.nclass) * a.length + p;
   T* d = a.dst + a.dst_base[r];
+  const T* res = plain ? nullptr : a.residual + a.dst_base[r];
   // Runs of consecutive destinations (a full output row) are the common case: copy them whole.
   int t = 0;
   while (t < NV * W) {
@@ -59,7 +61,14 @@ inline void tile(const RowSpmmArgs<T>& a, int64_t r, int64_t p) {
     if (o < 0) { ++t; continue; }
     int e = t + 1;
     while (e < NV * W && om[e] == o + (e - t)) ++e;
-    std::memcpy(d + o, buf + t, sizeof(T) * (e - t));
+    if (plain) {
+      std::memcpy(d + o, buf + t, sizeof(T) * (e - t));
+    } else {
+      for (int k = t; k < e; ++k) {
+        const T y = buf[k] + res[o + (k - t)];
+        d[o + (k - t)] = (a.relu && y < T(0)) ? T(0) : y;
+      }
+    }
     t = e;
   }
 }

@@ -245,7 +245,7 @@ void pack_dense(const T* w, const T* m, int64_t O, int64_t K, std::vector<int32_
 /// Forward convolution from CSR (tap-index columns) into a fresh NCHW output.
 template <typename T>
 Tensor conv_forward(const Tensor& input, const ConvGeom& g, const int32_t* row_ptr, const int32_t* col,
-                    const T* val, const Tensor& bias) {
+                    const T* val, const Tensor& bias, const Tensor& residual = Tensor(), bool relu = false) {
   Tensor out = at::empty({g.N, g.O, g.OH, g.OW}, input.options());
   if (out.numel() == 0) return out;
   const int64_t VW = kernel::vector_width<T>(), TW = kernel::tile_width<T>();
@@ -270,9 +270,10 @@ Tensor conv_forward(const Tensor& input, const ConvGeom& g, const int32_t* row_p
   std::vector<int64_t> base(g.O);
   for (int64_t o = 0; o < g.O; ++o) base[o] = o * g.OH * g.OW;
   Tensor b = bias.defined() ? bias.contiguous() : Tensor();
+  Tensor res = residual.defined() ? residual.contiguous() : Tensor();
   RowSpmmArgs<T> a{row_ptr, off.data(), val, grid.const_data_ptr<T>(), length, omap.data(), 1,
                    base.data(), b.defined() ? b.const_data_ptr<T>() : nullptr, out.mutable_data_ptr<T>(),
-                   false, cache_block<T>(g.C * g.S)};
+                   res.defined() ? res.const_data_ptr<T>() : nullptr, relu, cache_block<T>(g.C * g.S)};
   parallel_row_spmm(a, g.O);
   return out;
 }
@@ -345,7 +346,7 @@ Tensor conv_backward_input(const Tensor& grad_output, const ConvGeom& g, const i
   std::vector<int64_t> base(R);
   for (int64_t r = 0; r < R; ++r) base[r] = (r / g.S) * g.H * g.W;
   RowSpmmArgs<T> a{tptr.data(), off.data(), tval.data(), gog.const_data_ptr<T>(), length, omap.data(),
-                   g.S, base.data(), nullptr, gin.mutable_data_ptr<T>(), false, cache_block<T>(g.O)};
+                   g.S, base.data(), nullptr, gin.mutable_data_ptr<T>(), nullptr, false, cache_block<T>(g.O)};
   parallel_row_spmm(a, R);
   return gin;
 }
@@ -366,16 +367,27 @@ void check_bias(const std::optional<Tensor>& bias, const Tensor& input, int64_t 
 
 Tensor sparse_conv2d_cpu(const Tensor& input, const Tensor& values, const Tensor& row_ptr,
                          const Tensor& col_idx, at::IntArrayRef weight_size, const std::optional<Tensor>& bias,
-                         at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+                         at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                         const std::optional<Tensor>& residual, bool relu) {
   check_conv_input(input, "input");
   const ConvGeom g(input.sizes(), weight_size, stride, padding, dilation, groups);
   check_csr(values, row_ptr, col_idx, g.O, g.taps(), input);
   check_bias(bias, input, g.O);
+  if (residual.has_value()) {
+    TORCH_CHECK(residual->dim() == 4 && residual->size(0) == g.N && residual->size(1) == g.O &&
+                    residual->size(2) == g.OH && residual->size(3) == g.OW,
+                "residual has shape ", residual->sizes(), ", expected the output shape (", g.N, ", ", g.O, ", ",
+                g.OH, ", ", g.OW, ")");
+    TORCH_CHECK(residual->scalar_type() == input.scalar_type(), "residual dtype ", residual->scalar_type(),
+                " does not match the input dtype ", input.scalar_type());
+    TORCH_CHECK(residual->device() == input.device(), "residual must be on the input's device ", input.device());
+  }
   const Tensor v = values.contiguous(), rp = row_ptr.contiguous(), ci = col_idx.contiguous();
   Tensor out;
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "sparse_conv2d", [&] {
     out = conv_forward<scalar_t>(input, g, rp.const_data_ptr<int32_t>(), ci.const_data_ptr<int32_t>(),
-                                 v.const_data_ptr<scalar_t>(), bias.has_value() ? *bias : Tensor());
+                                 v.const_data_ptr<scalar_t>(), bias.has_value() ? *bias : Tensor(),
+                                 residual.has_value() ? *residual : Tensor(), relu);
   });
   return out;
 }
@@ -476,7 +488,7 @@ void linear_rows(const Tensor& x, int64_t R, const int32_t* row_ptr, const int32
   for (int64_t p = 0; p < length; ++p) omap[p] = p < B ? p * R : -1;
   std::vector<int64_t> base(R);
   for (int64_t r = 0; r < R; ++r) base[r] = r;
-  RowSpmmArgs<T> a{row_ptr, off.data(), val, d, length, omap.data(), 1, base.data(), init, y, false,
+  RowSpmmArgs<T> a{row_ptr, off.data(), val, d, length, omap.data(), 1, base.data(), init, y, nullptr, false,
                    cache_block<T>(K)};
   parallel_row_spmm(a, R);
 }
