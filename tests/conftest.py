@@ -3,6 +3,10 @@ import torch
 
 import apb_sparse  # noqa: F401  (loads the ops)
 
+# Tests compare against F.conv2d / F.linear at float32 tolerances: no TF32 on GPUs.
+torch.backends.cudnn.allow_tf32 = False
+torch.backends.cuda.matmul.allow_tf32 = False
+
 
 def _cuda_ready() -> bool:
     return torch.cuda.is_available() and torch._C._dispatch_has_kernel_for_dispatch_key(

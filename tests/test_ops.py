@@ -278,3 +278,24 @@ class TestBadInputs:
             ops.sparse_linear(torch.randn(2, 4), v, rp, ci, 5)
         with pytest.raises(RuntimeError, match="bias"):
             ops.sparse_linear(torch.randn(2, 5), v, rp, ci, 5, torch.randn(4))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_batch_chunks_with_partial_last_chunk(threads, stride):
+    # 64 channels of 20x20 images: ~2 images per L2-sized chunk, 9 images -> a partial last chunk.
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(3)
+        x = torch.randn(9, 64, 20, 20).to(memory_format=torch.channels_last)
+        w = torch.randn(16, 64, 3, 3)
+        mask = (torch.rand_like(w) > 0.9).float()
+        b = torch.randn(16)
+        r = torch.randn(9, 16, 20 // stride, 20 // stride)
+        ref = torch.relu(F.conv2d(x, w * mask, b, stride, 1) + r)
+        v, rp, ci = ops.pack_csr(w, mask)
+        got = ops.sparse_conv2d(x, v, rp, ci, w.shape, b, stride, 1, residual=r, relu=True)
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
+    finally:
+        torch.set_num_threads(prev)

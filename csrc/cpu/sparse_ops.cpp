@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #include "row_spmm.h"
@@ -73,16 +74,6 @@ struct ConvGeom {
   /// Offset inside a phase plane of tap (kh, kw).
   int64_t tap_offset(int64_t kh, int64_t kw) const { return ((kh * dh) / sh) * Wq + (kw * dw) / sw; }
   int64_t max_tap_offset() const { return tap_offset(KH - 1, KW - 1); }
-  /// For every tap index t = (c * KH + kh) * KW + kw of a group: offset of its strip in the
-  /// input grid, relative to the group's first plane.
-  std::vector<int64_t> tap_offsets() const {
-    std::vector<int64_t> t(taps());
-    for (int64_t c = 0; c < Cg; ++c)
-      for (int64_t kh = 0; kh < KH; ++kh)
-        for (int64_t kw = 0; kw < KW; ++kw)
-          t[(c * KH + kh) * KW + kw] = (c * S + phase(kh, kw)) * plane + tap_offset(kh, kw);
-    return t;
-  }
   /// For every tap index: its input channel within the group (high part) and stride phase,
   /// packed as c * S + phase, and its offset inside the phase plane.
   void tap_rows(std::vector<int64_t>& row, std::vector<int64_t>& shift) const {
@@ -156,46 +147,41 @@ int64_t cache_block(int64_t source_rows) {
   return std::max<int64_t>(TW, b / TW * TW);
 }
 
-/// Copies the input (any strides) into the zero-padded phase grid [C][S][plane] + margin.
+/// Copies images [n0, n0 + nb) of the input (any strides) into the zero-padded phase grid
+/// [C][S][plane] at `out` (plane >= nb * Hq * Wq); planes (c, s) in [cs0, cs1) only.
 template <typename T>
-Tensor make_input_grid(const Tensor& input, const ConvGeom& g, int64_t margin) {
-  Tensor grid = at::empty({g.C * g.S * g.plane + margin}, input.options());
-  T* out = grid.data_ptr<T>();
-  const T* x = input.const_data_ptr<T>();
-  const int64_t sN = input.stride(0), sC = input.stride(1), sH = input.stride(2), sW = input.stride(3);
-  std::fill(out + g.C * g.S * g.plane, out + g.C * g.S * g.plane + margin, T(0));
-  at::parallel_for(0, g.C * g.S, 1, [&](int64_t b, int64_t e) {
-    for (int64_t cs = b; cs < e; ++cs) {
-      const int64_t c = cs / g.S, s = cs % g.S, a = s / g.sw, bb = s % g.sw;
-      T* dst = out + cs * g.plane;
-      for (int64_t n = 0; n < g.N; ++n) {
-        const T* xc = x + n * sN + c * sC;
-        for (int64_t i = 0; i < g.Hq; ++i) {
-          T* row = dst + (n * g.Hq + i) * g.Wq;
-          const int64_t hh = i * g.sh + a - g.ph;
-          if (hh < 0 || hh >= g.H) {
-            std::fill(row, row + g.Wq, T(0));
-            continue;
-          }
-          const T* xr = xc + hh * sH;
-          if (g.sw == 1 && sW == 1) {
-            // Fast path: one contiguous copy between the left and right zero padding.
-            const int64_t lo = std::min<int64_t>(g.pw, g.Wq);
-            std::fill(row, row + lo, T(0));
-            const int64_t n_copy = std::max<int64_t>(0, std::min<int64_t>(g.W, g.Wq - lo));
-            std::memcpy(row + lo, xr, sizeof(T) * n_copy);
-            std::fill(row + lo + n_copy, row + g.Wq, T(0));
-          } else {
-            for (int64_t j = 0; j < g.Wq; ++j) {
-              const int64_t ww = j * g.sw + bb - g.pw;
-              row[j] = (ww >= 0 && ww < g.W) ? xr[ww * sW] : T(0);
-            }
+void fill_input_grid(const T* x, const int64_t* stride, const ConvGeom& g, int64_t n0, int64_t nb, int64_t plane,
+                     int64_t cs0, int64_t cs1, T* out) {
+  const int64_t sN = stride[0], sC = stride[1], sH = stride[2], sW = stride[3];
+  for (int64_t cs = cs0; cs < cs1; ++cs) {
+    const int64_t c = cs / g.S, s = cs % g.S, a = s / g.sw, bb = s % g.sw;
+    T* dst = out + cs * plane;
+    for (int64_t n = 0; n < nb; ++n) {
+      const T* xc = x + (n0 + n) * sN + c * sC;
+      for (int64_t i = 0; i < g.Hq; ++i) {
+        T* row = dst + (n * g.Hq + i) * g.Wq;
+        const int64_t hh = i * g.sh + a - g.ph;
+        if (hh < 0 || hh >= g.H) {
+          std::fill(row, row + g.Wq, T(0));
+          continue;
+        }
+        const T* xr = xc + hh * sH;
+        if (g.sw == 1 && sW == 1) {
+          // Fast path: one contiguous copy between the left and right zero padding.
+          const int64_t lo = std::min<int64_t>(g.pw, g.Wq);
+          std::fill(row, row + lo, T(0));
+          const int64_t n_copy = std::max<int64_t>(0, std::min<int64_t>(g.W, g.Wq - lo));
+          std::memcpy(row + lo, xr, sizeof(T) * n_copy);
+          std::fill(row + lo + n_copy, row + g.Wq, T(0));
+        } else {
+          for (int64_t j = 0; j < g.Wq; ++j) {
+            const int64_t ww = j * g.sw + bb - g.pw;
+            row[j] = (ww >= 0 && ww < g.W) ? xr[ww * sW] : T(0);
           }
         }
       }
     }
-  });
-  return grid;
+  }
 }
 
 /// Validates a CSR weight given as tensors and returns raw pointers (values, row_ptr, col_idx).
@@ -243,38 +229,84 @@ void pack_dense(const T* w, const T* m, int64_t O, int64_t K, std::vector<int32_
 }
 
 /// Forward convolution from CSR (tap-index columns) into a fresh NCHW output.
+///
+/// The batch is processed in chunks of `nb` images whose grid fits in L2 (~256 KiB): the grid
+/// is written and re-read from cache instead of memory.  With at least as many chunks as
+/// threads, each thread takes whole chunks (its own grid buffer, no synchronisation); otherwise
+/// (small batches) one chunk is shared and its rows are split across threads by nonzeros.
 template <typename T>
 Tensor conv_forward(const Tensor& input, const ConvGeom& g, const int32_t* row_ptr, const int32_t* col,
                     const T* val, const Tensor& bias, const Tensor& residual = Tensor(), bool relu = false) {
   Tensor out = at::empty({g.N, g.O, g.OH, g.OW}, input.options());
   if (out.numel() == 0) return out;
   const int64_t VW = kernel::vector_width<T>(), TW = kernel::tile_width<T>();
-  const int64_t length = round_up((g.N - 1) * g.Hq * g.Wq + g.OH * g.Wq, VW);
-  Tensor grid = make_input_grid<T>(input, g, g.Hq * g.Wq + TW + VW);
-  const int64_t nnz = row_ptr[g.O];
-  std::vector<int64_t> off(nnz);
-  // Offset of every tap inside its group's planes, computed once (divisions per tap, not per
-  // nonzero: the per-nonzero loop below is a plain gather).
-  const std::vector<int64_t> tap_off = g.tap_offsets();
-  const int64_t group_stride = g.Cg * g.S * g.plane;
-  for (int64_t o = 0; o < g.O; ++o) {
-    const int64_t base = (o / g.Og) * group_stride;
-    for (int32_t j = row_ptr[o]; j < row_ptr[o + 1]; ++j) off[j] = base + tap_off[col[j]];
-  }
-  std::vector<int64_t> omap(length);
   const int64_t HWq = g.Hq * g.Wq;
+  const int64_t per_image = g.C * g.S * HWq * int64_t(sizeof(T));
+  const int64_t nthreads = at::get_num_threads();
+  int64_t nb = std::max<int64_t>(1, (256 * 1024) / std::max<int64_t>(per_image, 1));
+  nb = std::min(nb, g.N);
+  if ((g.N + nb - 1) / nb < nthreads) nb = g.N;  // too few chunks for every thread: share one
+  const int64_t nchunks = (g.N + nb - 1) / nb;
+  const int64_t margin = HWq + TW + VW;
+  const int64_t grid_size = g.C * g.S * nb * HWq + margin;
+  auto chunk_length = [&](int64_t m) { return round_up((m - 1) * HWq + g.OH * g.Wq, VW); };
+
+  // Offsets of the nonzeros' strips inside a chunk's grid (plane length nb * Hq * Wq).
+  const int64_t nnz = row_ptr[g.O];
+  const int64_t plane = nb * HWq;
+  std::vector<int64_t> off(nnz);
+  {
+    std::vector<int64_t> tap_off(g.taps());
+    for (int64_t c = 0; c < g.Cg; ++c)
+      for (int64_t kh = 0; kh < g.KH; ++kh)
+        for (int64_t kw = 0; kw < g.KW; ++kw)
+          tap_off[(c * g.KH + kh) * g.KW + kw] = (c * g.S + g.phase(kh, kw)) * plane + g.tap_offset(kh, kw);
+    const int64_t group_stride = g.Cg * g.S * plane;
+    for (int64_t o = 0; o < g.O; ++o) {
+      const int64_t base = (o / g.Og) * group_stride;
+      for (int32_t j = row_ptr[o]; j < row_ptr[o + 1]; ++j) off[j] = base + tap_off[col[j]];
+    }
+  }
+  const int64_t length = chunk_length(nb);
+  std::vector<int64_t> omap(length);
   for (int64_t p = 0; p < length; ++p) {
     const int64_t n = p / HWq, i = (p % HWq) / g.Wq, j = p % g.Wq;
-    omap[p] = (n < g.N && i < g.OH && j < g.OW) ? n * g.O * g.OH * g.OW + i * g.OW + j : -1;
+    omap[p] = (n < nb && i < g.OH && j < g.OW) ? n * g.O * g.OH * g.OW + i * g.OW + j : -1;
   }
   std::vector<int64_t> base(g.O);
   for (int64_t o = 0; o < g.O; ++o) base[o] = o * g.OH * g.OW;
-  Tensor b = bias.defined() ? bias.contiguous() : Tensor();
-  Tensor res = residual.defined() ? residual.contiguous() : Tensor();
-  RowSpmmArgs<T> a{row_ptr, off.data(), val, grid.const_data_ptr<T>(), length, omap.data(), 1,
-                   base.data(), b.defined() ? b.const_data_ptr<T>() : nullptr, out.mutable_data_ptr<T>(),
-                   res.defined() ? res.const_data_ptr<T>() : nullptr, relu, cache_block<T>(g.C * g.S)};
-  parallel_row_spmm(a, g.O);
+  const Tensor b = bias.defined() ? bias.contiguous() : Tensor();
+  const Tensor res = residual.defined() ? residual.contiguous() : Tensor();
+  const T* x = input.const_data_ptr<T>();
+  const int64_t xstride[4] = {input.stride(0), input.stride(1), input.stride(2), input.stride(3)};
+  T* y = out.mutable_data_ptr<T>();
+  const int64_t image_out = g.O * g.OH * g.OW;
+  auto args_for = [&](const T* grid, int64_t n0, int64_t m) {
+    return RowSpmmArgs<T>{row_ptr, off.data(), val, grid, chunk_length(m), omap.data(), 1, base.data(),
+                          b.defined() ? b.const_data_ptr<T>() : nullptr, y + n0 * image_out,
+                          res.defined() ? res.const_data_ptr<T>() + n0 * image_out : nullptr, relu,
+                          cache_block<T>(g.C * g.S)};
+  };
+  if (nchunks >= nthreads && nchunks > 1) {
+    at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+      std::unique_ptr<T[]> grid(new T[grid_size]());  // zeroed: margins and partial-chunk tails
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t n0 = c * nb, m = std::min(nb, g.N - n0);
+        fill_input_grid<T>(x, xstride, g, n0, m, plane, 0, g.C * g.S, grid.get());
+        // A partial last chunk keeps the planes laid out for nb images; its unused tails are
+        // stale but only feed positions that omap discards.
+        kernel::row_spmm(args_for(grid.get(), n0, m), 0, g.O, 0, chunk_length(m));
+      }
+    });
+  } else {
+    Tensor grid_t = at::empty({grid_size}, input.options());
+    T* grid = grid_t.mutable_data_ptr<T>();
+    std::fill(grid + grid_size - margin, grid + grid_size, T(0));
+    at::parallel_for(0, g.C * g.S, 8, [&](int64_t b0, int64_t b1) {
+      fill_input_grid<T>(x, xstride, g, 0, g.N, plane, b0, b1, grid);
+    });
+    parallel_row_spmm(args_for(grid, 0, g.N), g.O);
+  }
   return out;
 }
 

@@ -614,11 +614,21 @@ int64_t leading_numel(at::IntArrayRef sizes) {
 
 Tensor sparse_conv2d_cuda(const Tensor& input, const Tensor& values, const Tensor& row_ptr, const Tensor& col_idx,
                           at::IntArrayRef weight_size, const std::optional<Tensor>& bias, at::IntArrayRef stride,
-                          at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+                          at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                          const std::optional<Tensor>& residual, bool relu) {
   check_conv_input(input, "input");
   const ConvGeom g(input.sizes(), weight_size, stride, padding, dilation, groups);
   check_csr(values, row_ptr, col_idx, g.O, input);
   check_bias(bias, input, g.O);
+  if (residual.has_value()) {
+    TORCH_CHECK(residual->dim() == 4 && residual->size(0) == g.N && residual->size(1) == g.O &&
+                    residual->size(2) == g.OH && residual->size(3) == g.OW,
+                "residual has shape ", residual->sizes(), ", expected the output shape (", g.N, ", ", g.O, ", ",
+                g.OH, ", ", g.OW, ")");
+    TORCH_CHECK(residual->scalar_type() == input.scalar_type(), "residual dtype ", residual->scalar_type(),
+                " does not match the input dtype ", input.scalar_type());
+    TORCH_CHECK(residual->device() == input.device(), "residual must be on the input's device ", input.device());
+  }
   const c10::cuda::CUDAGuard guard(input.device());
   Tensor out = at::empty({g.N, g.O, g.OH, g.OW}, input.options());
   if (out.numel() == 0) return out;
@@ -632,6 +642,10 @@ Tensor sparse_conv2d_cuda(const Tensor& input, const Tensor& values, const Tenso
                                   x.const_data_ptr<scalar_t>(), b.defined() ? b.const_data_ptr<scalar_t>() : nullptr,
                                   out.mutable_data_ptr<scalar_t>(), stream);
   });
+  // Residual and ReLU as separate stream-ordered ATen passes for now (the CPU kernel fuses them
+  // into its epilogue; fusing here belongs to the GPU speed work).
+  if (residual.has_value()) out.add_(*residual);
+  if (relu) out.clamp_min_(0);
   return out;
 }
 
