@@ -149,6 +149,12 @@ def fuse_activations(model: nn.Module) -> fx.GraphModule:
             if result is relu and relu is not None:
                 gm.graph.erase_node(relu)
             gm.graph.erase_node(user)
+    # Folded BatchNorms left nn.Identity modules behind: calling them costs Python overhead only.
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and type(mods.get(node.target)) is nn.Identity and len(node.args) == 1 \
+                and isinstance(node.args[0], fx.Node):
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
     gm.graph.lint()
     gm.recompile()
     return gm

@@ -1,0 +1,55 @@
+"""Li20: boosting tickets — FGSM-trained magnitude ticket, rewound and trained with PGD.
+
+Paper: B. Li, S. Wang, Y. Jia, Y. Lu, Z. Zhong, L. Carin, S. Jana, "Towards Practical Lottery
+Ticket Hypothesis for Adversarial Training", arXiv 2003.05733 (2020).
+
+Algorithm (pipeline B, FGSM / AT, one-shot, global, LWM):
+  1. from a random initialisation W0, train the dense network with cheap FGSM adversarial
+     training for ``prune_epochs``;
+  2. prune once: global lowest-magnitude mask at the target sparsity ("boosting ticket");
+  3. rewind the kept weights to W0 (lottery-ticket rewinding) and train the ticket with PGD
+     adversarial training for ``pretrain_epochs + finetune_epochs`` at ``recipe.lr``.
+
+Choices: FGSM with a random start (train.py's "fgsm" mode) at the recipe's eps; one-shot rather
+than iterative magnitude pruning (the paper's point is that one cheap round finds a ticket that
+converges fast); rewinding to initialisation (not to an early iterate); BatchNorm parameters and
+running statistics are rewound too.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from .base import PruneContext, PruningMethod, TaxonomyTags, register
+
+__all__ = ["Li20"]
+
+
+@register
+class Li20(PruningMethod):
+    """Boosting tickets (Li et al. 2020).
+
+    Args:
+        search_mode: training mode of the ticket search (default "fgsm").
+        rewind: reset kept weights to their initial values before training the ticket.
+        min_keep: see :class:`PruningMethod`.
+    """
+
+    name = "li20"
+    paper = "Li et al., Towards Practical Lottery Ticket Hypothesis for Adversarial Training, arXiv 2020"
+    tags = TaxonomyTags("B", ("FGSM", "AT(PGD)"), "1S", ("US",), None, ("G",), "LWM")
+    structures = ("unstructured",)
+
+    def __init__(self, *, search_mode: str = "fgsm", rewind: bool = True, min_keep: int = 1):
+        super().__init__(min_keep=min_keep, search_mode=search_mode, rewind=rewind)
+        self.search_mode, self.rewind = search_mode, rewind
+
+    def _run(self, ctx: PruneContext) -> None:
+        init_state = copy.deepcopy(ctx.model.state_dict())
+        ctx.train("ticket search", ctx.recipe.prune_epochs, mode=self.search_mode, lr=ctx.recipe.lr)
+        masks = ctx.unit_scores_to_masks([l.weight.detach().abs() for l in ctx.layers], local=False)
+        if self.rewind:
+            ctx.model.load_state_dict(init_state)
+        ctx.set_masks(masks)
+        ctx.train("train ticket", ctx.recipe.pretrain_epochs + ctx.recipe.finetune_epochs, lr=ctx.recipe.lr)
