@@ -281,6 +281,23 @@ class TestBadInputs:
 
 
 @pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("n,c,size,k", [(5, 64, 16, 1), (7, 128, 8, 1), (3, 256, 4, 3)])
+def test_partial_chunk_without_padding_rows(threads, n, c, size, k):
+    # No padding rows between images: a chunk's rounded tail reaches the next image's first row,
+    # which must not be written (it lies past the output for the last, partial chunk).
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(4)
+        x = torch.randn(n, c, size, size)
+        w = torch.randn(16, c, k, k) * (torch.rand(16, c, k, k) > 0.5)
+        v, rp, ci = ops.pack_csr(w)
+        torch.testing.assert_close(ops.sparse_conv2d(x, v, rp, ci, w.shape), F.conv2d(x, w), rtol=1e-5, atol=1e-4)
+    finally:
+        torch.set_num_threads(prev)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("stride", [1, 2])
 def test_batch_chunks_with_partial_last_chunk(threads, stride):
     # 64 channels of 20x20 images: ~2 images per L2-sized chunk, 9 images -> a partial last chunk.

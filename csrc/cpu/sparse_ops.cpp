@@ -267,12 +267,20 @@ Tensor conv_forward(const Tensor& input, const ConvGeom& g, const int32_t* row_p
       for (int32_t j = row_ptr[o]; j < row_ptr[o + 1]; ++j) off[j] = base + tap_off[col[j]];
     }
   }
-  const int64_t length = chunk_length(nb);
-  std::vector<int64_t> omap(length);
-  for (int64_t p = 0; p < length; ++p) {
-    const int64_t n = p / HWq, i = (p % HWq) / g.Wq, j = p % g.Wq;
-    omap[p] = (n < nb && i < g.OH && j < g.OW) ? n * g.O * g.OH * g.OW + i * g.OW + j : -1;
-  }
+  // Destination of every grid position of a chunk of m images (-1: padding, or past the chunk;
+  // the rounded tail of a chunk can reach into the next image's first row).
+  auto make_omap = [&](int64_t m) {
+    const int64_t len = chunk_length(m);
+    std::vector<int64_t> om(len);
+    for (int64_t p = 0; p < len; ++p) {
+      const int64_t n = p / HWq, i = (p % HWq) / g.Wq, j = p % g.Wq;
+      om[p] = (n < m && i < g.OH && j < g.OW) ? n * g.O * g.OH * g.OW + i * g.OW + j : -1;
+    }
+    return om;
+  };
+  const std::vector<int64_t> omap = make_omap(nb);
+  const int64_t last = g.N % nb;
+  const std::vector<int64_t> omap_last = last ? make_omap(last) : std::vector<int64_t>();
   std::vector<int64_t> base(g.O);
   for (int64_t o = 0; o < g.O; ++o) base[o] = o * g.OH * g.OW;
   const Tensor b = bias.defined() ? bias.contiguous() : Tensor();
@@ -282,7 +290,10 @@ Tensor conv_forward(const Tensor& input, const ConvGeom& g, const int32_t* row_p
   T* y = out.mutable_data_ptr<T>();
   const int64_t image_out = g.O * g.OH * g.OW;
   auto args_for = [&](const T* grid, int64_t n0, int64_t m) {
-    return RowSpmmArgs<T>{row_ptr, off.data(), val, grid, chunk_length(m), omap.data(), 1, base.data(),
+    TORCH_INTERNAL_ASSERT(m == nb || m == last, "bad chunk size");
+    TORCH_INTERNAL_ASSERT((n0 + m) * image_out <= out.numel(), "chunk writes past the output");
+    return RowSpmmArgs<T>{row_ptr, off.data(), val, grid, chunk_length(m), m == nb ? omap.data() : omap_last.data(),
+                          1, base.data(),
                           b.defined() ? b.const_data_ptr<T>() : nullptr, y + n0 * image_out,
                           res.defined() ? res.const_data_ptr<T>() + n0 * image_out : nullptr, relu,
                           cache_block<T>(g.C * g.S)};
