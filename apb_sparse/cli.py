@@ -1,0 +1,632 @@
+"""The ``apb`` command: adversarial pruning benchmark with robustness and measured speed.
+
+Subcommands::
+
+    apb run          train the dense adversarial base, prune with every method at every sparsity,
+                     evaluate clean / AutoAttack / FMN min-norm (+ masking checks), sparsify,
+                     time dense vs sparse, write results.jsonl, the leaderboard and plots
+    apb prune        prune one model with one method and save its sparse checkpoint
+    apb eval         robustness and speed of a checkpoint (ours, or a dense-with-zeros state dict)
+    apb bench latency   dense vs sparse latency of an architecture at several sparsities
+    apb leaderboard  rewrite leaderboard.md / .csv / .html and plots from results.jsonl
+    apb taxonomy     the 26 surveyed methods in the survey's taxonomy
+
+``apb <subcommand> --help`` explains the options.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+__all__ = ["main", "build_parser"]
+
+
+# ----------------------------------------------------------------------------------- arg types
+def _sparsity(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction of zeros in [0, 1), e.g. 0.9; got {text!r}") from None
+    if not 0.0 <= v < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction of zeros in [0, 1), e.g. 0.9 for 90 %; got {text!r}")
+    return v
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return v
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return v
+
+
+def _eps(text: str) -> float:
+    try:
+        if "/" in text:
+            a, b = text.split("/", 1)
+            v = float(a) / float(b)
+        else:
+            v = float(text)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0 such as 0.1 or 8/255, got {text!r}") from None
+    if not v >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0 such as 0.1 or 8/255, got {text!r}")
+    return v
+
+
+def _json_dict(text: str) -> dict:
+    try:
+        v = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"width\": 16}}': {e}") from None
+    if not isinstance(v, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"width\": 16}}', got {text!r}")
+    return v
+
+
+STRUCTURE_CHOICES = ("unstructured", "filter")
+
+
+def _structure(text: str) -> str:
+    aliases = {"us": "unstructured", "unstructured": "unstructured", "s": "filter", "filter": "filter",
+               "filters": "filter", "structured": "filter", "channel": "filter", "channels": "filter"}
+    if text.lower() not in aliases:
+        raise argparse.ArgumentTypeError(f"expected 'unstructured' (US) or 'filter' (S, structured), got {text!r}")
+    return aliases[text.lower()]
+
+
+# ----------------------------------------------------------------------------------- parser
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Raw epilogs; appends "(default: X)" to option help only where X says something."""
+
+    def _get_help_string(self, action):
+        h = action.help or ""
+        if "%(default)" in h or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return h
+        return h + " (default: %(default)s)"
+
+
+def _preset_help() -> str:
+    from .bench.presets import PRESETS
+
+    lines = []
+    for p in PRESETS.values():
+        lines.append(f"  {p.name:<7} {p.description}.")
+        lines.append(f"          robust accuracy: {p.describe_attack()}.")
+    return "\n".join(lines)
+
+
+RUN_EPILOG = """\
+what `apb run` does, per dataset / architecture / seed:
+  1. adversarially train the dense base model (PGD-AT) once; cached in OUT/base/ and reused
+  2. for each structure, sparsity and method: prune (pipeline A methods start from the base;
+     B and D methods train from the same initialisation with the same total epoch budget),
+     evaluate clean accuracy, AutoAttack, FMN minimum-norm distances (security curve) with
+     gradient-masking checks, convert with apb_sparse.sparsify, check the sparse model agrees with
+     the dense one, time dense vs sparse on this CPU (and GPU if present), measure model sizes
+  3. append one JSON record per cell to OUT/results.jsonl (a rerun skips finished cells, an
+     interrupted run loses nothing finished), save OUT/checkpoints/<cell>.safetensors (nonzeros
+     only) and rewrite OUT/leaderboard.{md,csv,html} and OUT/plots/*.png
+
+presets:
+{presets}
+
+examples:
+  apb run                                   # quick preset, every method, into runs/quick
+  apb run --methods hydra lwm_local --sparsities 0.9 0.99
+  apb run --preset paper --device cuda --data-dir ~/data --out runs/paper
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="apb", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", metavar="{run,prune,eval,bench,leaderboard,taxonomy}")
+
+    # ---------------------------------------------------------------- run
+    r = sub.add_parser("run", help="the benchmark: train, prune, attack, sparsify, time, leaderboard",
+                       description="Run (or resume) the adversarial pruning benchmark.",
+                       epilog=RUN_EPILOG.replace("{presets}", _preset_help()), formatter_class=_Formatter)
+    r.add_argument("--preset", choices=("quick", "fmnist", "paper"), default="quick",
+                   help="benchmark configuration (see below)")
+    r.add_argument("--methods", nargs="+", metavar="M", default=None,
+                   help="pruning methods (registry names, see `apb taxonomy --implemented`); default: all")
+    r.add_argument("--structures", nargs="+", type=_structure, metavar="S", default=None,
+                   help="'unstructured' and/or 'filter' (structured); default: the preset's")
+    r.add_argument("--sparsities", nargs="+", type=_sparsity, metavar="X", default=None,
+                   help="unstructured sparsities as fractions of zeros (0.9 = 90 %%); default: the preset's")
+    r.add_argument("--structured-sparsities", nargs="+", type=_sparsity, metavar="X", default=None,
+                   help="filter sparsities (fraction of conv weights in pruned filters); default: the preset's")
+    r.add_argument("--seeds", nargs="+", type=_nonneg_int, metavar="N", default=None, help="seeds; default: 0")
+    r.add_argument("--datasets", nargs="+", metavar="D", default=None, help="override the preset's datasets")
+    r.add_argument("--archs", nargs="+", metavar="A", default=None, help="override the preset's architectures")
+    r.add_argument("--out", default=None, help="output folder (default: runs/<preset>)")
+    r.add_argument("--data-dir", default=None, help="folder with the datasets (default: apb_sparse's data dir)")
+    r.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None,
+                   help="training / attack device (default: the preset's; quick: cpu)")
+    r.add_argument("--base-epochs", type=_positive_int, default=None,
+                   help="epochs of the dense base (and of every method's pretraining budget)")
+    r.add_argument("--aa-samples", type=_positive_int, default=None, help="test images attacked by AutoAttack")
+    r.add_argument("--fmn-samples", type=_positive_int, default=None, help="test images of the FMN min-norm attack")
+    r.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: the preset's; quick: 1, others: torch's)")
+    r.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
+    r.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    r.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+    # ---------------------------------------------------------------- prune
+    pr = sub.add_parser("prune", help="prune one model with one method, save the sparse checkpoint",
+                        formatter_class=_Formatter,
+                        description="Prune with one method at one sparsity (the preset's recipe) and save the "
+                                    "sparsified model as OUT (.safetensors, nonzeros only, with its config). "
+                                    "The dense base model is --base, or the preset's base cached in --work-dir "
+                                    "(trained there if missing).")
+    pr.add_argument("--method", required=True, help="pruning method (registry name)")
+    pr.add_argument("--sparsity", required=True, type=_sparsity, help="fraction of zeros, e.g. 0.9")
+    pr.add_argument("--structure", type=_structure, default="unstructured", help="'unstructured' or 'filter'")
+    pr.add_argument("--preset", choices=("quick", "fmnist", "paper"), default="quick", help="recipe and data")
+    pr.add_argument("--dataset", default=None, help="override the preset's (first) dataset")
+    pr.add_argument("--arch", default=None, help="override the preset's (first) architecture")
+    pr.add_argument("--seed", type=_nonneg_int, default=0, help="seed")
+    pr.add_argument("--base", default=None, help="dense base checkpoint (ours, or a plain state dict)")
+    pr.add_argument("--work-dir", default=None, help="where the base model is cached (default runs/<preset>)")
+    pr.add_argument("--out", default=None, help="output .safetensors (default pruned-<method>-<sparsity>.safetensors)")
+    pr.add_argument("--data-dir", default=None, help="dataset folder")
+    pr.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None, help="device")
+    pr.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+    # ---------------------------------------------------------------- eval
+    ev = sub.add_parser("eval", help="robustness and speed of a checkpoint (bring your own pruned model)",
+                        formatter_class=_Formatter,
+                        description="Evaluate a checkpoint: detect its sparsity, sparsify it, measure clean and "
+                                    "AutoAttack accuracy, FMN min-norm distances with masking checks, dense vs "
+                                    "sparse latency and sizes. FILE is an apb_sparse checkpoint (.safetensors from "
+                                    "`apb run` / `apb prune`), or a plain dense-with-zeros state dict "
+                                    "(.safetensors, or a torch.save file loaded with weights_only=True; never "
+                                    "unpickled) for which --arch and --dataset are required. Loading is strict.")
+    ev.add_argument("--checkpoint", required=True, metavar="FILE", help="the checkpoint")
+    ev.add_argument("--arch", default=None, help="architecture of a plain state dict")
+    ev.add_argument("--dataset", default=None, help="test data (required unless the checkpoint records it)")
+    ev.add_argument("--model-kwargs", type=_json_dict, default=None, metavar="JSON",
+                    help="extra get_model options of a plain state dict, e.g. '{\"width\": 16}'")
+    ev.add_argument("--preset", choices=("quick", "fmnist", "paper"), default="quick",
+                    help="evaluation settings (attack budget, samples, latency batch)")
+    ev.add_argument("--attack", choices=("quick", "standard"), default=None,
+                    help="'standard' AutoAttack or the cheaper custom subset 'quick' (default: the preset's)")
+    ev.add_argument("--norm", choices=("Linf", "L2"), default=None, help="threat model (default: the preset's)")
+    ev.add_argument("--eps", type=_eps, default=None, help="radius, e.g. 0.1 or 8/255 (default: the preset's)")
+    ev.add_argument("--n-samples", type=_positive_int, default=None, help="test images attacked by AutoAttack")
+    ev.add_argument("--fmn-samples", type=_positive_int, default=None, help="test images of FMN")
+    ev.add_argument("--check-samples", type=_positive_int, default=None, help="images of the masking checks")
+    ev.add_argument("--fmn-steps", type=_positive_int, default=None, help="FMN iterations")
+    ev.add_argument("--seed", type=_nonneg_int, default=0, help="seed of the attacks")
+    ev.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
+    ev.add_argument("--save-sparse", default=None, metavar="FILE",
+                    help="also save the sparsified model as an apb_sparse checkpoint")
+    ev.add_argument("--out", default=None, metavar="JSON", help="write the full result as JSON")
+    ev.add_argument("--data-dir", default=None, help="dataset folder")
+    ev.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="attack device")
+
+    # ---------------------------------------------------------------- bench latency
+    b = sub.add_parser("bench", help="micro-benchmarks (latency)", formatter_class=_Formatter,
+                       description="Micro-benchmarks.")
+    bsub = b.add_subparsers(dest="bench_command", metavar="{latency}")
+    bl = bsub.add_parser("latency", formatter_class=_Formatter,
+                         help="dense vs sparse latency of an architecture at several sparsities",
+                         description="Magnitude-prune a freshly initialised architecture (or load --checkpoint), "
+                                     "sparsify it, check the outputs agree, and time dense vs sparse "
+                                     "(interleaved rounds, medians, speedup from the same run).")
+    bl.add_argument("--arch", default="resnet18", help="architecture")
+    bl.add_argument("--input-shape", nargs=3, type=_positive_int, default=None, metavar=("C", "H", "W"),
+                    help="input shape (default 3 32 32; 1 8 8 for small_cnn)")
+    bl.add_argument("--num-classes", type=_positive_int, default=10, help="classes")
+    bl.add_argument("--model-kwargs", type=_json_dict, default=None, metavar="JSON", help="get_model options")
+    bl.add_argument("--sparsities", nargs="+", type=_sparsity, default=[0.5, 0.9, 0.95, 0.99], metavar="X",
+                    help="sparsities (fractions)")
+    bl.add_argument("--structure", type=_structure, default="unstructured", help="'unstructured' or 'filter'")
+    bl.add_argument("--batch", nargs="+", type=_positive_int, default=[1, 32], metavar="B", help="batch sizes")
+    bl.add_argument("--rounds", type=_positive_int, default=10, help="timed rounds")
+    bl.add_argument("--checkpoint", default=None, metavar="FILE", help="time this apb_sparse checkpoint instead")
+    bl.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="device")
+    bl.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
+    bl.add_argument("--out", default=None, metavar="JSON", help="write the results as JSON")
+
+    # ---------------------------------------------------------------- leaderboard
+    lb = sub.add_parser("leaderboard", help="rewrite the leaderboard and plots from results.jsonl",
+                        formatter_class=_Formatter,
+                        description="Read OUT/results.jsonl and write OUT/leaderboard.md, .csv, .html and "
+                                    "OUT/plots/*.png; print the Markdown.")
+    lb.add_argument("--out", default="runs/quick", help="the run folder holding results.jsonl")
+    lb.add_argument("--results", default=None, help="a results .jsonl elsewhere (output goes next to it)")
+    lb.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+
+    # ---------------------------------------------------------------- taxonomy
+    tx = sub.add_parser("taxonomy", help="the surveyed methods in the survey's taxonomy", formatter_class=_Formatter,
+                        description="Print the 26 methods of the adversarial-pruning survey (Piras et al., "
+                                    "arXiv 2409.01249) with their taxonomy, and which are implemented here.")
+    tx.add_argument("--implemented", action="store_true", help="only methods implemented in apb_sparse.methods, "
+                                                                 "plus the registry's baselines")
+    tx.add_argument("--markdown", action="store_true", help="Markdown table instead of aligned text")
+    tx.add_argument("--json", action="store_true", help="JSON")
+    return p
+
+
+# ----------------------------------------------------------------------------------- commands
+def _check_methods(parser: argparse.ArgumentParser, names: Optional[Sequence[str]], flag: str) -> List[str]:
+    from . import methods as registry
+
+    avail = registry.available()
+    if not names or [n.lower() for n in names] == ["all"]:
+        return list(avail)
+    bad = [n for n in names if n.lower() not in avail]
+    if bad:
+        parser.error(f"argument {flag}: unknown method(s) {bad}; expected names from {avail} (or 'all')")
+    seen: List[str] = []
+    for n in names:
+        if n.lower() not in seen:
+            seen.append(n.lower())
+    return seen
+
+
+def _check_names(parser, names, flag, valid):
+    bad = [n for n in names if n not in valid]
+    if bad:
+        parser.error(f"argument {flag}: unknown name(s) {bad}; expected names from {sorted(valid)}")
+
+
+def _cmd_run(args, parser) -> int:
+    from .bench.presets import get_preset
+    from .data.datasets import available_datasets
+    from .models import available_models
+
+    preset = get_preset(args.preset).with_overrides(base_epochs=args.base_epochs, aa_samples=args.aa_samples,
+                                                    fmn_samples=args.fmn_samples, device=args.device,
+                                                    threads=args.threads)
+    methods = _check_methods(parser, args.methods, "--methods")
+    structures = args.structures or list(preset.structures)
+    if args.structured_sparsities and not args.structures:
+        structures = sorted(set(structures) | {"filter"}, key=STRUCTURE_CHOICES.index)
+    sparsities = {k: list(v) for k, v in preset.sparsities.items()}
+    if args.sparsities:
+        sparsities["unstructured"] = args.sparsities
+    if args.structured_sparsities:
+        sparsities["filter"] = args.structured_sparsities
+    datasets = args.datasets or list(preset.datasets)
+    archs = args.archs or list(preset.archs)
+    from .data.datasets import _ALIASES
+    _check_names(parser, datasets, "--datasets", set(_ALIASES))
+    _check_names(parser, [a.lower().replace("-", "_") for a in archs], "--archs", set(available_models()))
+    from . import methods as registry
+    if not any(structure in registry.get(m).structures and sparsities.get(structure)
+               for m in methods for structure in structures):
+        parser.error(f"argument --structures: none of the methods {methods} supports {structures} "
+                     f"with the given sparsities")
+    out = Path(args.out or os.path.join("runs", preset.name))
+
+    from .bench.runner import run_benchmark
+    from .data.datasets import DatasetNotFoundError
+
+    t0 = time.perf_counter()
+    try:
+        summary = run_benchmark(preset, out, methods=methods, structures=structures, sparsities=sparsities,
+                                seeds=args.seeds or list(preset.seeds), archs=archs, datasets=datasets,
+                                data_dir=args.data_dir, device=preset.device, progress=not args.quiet,
+                                latency=not args.no_latency, plots=not args.no_plots)
+    except DatasetNotFoundError as e:
+        print(f"apb run: error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:
+        print(f"apb run: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: finished cells are in {out / 'results.jsonl'}; rerun the same command to resume",
+              file=sys.stderr)
+        return 130
+    _print_summary(summary, time.perf_counter() - t0)
+    return 1 if summary.failed else 0
+
+
+def _print_summary(summary, seconds: float) -> None:
+    from .bench.leaderboard import leaderboard_rows
+    from .bench.results import read_records
+
+    rows = leaderboard_rows(read_records(summary.out_dir / "results.jsonl", warn=False))
+    print()
+    print(f"{'method':<12} {'struct':<6} {'sparsity':>8} {'clean%':>7} {'AA%':>6} {'d_med':>6} "
+          f"{'dense ms':>9} {'sparse ms':>9} {'speedup':>7}  flags")
+    seen = set()
+    for r in rows:
+        key = (r["dataset"], r["arch"], r["method"], r["sparsity"], r["seed"], r["structure"] if r["method"] != "dense" else "")
+        if key in seen:
+            continue
+        seen.add(key)
+
+        def f(v, fmt):
+            return "-" if v is None else fmt.format(v)
+
+        def pct(v):
+            return "-" if v is None else f"{100 * v:.1f}"
+        print(f"{r['method']:<12} {r['structure'][:6]:<6} {100 * r['sparsity']:>7.1f}% {pct(r['clean_acc']):>7} "
+              f"{pct(r['aa_acc']):>6} {f(r['median_min_norm'], '{:.3f}'):>6} {f(r['cpu_dense_ms'], '{:.2f}'):>9} "
+              f"{f(r['cpu_sparse_ms'], '{:.2f}'):>9} {f(r['cpu_speedup'], '{:.2f}x'):>7}  {r['flags']}")
+    print()
+    print(f"ran {len(summary.ran)} cells, skipped {len(summary.skipped)} already finished, "
+          f"{len(summary.failed)} failed; wall time {seconds:.1f} s")
+    for key, err in summary.failed:
+        print(f"  FAILED {key}: {err}")
+    print(f"results:     {summary.out_dir / 'results.jsonl'}")
+    for kind, path in summary.files.items():
+        print(f"{kind + ':':<12} {path}")
+
+
+def _cmd_prune(args, parser) -> int:
+    import torch
+
+    from . import methods as registry
+    from . import sparsify, sparsity_report
+    from .bench.checkpoint import is_apb_checkpoint, load_checkpoint, load_dense_model, save_checkpoint
+    from .bench.presets import get_preset
+    from .bench.runner import build_model, get_base_model, load_data, make_recipe, resolve_device
+
+    name = _check_methods(parser, [args.method], "--method")[0]
+    cls = registry.get(name)
+    if args.structure not in cls.structures:
+        parser.error(f"argument --structure: {name} supports {list(cls.structures)}, got {args.structure!r}")
+    preset = get_preset(args.preset).with_overrides(device=args.device)
+    dataset = args.dataset or preset.datasets[0]
+    arch = args.arch or preset.archs[0]
+    dev = resolve_device(preset.device)
+    data = load_data(dataset, preset, args.data_dir)
+    if args.base:
+        if is_apb_checkpoint(args.base):
+            base, _ = load_checkpoint(args.base)
+        else:
+            base = load_dense_model(args.base, arch, num_classes=int(data.num_classes),
+                                    in_channels=int(data.input_shape[0]), model_kwargs=preset.model_kwargs)
+        from . import densify
+        base = densify(base).to(dev)
+    else:
+        work = Path(args.work_dir or os.path.join("runs", preset.name))
+        base, _ = get_base_model(preset, arch, dataset, data, args.seed, work, device=dev, progress=not args.quiet)
+    recipe = make_recipe(preset, arch, dataset, args.seed, progress=not args.quiet)
+    t0 = time.perf_counter()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(args.seed)
+        if cls.tags.pipeline == "A":
+            res = cls().prune(base, data, sparsity=args.sparsity, structure=args.structure, recipe=recipe,
+                              pretrained=True)
+        else:
+            res = cls().prune(build_model(preset, arch, data, args.seed).to(dev), data, sparsity=args.sparsity,
+                              structure=args.structure, recipe=recipe, pretrained=False)
+    sparse = sparsify(res.model.cpu()).eval()
+    print(sparsity_report(sparse, (1, *data.input_shape)))
+    out = Path(args.out or f"pruned-{name}-{args.structure}-{args.sparsity:g}.safetensors")
+    if out.suffix != ".safetensors":
+        out = out.with_suffix(".safetensors")
+    save_checkpoint(sparse, out, arch=arch, num_classes=int(data.num_classes), in_channels=int(data.input_shape[0]),
+                    model_kwargs=preset.model_kwargs,
+                    extra={"method": name, "structure": args.structure, "sparsity": args.sparsity, "seed": args.seed,
+                           "dataset": dataset, "measured_sparsity": res.log.get("sparsity")})
+    print(f"\n{name} pruned to {100 * res.log['sparsity']:.2f} % of prunable weights in {time.perf_counter() - t0:.1f} s; "
+          f"saved {out} (+ {out.with_suffix('.json').name})\nevaluate it with: apb eval --checkpoint {out}")
+    return 0
+
+
+def _cmd_eval(args, parser) -> int:
+    import torch
+
+    from . import sparsity_report
+    from .bench.checkpoint import is_apb_checkpoint, load_checkpoint, load_dense_model, save_checkpoint
+    from .bench.presets import get_preset
+    from .bench.results import _finite
+    from .bench.runner import evaluate_model, load_data, resolve_device
+    from .data.datasets import DatasetNotFoundError
+
+    path = Path(args.checkpoint)
+    if not path.is_file():
+        parser.error(f"argument --checkpoint: no such file {str(path)!r}")
+    preset = get_preset(args.preset).with_overrides(
+        attack=args.attack, norm=args.norm, eps=args.eps, aa_samples=args.n_samples, fmn_samples=args.fmn_samples,
+        check_samples=args.check_samples, fmn_steps=args.fmn_steps)
+    dev = resolve_device(args.device)
+    ours = is_apb_checkpoint(path)
+    try:
+        if ours:
+            sparse, config = load_checkpoint(path)
+            arch = config["arch"]
+            dataset = args.dataset or (config.get("extra") or {}).get("dataset")
+            if dataset is None:
+                parser.error("argument --dataset: required (the checkpoint does not record its dataset)")
+            data = load_data(dataset, preset.with_overrides(), args.data_dir)
+            model, kind = sparse, "apb_sparse checkpoint"
+        else:
+            if not args.arch or not args.dataset:
+                parser.error("arguments --arch and --dataset are required for a plain state dict checkpoint")
+            data = load_data(args.dataset, preset, args.data_dir)
+            arch, dataset = args.arch, args.dataset
+            model = load_dense_model(path, arch, num_classes=int(data.num_classes),
+                                     in_channels=int(data.input_shape[0]), model_kwargs=args.model_kwargs)
+            sparse, kind = None, "dense state dict"
+    except DatasetNotFoundError as e:
+        print(f"apb eval: error: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError) as e:
+        print(f"apb eval: error: {e}", file=sys.stderr)
+        return 2
+    input_shape = tuple(int(s) for s in data.input_shape)
+    report = sparsity_report(model, (1, *input_shape))
+    print(f"{path} ({kind}): {arch} on {dataset}; detected sparsity {100 * report.sparsity:.2f} % "
+          f"({report.nonzeros:,} nonzeros of {report.numel:,} conv/linear weights)")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(args.seed)
+        result, sparse = evaluate_model(model, data, preset, seed=args.seed, device=dev, input_shape=input_shape,
+                                        latency=not args.no_latency, sparse_model=sparse)
+    print(sparsity_report(sparse, (1, *input_shape)))
+    aa, mn = result["autoattack"], result["min_norm"]
+    print(f"\nclean {100 * result['clean_accuracy']:.2f} %   {aa['attack']} {preset.norm} eps={preset.eps:.4g}: "
+          f"robust {100 * result['robust_accuracy']:.2f} % on {aa['n_samples']} images")
+    print(f"FMN median min-norm distance {mn['median_distance']:.4f} on {mn['n_samples']} images; masking checks: "
+          + ", ".join(f"{c['name']}={'ok' if c['passed'] else 'FAILED'}" for c in mn["checks"]))
+    lat = (result.get("latency") or {})
+    for dev_name, l in lat.items():
+        if "error" in l:
+            print(f"{dev_name} latency: {l['error']}")
+        else:
+            print(f"{dev_name} latency (batch {l['batch']}): dense {l['dense_ms']:.3f} ms, sparse {l['sparse_ms']:.3f} ms, "
+                  f"speedup {l['speedup']:.2f}x")
+    sz = result["size_bytes"]
+    print(f"state dict size: dense {sz['dense']:,} B, sparse {sz['sparse']:,} B")
+    if result["flags"]:
+        print(f"flags: {' '.join(result['flags'])}")
+    if args.save_sparse:
+        save_checkpoint(sparse, args.save_sparse, arch=arch, num_classes=int(data.num_classes),
+                        in_channels=int(data.input_shape[0]), model_kwargs=args.model_kwargs or {},
+                        extra={"dataset": dataset, "source": str(path)})
+        print(f"saved the sparse model to {args.save_sparse}")
+    if args.out:
+        from .bench import environment
+        from .bench.results import atomic_write_text
+        doc = {"checkpoint": str(path), "kind": kind, "arch": arch, "dataset": dataset,
+               "preset": preset.to_dict(), "environment": environment(), **result}
+        atomic_write_text(args.out, json.dumps(_finite(doc), indent=1, default=str))
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _cmd_bench_latency(args, parser) -> int:
+    import torch
+
+    from . import apply_masks, magnitude_masks, sparsify, sparsity_report
+    from .bench import environment
+    from .bench.runner import measure_latency
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("argument --device: 'cuda' requested but no GPU is available")
+    torch.set_flush_denormal(True)
+    dev = torch.device(args.device)
+    rows = []
+    if args.checkpoint:
+        from . import densify
+        from .bench.checkpoint import load_checkpoint
+        try:
+            sparse, cfg = load_checkpoint(args.checkpoint)
+        except (ValueError, FileNotFoundError) as e:
+            parser.error(f"argument --checkpoint: {e}")
+        shape = args.input_shape or ((1, 8, 8) if cfg["arch"] == "small_cnn" else (cfg["in_channels"], 32, 32))
+        variants = [(f"checkpoint {Path(args.checkpoint).name}", densify(sparse), sparse)]
+    else:
+        from .models import get_model
+        kw = args.model_kwargs or {}
+        shape = tuple(args.input_shape or ((1, 8, 8) if args.arch == "small_cnn" else (3, 32, 32)))
+        try:
+            torch.manual_seed(0)
+            dense = get_model(args.arch, num_classes=args.num_classes, in_channels=shape[0], **kw).eval()
+        except (ValueError, TypeError) as e:
+            parser.error(f"argument --arch/--model-kwargs: {e}")
+        variants = []
+        for s in args.sparsities:
+            masked = apply_masks(dense, magnitude_masks(dense, s, structure="channels" if args.structure == "filter"
+                                                        else "unstructured"))
+            variants.append((f"{args.structure} {100 * s:g} %", masked, sparsify(masked)))
+    print(f"{'model':<28} {'batch':>5} {'sparsity':>8} {'dense ms':>10} {'sparse ms':>10} {'speedup':>8}")
+    for label, dense_m, sparse_m in variants:
+        rep = sparsity_report(sparse_m)
+        for b in args.batch:
+            lat = measure_latency(dense_m, sparse_m, shape, batch=b, rounds=args.rounds, device=dev)
+            if not lat["outputs_match"]:
+                print(f"{label}: sparse output differs from dense by {lat['max_abs_diff']:.3g}", file=sys.stderr)
+                return 1
+            rows.append({"model": label, "sparsity": rep.sparsity, **lat})
+            print(f"{label:<28} {b:>5} {100 * rep.sparsity:>7.2f}% {lat['dense_ms']:>10.3f} {lat['sparse_ms']:>10.3f} "
+                  f"{lat['speedup']:>7.2f}x", flush=True)
+    if args.out:
+        from .bench.results import atomic_write_text
+        atomic_write_text(args.out, json.dumps({"environment": environment(), "arch": args.arch,
+                                                "input_shape": list(shape), "results": rows}, indent=1))
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _cmd_leaderboard(args, parser) -> int:
+    from .bench.leaderboard import to_markdown, write_leaderboard
+    from .bench.results import read_records
+
+    path = Path(args.results) if args.results else Path(args.out) / "results.jsonl"
+    if not path.is_file():
+        parser.error(f"argument {'--results' if args.results else '--out'}: no results file {str(path)!r}")
+    records = read_records(path)
+    files = write_leaderboard(records, path.parent, plots=not args.no_plots)
+    print(to_markdown(records))
+    for kind, f in files.items():
+        print(f"{kind + ':':<10} {f}")
+    return 0
+
+
+def _cmd_taxonomy(args, parser) -> int:
+    from . import methods as registry
+    from . import taxonomy
+
+    entries = taxonomy.implemented() if args.implemented else None
+    if args.json:
+        print(json.dumps(taxonomy.as_dicts(entries), indent=1, default=str))
+        return 0
+    if args.markdown:
+        print(taxonomy.to_markdown(entries))
+    else:
+        taxonomy.print_table(entries)
+    surveyed = {m.implemented for m in taxonomy.METHODS if m.implemented}
+    extra = [n for n in registry.available() if n not in surveyed]
+    if extra:
+        print(f"\nbaselines in the registry (not surveyed methods): {', '.join(extra)}")
+    print(f"registry names for `apb run --methods`: {', '.join(registry.available())}")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``apb`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    sub = {a.dest: a for a in parser._actions if isinstance(a, argparse._SubParsersAction)}["command"]
+    sp = sub.choices[args.command]
+    if args.command == "run":
+        return _cmd_run(args, sp)
+    if args.command == "prune":
+        return _cmd_prune(args, sp)
+    if args.command == "eval":
+        return _cmd_eval(args, sp)
+    if args.command == "bench":
+        if args.bench_command != "latency":
+            sp.print_help()
+            return 2
+        bsub = {a.dest: a for a in sp._actions if isinstance(a, argparse._SubParsersAction)}["bench_command"]
+        return _cmd_bench_latency(args, bsub.choices["latency"])
+    if args.command == "leaderboard":
+        return _cmd_leaderboard(args, sp)
+    if args.command == "taxonomy":
+        return _cmd_taxonomy(args, sp)
+    parser.error(f"unknown command {args.command!r}")  # pragma: no cover
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
