@@ -119,8 +119,43 @@ def _prunable(model: nn.Module):
     return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
 
 
+def _calibrate(model: nn.Module, layers, masks: Mapping[str, Tensor], example_input: Tensor,
+               rounds: int) -> Dict[str, Dict[str, float]]:
+    """Measured cost (median seconds) of each candidate path of every layer on its real input."""
+    from .bench.timing import interleaved_medians
+
+    inputs: Dict[str, Tensor] = {}
+    hooks = [layer.register_forward_hook(lambda m, i, o, n=name: inputs.__setitem__(n, i[0].detach()))
+             for name, layer in layers]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(example_input)
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    costs = {}
+    for name, layer in layers:
+        if name not in inputs:
+            continue
+        weight = _effective_weight(layer, masks.get(name))
+        candidates = {"dense": _plain(layer, weight).eval()}
+        if weight.count_nonzero() < weight.numel():
+            candidates["unstructured"] = _convert(layer, weight, "unstructured")
+            if isinstance(layer, nn.Conv2d) and layer.groups == 1:
+                candidates["structured"] = _convert(layer, weight, "structured")
+        x = inputs[name]
+        t = interleaved_medians({k: (lambda m=m: m(x)) for k, m in candidates.items()}, rounds=rounds, warmup=1,
+                                min_time=1e-3)
+        costs[name] = {k: v["median_s"] for k, v in t.items()}
+    return costs
+
+
 def sparsify(model: nn.Module, masks: Optional[Mapping[str, Tensor]] = None, *, inplace: bool = False,
-             path: Union[str, Mapping[str, str]] = "auto", fuse: bool = False) -> nn.Module:
+             path: Union[str, Mapping[str, str]] = "auto", fuse: bool = False,
+             calibrate: Optional[Tensor] = None, calibrate_rounds: int = 5) -> nn.Module:
     """Replace each ``nn.Conv2d`` / ``nn.Linear`` (masked ones included) by its sparse counterpart.
 
     Args:
@@ -136,6 +171,9 @@ def sparsify(model: nn.Module, masks: Optional[Mapping[str, Tensor]] = None, *, 
         fuse: inference-only fusions (the model must be in eval mode): fold BatchNorms into the
             preceding convs and move ReLUs / residual adds into the sparse kernels' epilogue
             (see :mod:`apb_sparse.fuse`). The result is an ``fx.GraphModule``.
+        calibrate: an example input batch; with it, ``"auto"`` layers take the path measured
+            fastest on their real input (interleaved medians of ``calibrate_rounds`` rounds)
+            instead of the analytic cost model, and ``LayerChoice.cost`` holds the seconds.
 
     Returns:
         The converted model.  ``model.apb_sparse_choices`` maps each converted layer's name to a
@@ -164,10 +202,20 @@ def sparsify(model: nn.Module, masks: Optional[Mapping[str, Tensor]] = None, *, 
 
         model = fold_batchnorm(model, inplace=True)
         layers = _prunable(model)
+    measured: Dict[str, Dict[str, float]] = {}
+    if calibrate is not None:
+        if not isinstance(calibrate, Tensor):
+            raise TypeError(f"calibrate must be an example input tensor, got {type(calibrate).__name__}")
+        if calibrate_rounds < 1:
+            raise ValueError(f"calibrate_rounds must be >= 1, got {calibrate_rounds}")
+        measured = _calibrate(model, layers, masks, calibrate, calibrate_rounds)
     choices: Dict[str, LayerChoice] = {}
     for name, layer in layers:
         weight = _effective_weight(layer, masks.get(name))
         choice = _choose(layer, weight, per_layer.get(name, default))
+        if name in measured and per_layer.get(name, default) == "auto":
+            choice.cost = measured[name]
+            choice.path = min(measured[name], key=measured[name].get)
         model = _replace(model, name, _convert(layer, weight, choice.path))
         choices[name] = choice
     if fuse:
