@@ -1,0 +1,242 @@
+"""The benchmark's results store (resume, torn lines), leaderboard writer, checkpoints and runner.
+
+Everything runs on CPU on tiny models; the one real run (``test_run_resumes_...``) uses a
+4-channel small_cnn, 128 training digits and a handful of attacked images.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import json
+import warnings
+
+import pytest
+import torch
+
+import apb_sparse
+from apb_sparse.bench.checkpoint import (load_checkpoint, load_dense_model, read_state_dict, save_checkpoint,
+                                         state_dict_bytes)
+from apb_sparse.bench.leaderboard import leaderboard_rows, to_csv, to_html, to_markdown, write_leaderboard
+from apb_sparse.bench.presets import PRESETS, Preset, get_preset
+from apb_sparse.bench.results import ResultsStore, cell_key, read_records
+from apb_sparse.models import get_model
+
+
+def _record(method, sparsity, *, aa=0.5, clean=0.9, structure="unstructured", seed=0, flags=(), speedup=2.0):
+    return {"method": method, "arch": "small_cnn", "dataset": "digits", "structure": structure,
+            "sparsity": sparsity, "seed": seed,
+            "tags": None if method == "dense" else {"pipeline": "A", "training": ["AT", "AT"], "schedule": "1S",
+                                                    "structure": ["US"], "granularity": None, "locality": ["L"],
+                                                    "criterion": "LWM"},
+            "measured_sparsity": sparsity, "clean_accuracy": clean, "robust_accuracy": aa,
+            "min_norm": {"median_distance": 0.125, "security_curve": {"eps": [0.0, 0.1, 0.2],
+                                                                      "robust_accuracy": [clean, aa, 0.0]}},
+            "latency": {"cpu": {"dense_ms": 4.0, "sparse_ms": 4.0 / speedup, "speedup": speedup, "batch": 64,
+                                "rounds": 7}},
+            "size_bytes": {"dense": 250_000, "sparse": 30_000}, "flags": list(flags),
+            "config": {"preset": {"name": "quick", "eps": 0.1, "norm": "Linf", "attack": "quick",
+                                  "aa_samples": 200}},
+            "environment": {"cpu": "test cpu", "threads": 2}}
+
+
+# ----------------------------------------------------------------------------------- results store
+def test_store_appends_whole_lines_and_ignores_a_torn_last_line(tmp_path):
+    store = ResultsStore(tmp_path / "results.jsonl")
+    store.append(_record("hydra", 0.9))
+    store.append(_record("rst", 0.9))
+    # an interrupted write: half a JSON line, no newline
+    with open(store.path, "ab") as f:
+        f.write(b'{"method": "harp", "arch": "small_cnn", "datas')
+    with pytest.warns(RuntimeWarning, match="unreadable"):
+        keys = store.done()
+    assert keys == {cell_key(_record("hydra", 0.9)), cell_key(_record("rst", 0.9))}
+    # the next record must not be glued to the torn line
+    store.append(_record("harp", 0.9, aa=0.42))
+    with pytest.warns(RuntimeWarning):
+        recs = store.records()
+    assert [r["method"] for r in recs] == ["hydra", "rst", "harp"]
+    assert recs[-1]["robust_accuracy"] == 0.42
+    # repair drops the torn line (kept aside) and leaves a clean file
+    assert store.repair() == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert [r["method"] for r in store.records()] == ["hydra", "rst", "harp"]
+    assert b"datas" in (tmp_path / "results.jsonl.bad").read_bytes()
+
+
+def test_store_latest_record_of_a_cell_wins_and_inf_is_valid_json(tmp_path):
+    store = ResultsStore(tmp_path / "r.jsonl")
+    store.append(_record("hydra", 0.9, aa=0.1))
+    rec = _record("hydra", 0.9000000001, aa=0.3)  # same cell (sparsity normalised)
+    rec["min_norm"]["median_distance"] = float("inf")
+    store.append(rec)
+    latest = store.latest()
+    assert len(latest) == 1
+    (only,) = latest.values()
+    assert only["robust_accuracy"] == 0.3 and only["min_norm"]["median_distance"] == "inf"
+    for line in store.path.read_text().splitlines():
+        json.loads(line)  # strict JSON: no bare Infinity
+
+
+def test_store_rejects_records_without_a_key(tmp_path):
+    with pytest.raises(ValueError, match="sparsity"):
+        ResultsStore(tmp_path / "r.jsonl").append({"method": "x", "arch": "a", "dataset": "d", "structure": "s",
+                                                   "seed": 0})
+
+
+# ----------------------------------------------------------------------------------- leaderboard
+def test_leaderboard_markdown_and_csv_content():
+    recs = [_record("dense", 0.0, aa=0.6, clean=0.95, speedup=1.0),
+            _record("hydra", 0.9, aa=0.40, clean=0.88, flags=["masking?:eps_monotone"]),
+            _record("rst", 0.9, aa=0.45, clean=0.80, speedup=3.0),
+            _record("hydra", 0.5, aa=0.55, clean=0.92)]
+    md = to_markdown(recs)
+    lines = md.splitlines()
+    header = next(l for l in lines if l.startswith("| method"))
+    for col in ("taxonomy", "sparsity %", "clean %", "AA %", "median min-norm", "CPU dense ms", "CPU sparse ms",
+                "CPU speedup", "size dense", "size sparse", "flags"):
+        assert col in header
+    assert "GPU" not in header  # no GPU column without GPU measurements
+    body = [l for l in lines if l.startswith("| ") and not l.startswith("| method")]
+    methods = [l.split("|")[1].strip() for l in body]
+    # dense first, then by sparsity, then by robust accuracy (rst 45 % before hydra 40 % at 90 %)
+    assert methods == ["dense", "hydra", "rst", "hydra"]
+    rst = body[2].split("|")
+    assert rst[3].strip() == "90.0" and rst[5].strip() == "80.0" and rst[6].strip() == "45.0"
+    assert rst[10].strip() == "3.00x"
+    assert "A AT/AT 1S US L LWM" in body[1]
+    assert "masking?:eps_monotone" in body[3]
+    assert "custom AutoAttack subset" in md  # the quick preset says it is not AA standard
+
+    rows = list(csv.DictReader(io.StringIO(to_csv(recs))))
+    assert len(rows) == 4
+    r = next(r for r in rows if r["method"] == "rst")
+    assert float(r["aa_acc"]) == pytest.approx(0.45) and float(r["cpu_speedup"]) == pytest.approx(3.0)
+    assert int(r["size_sparse_bytes"]) == 30_000 and r["gpu_speedup"] == ""
+
+
+def test_leaderboard_repeats_dense_row_per_structure_and_shows_gpu():
+    recs = [_record("dense", 0.0, structure="none"), _record("hydra", 0.9),
+            _record("radmm", 0.5, structure="filter")]
+    recs[1]["latency"]["cuda"] = {"dense_ms": 1.0, "sparse_ms": 0.5, "speedup": 2.0}
+    rows = leaderboard_rows(recs)
+    assert [(r["structure"], r["method"]) for r in rows] == [("filter", "dense"), ("filter", "radmm"),
+                                                            ("unstructured", "dense"), ("unstructured", "hydra")]
+    md = to_markdown(recs)
+    assert "## digits / small_cnn / filter" in md and "## digits / small_cnn / unstructured" in md
+    assert "GPU speedup" in md
+    assert "<table>" in to_html(recs)
+
+
+def test_write_leaderboard_files_and_plots(tmp_path):
+    recs = [_record("dense", 0.0), _record("hydra", 0.5), _record("hydra", 0.9)]
+    files = write_leaderboard(recs, tmp_path)
+    for kind in ("markdown", "csv", "html"):
+        assert (tmp_path / f"leaderboard.{ {'markdown': 'md'}.get(kind, kind)}").is_file()
+    pngs = sorted(p.name for p in (tmp_path / "plots").glob("*.png"))
+    assert any(p.startswith("robust_vs_sparsity") for p in pngs)
+    assert any(p.startswith("security_curves") for p in pngs)
+    assert any(p.startswith("speedup_vs_sparsity") for p in pngs)
+    assert all((tmp_path / "plots" / p).read_bytes()[:4] == b"\x89PNG" for p in pngs)
+
+
+# ----------------------------------------------------------------------------------- checkpoints
+def _tiny_pruned(sparsity=0.8):
+    torch.manual_seed(0)
+    m = get_model("small_cnn", num_classes=10, in_channels=1, width=8).eval()
+    return apb_sparse.apply_masks(m, apb_sparse.magnitude_masks(m, sparsity))
+
+
+def test_checkpoint_round_trip_stores_only_nonzeros(tmp_path):
+    masked = _tiny_pruned(0.9)
+    sparse = apb_sparse.sparsify(masked, path="unstructured")
+    path = save_checkpoint(sparse, tmp_path / "m.safetensors", arch="small_cnn", num_classes=10, in_channels=1,
+                           model_kwargs={"width": 8}, extra={"dataset": "digits"})
+    assert json.loads((tmp_path / "m.json").read_text())["paths"]["features.3"] == "unstructured"
+    model, cfg = load_checkpoint(path)
+    x = torch.rand(4, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), masked(x), rtol=1e-4, atol=1e-5)
+    assert cfg["extra"]["dataset"] == "digits"
+    assert path.stat().st_size < 0.35 * state_dict_bytes(masked.state_dict())
+
+
+def test_plain_state_dict_loading_is_strict_and_never_unpickles(tmp_path):
+    masked = _tiny_pruned()
+    sd = masked.state_dict()
+    torch.save({"state_dict": {"module." + k: v for k, v in sd.items()}, "epoch": 3}, tmp_path / "wrapped.pt")
+    loaded = read_state_dict(tmp_path / "wrapped.pt")
+    assert set(loaded) == set(sd)
+    model = load_dense_model(tmp_path / "wrapped.pt", "small_cnn", model_kwargs={"width": 8})
+    assert apb_sparse.sparsity_report(model).sparsity == pytest.approx(0.8, abs=0.01)
+
+    broken = dict(sd)
+    del broken["features.3.weight"]
+    torch.save(broken, tmp_path / "missing.pt")
+    with pytest.raises(ValueError, match="features.3.weight"):
+        load_dense_model(tmp_path / "missing.pt", "small_cnn", model_kwargs={"width": 8})
+
+    torch.save(masked, tmp_path / "pickled_module.pt")  # a whole pickled nn.Module
+    with pytest.raises(ValueError, match="weights_only"):
+        read_state_dict(tmp_path / "pickled_module.pt")
+
+
+# ----------------------------------------------------------------------------------- presets
+def test_presets_describe_their_attack_and_identity():
+    assert "custom AutoAttack subset" in get_preset("quick").describe_attack()
+    paper = get_preset("paper")
+    assert paper.attack == "standard" and paper.eps == pytest.approx(8 / 255) and paper.aa_samples == 10000
+    assert paper.sparsities == {"unstructured": (0.9, 0.95, 0.99), "filter": (0.5, 0.75, 0.9)}
+    q = get_preset("quick")
+    assert q.with_overrides(methods=("hydra",)).identity_hash() == q.identity_hash()
+    assert q.with_overrides(eps=0.2).identity_hash() != q.identity_hash()
+    with pytest.raises(ValueError, match="preset"):
+        get_preset("nope")
+
+
+# ----------------------------------------------------------------------------------- a real tiny run
+TINY = Preset(name="tiny", description="test", datasets=("digits",), archs=("small_cnn",),
+              model_kwargs={"width": 4}, sparsities={"unstructured": (0.9,)}, base_epochs=1, prune_epochs=0,
+              finetune_epochs=1, recipe=dict(mode="pgd", steps=1, batch_size=64, lr=0.05, finetune_lr=0.02),
+              train_subset=128, eps=0.1, attack="quick", aa_samples=16, aa_iters=3, aa_targets=1, fmn_samples=8,
+              fmn_steps=5, curve_max=0.3, check_samples=8, square_queries=5, latency_batch=4, latency_rounds=1,
+              eval_batch=64, device="cpu")
+
+
+def test_run_resumes_skipping_finished_cells_and_rerunning_torn_ones(tmp_path):
+    from apb_sparse.bench.runner import run_benchmark
+
+    out = tmp_path / "run"
+    out.mkdir()
+    store = ResultsStore(out / "results.jsonl")
+    fake = _record("lwm_local", 0.9, aa=0.123)
+    store.append(fake)                                      # finished before the "interruption"
+    with open(store.path, "ab") as f:                       # torn line of the random cell
+        f.write(json.dumps(_record("random", 0.9))[:40].encode())
+    kw = dict(methods=["lwm_local", "random"], structures=["unstructured"], sparsities=TINY.sparsities,
+              seeds=[0], archs=["small_cnn"], datasets=["digits"], progress=False, latency=True, plots=False,
+              log=lambda s: None)
+    s1 = run_benchmark(TINY, out, **kw)
+    assert {k[0] for k in s1.ran} == {"dense", "random"}, s1.failed
+    assert [k[0] for k in s1.skipped] == ["lwm_local"]
+    assert not s1.failed
+    recs = {r["method"]: r for r in read_records(out / "results.jsonl")}
+    assert recs["lwm_local"]["robust_accuracy"] == 0.123    # untouched
+    r = recs["random"]
+    assert r["measured_sparsity"] > 0.85 and 0 <= r["robust_accuracy"] <= r["clean_accuracy"] <= 1
+    assert r["latency"]["cpu"]["outputs_match"] and r["size_bytes"]["sparse"] < r["size_bytes"]["dense"]
+    assert r["min_norm"]["checks"] and "environment" in r and r["config"]["preset"]["name"] == "tiny"
+    model, _ = load_checkpoint(out / r["checkpoint"])
+    assert apb_sparse.sparsity_report(model).sparsity == pytest.approx(r["measured_sparsity"])
+    base_files = list((out / "base").glob("*.safetensors"))
+    assert len(base_files) == 1
+    mtime = base_files[0].stat().st_mtime_ns
+
+    s2 = run_benchmark(TINY, out, **kw)                      # nothing left: all skipped, base reused
+    assert s2.ran == [] and len(s2.skipped) == 3
+    assert base_files[0].stat().st_mtime_ns == mtime
+    assert "| random |" in (out / "leaderboard.md").read_text()
+
+    with pytest.raises(ValueError, match="another configuration"):
+        run_benchmark(TINY.with_overrides(eps=0.2), out, **kw)

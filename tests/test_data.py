@@ -1,0 +1,96 @@
+"""Dataset loaders: digits split, loader seeding, idx staging, clear missing-data errors."""
+import gzip
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from apb_sparse.data import DatasetNotFoundError, get_dataset
+from apb_sparse.data import datasets as ds_mod
+
+
+def test_digits_split_is_fixed_stratified_and_in_unit_range():
+    a = get_dataset("digits")
+    b = get_dataset("digits")
+    assert (len(a.train), len(a.test)) == (1437, 360)
+    assert a.num_classes == 10 and a.input_shape == (1, 8, 8)
+    xa, ya = a.tensors("test")
+    xb, yb = b.tensors("test")
+    assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    assert xa.dtype == torch.float32 and xa.min() >= 0 and xa.max() <= 1 and xa.max() == 1
+    counts = torch.bincount(ya, minlength=10)
+    assert counts.min() >= 35 and counts.max() <= 37  # stratified: ~20 % of each class
+    xt, _ = a.tensors("train")
+    assert xt.shape == (1437, 1, 8, 8)
+
+
+def test_loader_order_depends_only_on_seed():
+    d = get_dataset("digits")
+    first = lambda seed: next(iter(d.loader("train", batch_size=32, seed=seed)))[1]
+    assert torch.equal(first(1), first(1))
+    assert not torch.equal(first(1), first(2))
+    test_batch = next(iter(d.loader("test", batch_size=16)))[1]
+    assert torch.equal(test_batch, d.tensors("test")[1][:16])  # test split is not shuffled
+    with pytest.raises(ValueError, match="batch_size"):
+        d.loader("train", batch_size=0)
+    with pytest.raises(ValueError, match="split"):
+        d.loader("val")
+
+
+def _write_idx(folder, prefix, n, gz):
+    rng = np.random.default_rng(0)
+    imgs = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+    labels = rng.integers(0, 10, size=n, dtype=np.uint8)
+    files = {f"{prefix}-images-idx3-ubyte": struct.pack(">IIII", 2051, n, 28, 28) + imgs.tobytes(),
+             f"{prefix}-labels-idx1-ubyte": struct.pack(">II", 2049, n) + labels.tobytes()}
+    for name, payload in files.items():
+        if gz:
+            with gzip.open(folder / (name + ".gz"), "wb") as f:
+                f.write(payload)
+        else:
+            (folder / name).write_bytes(payload)
+    return imgs, labels
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_mnist_from_a_folder_of_idx_files(tmp_path, monkeypatch, gz):
+    monkeypatch.setenv("APB_SPARSE_DATA_DIR", str(tmp_path / "cache"))
+    src = tmp_path / "src"
+    src.mkdir()
+    imgs, labels = _write_idx(src, "train", 6, gz)
+    _write_idx(src, "t10k", 4, gz)
+    d = get_dataset("mnist", data_dir=src)
+    assert (len(d.train), len(d.test), d.input_shape) == (6, 4, (1, 28, 28))
+    x, y = d.tensors("train")
+    assert torch.allclose(x[:, 0], torch.from_numpy(imgs).float() / 255)
+    assert torch.equal(y, torch.from_numpy(labels).long())
+    x0, y0 = d.train[0]
+    assert x0.shape == (1, 28, 28) and isinstance(y0, int)
+
+
+def test_missing_data_errors_say_where_and_how(tmp_path, monkeypatch):
+    monkeypatch.setenv("APB_SPARSE_DATA_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(ds_mod, "DEBIAN_FASHION_MNIST_DIR", tmp_path / "no-debian")
+    with pytest.raises(DatasetNotFoundError, match="apt-get install dataset-fashion-mnist") as e:
+        get_dataset("fashion-mnist")
+    assert str(tmp_path / "no-debian") in str(e.value)
+    with pytest.raises(DatasetNotFoundError, match="download=True") as e:
+        get_dataset("mnist", data_dir=tmp_path / "empty")
+    assert str(tmp_path / "empty") in str(e.value)
+    for name in ("cifar10", "svhn"):
+        with pytest.raises(DatasetNotFoundError, match=str(tmp_path)):
+            get_dataset(name, data_dir=tmp_path)
+    with pytest.raises(ValueError, match="name"):
+        get_dataset("imagenet")
+
+
+@pytest.mark.skipif(not ds_mod.DEBIAN_FASHION_MNIST_DIR.is_dir(),
+                    reason="needs `apt-get install dataset-fashion-mnist`")
+def test_fashion_mnist_from_the_debian_package(tmp_path, monkeypatch):
+    monkeypatch.setenv("APB_SPARSE_DATA_DIR", str(tmp_path))
+    d = get_dataset("fashion-mnist")
+    assert (len(d.train), len(d.test), d.num_classes) == (60000, 10000, 10)
+    x, y = d.tensors("test", 500)
+    assert x.shape == (500, 1, 28, 28) and 0 <= float(x.min()) and float(x.max()) <= 1
+    assert set(y.tolist()) == set(range(10))
