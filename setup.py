@@ -95,6 +95,7 @@ setup(
         "safetensors",
         "matplotlib",
         "pyautoattack>=0.2",
+        "secml-torch>=1.5",
     ],
     extras_require={"test": ["pytest", "ninja"]},
     entry_points={"console_scripts": ["apb=apb_sparse.cli:main"]},
