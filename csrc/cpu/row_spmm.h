@@ -3,13 +3,15 @@
 // All sparse convolutions (forward and backward-to-input) and sparse linear layers are rewritten
 // as one primitive: for every sparse row r and every position p of a contiguous strip,
 //
-//     d = dst_base[r] + omap[cls(r)][p]
-//     dst[d] = act( init[r] + sum_{j in row r} val[j] * src[off[j] + p]  + residual[d] )
+//     acc = init[r] + sum_{j in row r} val[j] * src[src_base[r] + tap[col[j]] + p]
+//     dst[dst_base[r] + run.dst + (p - run.start) * run.step] = act(acc + residual[same offset])
 //
-// where off[j] is a precomputed offset of the j-th nonzero's input strip (for a convolution: the
-// input plane of its channel, already shifted by its (kh, kw) tap).  Inner loop: broadcast one
+// where tap[] is a small per-call table (one entry per distinct tap, e.g. per (input channel,
+// kh, kw) of a convolution: the offset of that tap's input strip, already shifted) and the runs
+// describe where the positions of each register tile are stored.  Inner loop: broadcast one
 // weight and FMA it into a register tile of NV vectors of consecutive positions, so the cost is
-// one vector load + one FMA per nonzero and vector: no im2col, no index arithmetic per position.
+// one vector load + one FMA per nonzero and vector: no im2col, no index arithmetic per position,
+// and no per-call work proportional to the number of nonzeros (the table has one entry per tap).
 //
 // This header includes no torch headers on purpose: it is compiled twice, once for AVX2+FMA and
 // once for the baseline ISA, and the two objects must not share inline torch code.
@@ -20,15 +22,28 @@
 namespace apb_sparse {
 namespace kernel {
 
+/// Positions [t, t + len) of a tile are stored at dst_base[r] + dst + k * step, k = 0 .. len-1.
+struct Run {
+  int32_t t;
+  int32_t len;
+  int64_t step;
+  int64_t dst;
+};
+
 template <typename T>
 struct RowSpmmArgs {
-  const int32_t* row_ptr;   ///< [rows + 1] CSR row pointers into off / val.
-  const int64_t* off;       ///< [nnz] source offset of each nonzero's strip.
+  const int32_t* row_ptr;   ///< [rows + 1] CSR row pointers into col / val.
+  const int32_t* col;       ///< [nnz] tap index of each nonzero (into `tap`).
+  const int64_t* tap;       ///< [taps] source offset of each tap's strip.
+  const int64_t* src_base;  ///< [rows] source offset added for row r (e.g. its group), or nullptr.
   const T* val;             ///< [nnz] nonzero values.
-  const T* src;             ///< source buffer; src[off[j] + p] must be readable for p < length.
+  const T* src;             ///< source buffer; src[src_base + tap + p] readable for p < length.
   int64_t length;           ///< positions per row; a multiple of the vector width.
-  const int64_t* omap;      ///< [nclass][length] destination offset per position, -1 = not stored.
-  int64_t nclass;           ///< row r uses omap row (r % nclass).
+  const Run* runs;          ///< destination runs of every tile, grouped by class and tile.
+  const int32_t* run_index; ///< [nclass * ntiles + 1]: runs of tile i, class c are
+                            ///< runs[run_index[c * ntiles + i] .. run_index[c * ntiles + i + 1]).
+  int64_t ntiles;           ///< ceil(length / tile_width).
+  int64_t nclass;           ///< row r uses class (r % nclass).
   const int64_t* dst_base;  ///< [rows] destination base offset of each row.
   const T* init;            ///< [rows] initial value (bias) of each row, or nullptr for 0.
   T* dst;

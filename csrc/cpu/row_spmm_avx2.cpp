@@ -3,7 +3,7 @@
 #include <cstring>
 
 #pragma GCC push_options
-#pragma GCC target("avx2,fma")
+#pragma GCC target("avx2,fma,tune=haswell")
 #define APB_ISA_NAMESPACE avx2
 #include "row_spmm_impl.h"
 

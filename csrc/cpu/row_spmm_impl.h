@@ -29,48 +29,70 @@ inline V broadcast(T x) {
   return x - V{};  // x - (+0) == x exactly, so the subtraction folds away
 }
 
-/// One register tile: NV vectors of consecutive positions starting at p for row r.
+/// Per-row constants of the kernel.
+template <typename T>
+struct Row {
+  const int32_t* col;
+  const T* val;
+  int32_t nnz;
+  const T* src;        ///< row source base (src + src_base[r])
+  T init;
+  T* dst;              ///< dst + dst_base[r]
+  const T* res;        ///< residual + dst_base[r], or nullptr
+  const Run* runs;     ///< this row's class's runs
+  const int32_t* idx;  ///< this row's class's run_index
+};
+
+/// Stores positions [t, t + len) of a finished tile (in buf) as the tile's runs say.
+template <typename T>
+inline void store_runs(const Row<T>& row, const T* buf, int64_t tile, bool relu) {
+  const int32_t rb = row.idx[tile], re = row.idx[tile + 1];
+  for (int32_t q = rb; q < re; ++q) {
+    const Run& u = row.runs[q];
+    const T* b = buf + u.t;
+    T* d = row.dst + u.dst;
+    if (row.res == nullptr) {
+      if (u.step == 1) {
+        // Fixed-size vector moves (no libc call per run; see the flags in setup.py).
+        using V = typename Vec<T>::type;
+        constexpr int W = Vec<T>::W;
+        int32_t k = 0;
+        for (; k + W <= u.len; k += W) std::memcpy(d + k, b + k, sizeof(V));
+        for (; k < u.len; ++k) d[k] = b[k];
+      } else {
+        for (int32_t k = 0; k < u.len; ++k) d[k * u.step] = b[k];
+      }
+    } else {
+      const T* r = row.res + u.dst;
+      for (int32_t k = 0; k < u.len; ++k) {
+        const T y = b[k] + r[k * u.step];
+        d[k * u.step] = (relu && y < T(0)) ? T(0) : y;
+      }
+    }
+  }
+}
+
+/// One register tile: NV vectors of consecutive positions starting at p (tile index p / TW).
 template <typename T, int NV>
-inline void tile(const RowSpmmArgs<T>& a, int64_t r, int64_t p) {
+inline void tile(const Row<T>& row, const int64_t* tap, int64_t p, int64_t tile_index, bool relu) {
   using V = typename Vec<T>::type;
   constexpr int W = Vec<T>::W;
-  const V init = broadcast<V, T>(a.init ? a.init[r] : T(0));
+  const V init = broadcast<V, T>(row.init);
   V acc[NV];
   for (int v = 0; v < NV; ++v) acc[v] = init;
-  const int32_t jb = a.row_ptr[r];
-  const int32_t je = a.row_ptr[r + 1];
-  const T* src = a.src + p;
-  for (int32_t j = jb; j < je; ++j) {
-    const V w = broadcast<V, T>(a.val[j]);
-    const T* s = src + a.off[j];
+  const T* src = row.src + p;
+  for (int32_t j = 0; j < row.nnz; ++j) {
+    const V w = broadcast<V, T>(row.val[j]);
+    const T* s = src + tap[row.col[j]];
     for (int v = 0; v < NV; ++v) acc[v] += w * loadu<V, T>(s + v * W);
   }
   alignas(32) T buf[NV * W];
-  const bool plain = a.residual == nullptr;
+  const bool clamp = relu && row.res == nullptr;
   for (int v = 0; v < NV; ++v) {
-    if (a.relu && plain) acc[v] = acc[v] > V{} ? acc[v] : V{};
+    if (clamp) acc[v] = acc[v] > V{} ? acc[v] : V{};
     std::memcpy(buf + v * W, &acc[v], sizeof(V));
   }
-  const int64_t* om = a.omap + (r % a.nclass) * a.length + p;
-  T* d = a.dst + a.dst_base[r];
-  const T* res = plain ? nullptr : a.residual + a.dst_base[r];
-  // Runs of consecutive destinations (a full output row) are the common case: copy them whole.
-  int t = 0;
-  while (t < NV * W) {
-    const int64_t o = om[t];
-    if (o < 0) { ++t; continue; }
-    int e = t + 1;
-    while (e < NV * W && om[e] == o + (e - t)) ++e;
-    if (plain) {
-      std::memcpy(d + o, buf + t, sizeof(T) * (e - t));
-    } else {
-      for (int k = t; k < e; ++k) {
-        const T y = buf[k] + res[o + (k - t)];
-        d[o + (k - t)] = (a.relu && y < T(0)) ? T(0) : y;
-      }
-    }
-    t = e;
-  }
+  store_runs(row, buf, tile_index, relu);
 }
 
 template <typename T>
@@ -81,16 +103,23 @@ void run(const RowSpmmArgs<T>& a, int64_t r0, int64_t r1, int64_t p0, int64_t p1
   for (int64_t pb = p0; pb < p1; pb += block) {
     const int64_t pe = pb + block < p1 ? pb + block : p1;
     for (int64_t r = r0; r < r1; ++r) {
+      const int32_t jb = a.row_ptr[r];
+      const int64_t cls = a.nclass > 1 ? r % a.nclass : 0;
+      const Row<T> row{a.col + jb, a.val + jb, a.row_ptr[r + 1] - jb,
+                       a.src + (a.src_base ? a.src_base[r] : 0), a.init ? a.init[r] : T(0),
+                       a.dst + a.dst_base[r], a.residual ? a.residual + a.dst_base[r] : nullptr,
+                       a.runs, a.run_index + cls * a.ntiles};
       int64_t p = pb;
-      for (; p + TW <= pe; p += TW) tile<T, 8>(a, r, p);
+      for (; p + TW <= pe; p += TW) tile<T, 8>(row, a.tap, p, p / TW, a.relu);
+      const int64_t t = p / TW;
       switch ((pe - p) / W) {
-        case 7: tile<T, 7>(a, r, p); break;
-        case 6: tile<T, 6>(a, r, p); break;
-        case 5: tile<T, 5>(a, r, p); break;
-        case 4: tile<T, 4>(a, r, p); break;
-        case 3: tile<T, 3>(a, r, p); break;
-        case 2: tile<T, 2>(a, r, p); break;
-        case 1: tile<T, 1>(a, r, p); break;
+        case 7: tile<T, 7>(row, a.tap, p, t, a.relu); break;
+        case 6: tile<T, 6>(row, a.tap, p, t, a.relu); break;
+        case 5: tile<T, 5>(row, a.tap, p, t, a.relu); break;
+        case 4: tile<T, 4>(row, a.tap, p, t, a.relu); break;
+        case 3: tile<T, 3>(row, a.tap, p, t, a.relu); break;
+        case 2: tile<T, 2>(row, a.tap, p, t, a.relu); break;
+        case 1: tile<T, 1>(row, a.tap, p, t, a.relu); break;
         default: break;
       }
     }

@@ -16,6 +16,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <memory>
 #include <vector>
@@ -88,12 +89,45 @@ struct ConvGeom {
   }
 };
 
-/// CSR view with the offsets each nonzero reads from.
-template <typename T>
-struct Csr {
-  std::vector<int32_t> row_ptr;
-  std::vector<int64_t> off;
-  std::vector<T> val;
+/// Builds the destination runs of every (class, tile) pair (see kernel::RowSpmmArgs).  Segments
+/// must be added class by class, in increasing position order within a class.
+class RunBuilder {
+ public:
+  RunBuilder(int64_t length, int64_t nclass, int64_t tile_width)
+      : tw_(tile_width), ntiles_((length + tile_width - 1) / tile_width), nclass_(nclass),
+        index_(nclass * ntiles_ + 1, 0) {}
+
+  /// Positions [p, p + len) of class c go to dst + k * step.
+  void add(int64_t c, int64_t p, int64_t len, int64_t step, int64_t dst) {
+    while (len > 0) {
+      const int64_t t = p / tw_;
+      TORCH_INTERNAL_ASSERT(c < nclass_ && t < ntiles_, "run outside the tile grid");
+      open_until(c * ntiles_ + t);
+      const int64_t n = std::min(len, (t + 1) * tw_ - p);
+      runs_.push_back(kernel::Run{int32_t(p - t * tw_), int32_t(n), step, dst});
+      p += n;
+      dst += n * step;
+      len -= n;
+    }
+  }
+  int64_t ntiles() const { return ntiles_; }
+  const kernel::Run* runs() const { return runs_.data(); }
+  const int32_t* index() {
+    open_until(nclass_ * ntiles_);
+    index_[nclass_ * ntiles_] = int32_t(runs_.size());
+    return index_.data();
+  }
+
+ private:
+  /// Marks every (class, tile) slot before `slot` (and `slot` itself) as starting here.
+  void open_until(int64_t slot) {
+    TORCH_INTERNAL_ASSERT(slot >= next_ - 1, "runs added out of order");
+    while (next_ <= slot) index_[next_++] = int32_t(runs_.size());
+  }
+  int64_t tw_, ntiles_, nclass_;
+  std::vector<int32_t> index_;
+  std::vector<kernel::Run> runs_;
+  int64_t next_ = 0;
 };
 
 /// Splits rows [0, R) (weights = nonzeros + a fixed cost) and positions [0, length) into chunks,
@@ -149,6 +183,7 @@ int64_t cache_block(int64_t source_rows) {
 
 /// Copies images [n0, n0 + nb) of the input (any strides) into the zero-padded phase grid
 /// [C][S][plane] at `out` (plane >= nb * Hq * Wq); planes (c, s) in [cs0, cs1) only.
+// Plain loops on purpose (setup.py disables GCC's loop-to-libc-call rewriting): rows are short.
 template <typename T>
 void fill_input_grid(const T* x, const int64_t* stride, const ConvGeom& g, int64_t n0, int64_t nb, int64_t plane,
                      int64_t cs0, int64_t cs1, T* out) {
@@ -162,17 +197,17 @@ void fill_input_grid(const T* x, const int64_t* stride, const ConvGeom& g, int64
         T* row = dst + (n * g.Hq + i) * g.Wq;
         const int64_t hh = i * g.sh + a - g.ph;
         if (hh < 0 || hh >= g.H) {
-          std::fill(row, row + g.Wq, T(0));
+          for (int64_t j = 0; j < g.Wq; ++j) row[j] = T(0);
           continue;
         }
         const T* xr = xc + hh * sH;
         if (g.sw == 1 && sW == 1) {
           // Fast path: one contiguous copy between the left and right zero padding.
           const int64_t lo = std::min<int64_t>(g.pw, g.Wq);
-          std::fill(row, row + lo, T(0));
           const int64_t n_copy = std::max<int64_t>(0, std::min<int64_t>(g.W, g.Wq - lo));
-          std::memcpy(row + lo, xr, sizeof(T) * n_copy);
-          std::fill(row + lo + n_copy, row + g.Wq, T(0));
+          for (int64_t j = 0; j < lo; ++j) row[j] = T(0);
+          for (int64_t j = 0; j < n_copy; ++j) row[lo + j] = xr[j];
+          for (int64_t j = lo + n_copy; j < g.Wq; ++j) row[j] = T(0);
         } else {
           for (int64_t j = 0; j < g.Wq; ++j) {
             const int64_t ww = j * g.sw + bb - g.pw;
@@ -182,6 +217,15 @@ void fill_input_grid(const T* x, const int64_t* stride, const ConvGeom& g, int64
       }
     }
   }
+}
+
+/// True when some c[j] is outside [0, cols).  An OR-reduction of unsigned compares, which the
+/// compiler vectorises even for the baseline ISA; it runs on every call over every nonzero.
+bool any_out_of_range(const int32_t* c, int64_t n, int64_t cols) {
+  const uint32_t limit = uint32_t(std::min<int64_t>(cols, INT32_MAX));
+  uint32_t bad = 0;
+  for (int64_t j = 0; j < n; ++j) bad |= uint32_t(uint32_t(c[j]) >= limit);
+  return bad != 0;
 }
 
 /// Validates a CSR weight given as tensors and returns raw pointers (values, row_ptr, col_idx).
@@ -203,10 +247,17 @@ void check_csr(const Tensor& values, const Tensor& row_ptr, const Tensor& col_id
   const Tensor rp = row_ptr.contiguous(), ci = col_idx.contiguous();
   const int32_t* r = rp.const_data_ptr<int32_t>();
   TORCH_CHECK(r[0] == 0 && r[rows] == values.numel(), "row_ptr must start at 0 and end at nnz = ", values.numel());
-  for (int64_t i = 0; i < rows; ++i) TORCH_CHECK(r[i] <= r[i + 1], "row_ptr must be non-decreasing");
+  // Branch-free reductions (vectorised): this check runs on every call, over every nonzero.
+  bool sorted = true;
+  for (int64_t i = 0; i < rows; ++i) sorted &= r[i] <= r[i + 1];
+  TORCH_CHECK(sorted, "row_ptr must be non-decreasing");
   const int32_t* c = ci.const_data_ptr<int32_t>();
-  for (int64_t j = 0; j < ci.numel(); ++j)
-    TORCH_CHECK(c[j] >= 0 && c[j] < cols, "col_idx entry ", c[j], " out of range [0, ", cols, ")");
+  const int64_t nnz = ci.numel();
+  if (any_out_of_range(c, nnz, cols)) {
+    int64_t j = 0;
+    while (c[j] >= 0 && c[j] < cols) ++j;
+    TORCH_CHECK(false, "col_idx entry ", c[j], " at position ", j, " out of range [0, ", cols, ")");
+  }
 }
 
 /// Packs the nonzeros of a dense (O, K) row-major weight into CSR (column = tap index).
@@ -251,36 +302,32 @@ Tensor conv_forward(const Tensor& input, const ConvGeom& g, const int32_t* row_p
   const int64_t grid_size = g.C * g.S * nb * HWq + margin;
   auto chunk_length = [&](int64_t m) { return round_up((m - 1) * HWq + g.OH * g.Wq, VW); };
 
-  // Offsets of the nonzeros' strips inside a chunk's grid (plane length nb * Hq * Wq).
-  const int64_t nnz = row_ptr[g.O];
+  // Offset of every tap's strip inside a chunk's grid (plane length nb * Hq * Wq), and of every
+  // output channel's group: O(taps + O) per call, nothing per nonzero.
   const int64_t plane = nb * HWq;
-  std::vector<int64_t> off(nnz);
-  {
-    std::vector<int64_t> tap_off(g.taps());
-    for (int64_t c = 0; c < g.Cg; ++c)
-      for (int64_t kh = 0; kh < g.KH; ++kh)
-        for (int64_t kw = 0; kw < g.KW; ++kw)
-          tap_off[(c * g.KH + kh) * g.KW + kw] = (c * g.S + g.phase(kh, kw)) * plane + g.tap_offset(kh, kw);
-    const int64_t group_stride = g.Cg * g.S * plane;
-    for (int64_t o = 0; o < g.O; ++o) {
-      const int64_t base = (o / g.Og) * group_stride;
-      for (int32_t j = row_ptr[o]; j < row_ptr[o + 1]; ++j) off[j] = base + tap_off[col[j]];
-    }
+  std::vector<int64_t> tap(g.taps());
+  for (int64_t c = 0; c < g.Cg; ++c)
+    for (int64_t kh = 0; kh < g.KH; ++kh)
+      for (int64_t kw = 0; kw < g.KW; ++kw)
+        tap[(c * g.KH + kh) * g.KW + kw] = (c * g.S + g.phase(kh, kw)) * plane + g.tap_offset(kh, kw);
+  std::vector<int64_t> group_base;
+  if (g.G > 1) {
+    group_base.resize(g.O);
+    for (int64_t o = 0; o < g.O; ++o) group_base[o] = (o / g.Og) * g.Cg * g.S * plane;
   }
-  // Destination of every grid position of a chunk of m images (-1: padding, or past the chunk;
-  // the rounded tail of a chunk can reach into the next image's first row).
-  auto make_omap = [&](int64_t m) {
-    const int64_t len = chunk_length(m);
-    std::vector<int64_t> om(len);
-    for (int64_t p = 0; p < len; ++p) {
-      const int64_t n = p / HWq, i = (p % HWq) / g.Wq, j = p % g.Wq;
-      om[p] = (n < m && i < g.OH && j < g.OW) ? n * g.O * g.OH * g.OW + i * g.OW + j : -1;
-    }
-    return om;
+  // Where the grid positions of a chunk of m images are stored: one run per output row (padding
+  // columns and the rounded tail are computed but never stored).
+  auto make_runs = [&](int64_t m) {
+    RunBuilder rb(chunk_length(m), 1, TW);
+    for (int64_t n = 0; n < m; ++n)
+      for (int64_t i = 0; i < g.OH; ++i) rb.add(0, n * HWq + i * g.Wq, g.OW, 1, n * g.O * g.OH * g.OW + i * g.OW);
+    return rb;
   };
-  const std::vector<int64_t> omap = make_omap(nb);
+  RunBuilder runs = make_runs(nb);
   const int64_t last = g.N % nb;
-  const std::vector<int64_t> omap_last = last ? make_omap(last) : std::vector<int64_t>();
+  RunBuilder runs_last = make_runs(last ? last : nb);
+  const int32_t* runs_index = runs.index();
+  const int32_t* runs_last_index = runs_last.index();
   std::vector<int64_t> base(g.O);
   for (int64_t o = 0; o < g.O; ++o) base[o] = o * g.OH * g.OW;
   const Tensor b = bias.defined() ? bias.contiguous() : Tensor();
@@ -292,20 +339,24 @@ Tensor conv_forward(const Tensor& input, const ConvGeom& g, const int32_t* row_p
   auto args_for = [&](const T* grid, int64_t n0, int64_t m) {
     TORCH_INTERNAL_ASSERT(m == nb || m == last, "bad chunk size");
     TORCH_INTERNAL_ASSERT((n0 + m) * image_out <= out.numel(), "chunk writes past the output");
-    return RowSpmmArgs<T>{row_ptr, off.data(), val, grid, chunk_length(m), m == nb ? omap.data() : omap_last.data(),
-                          1, base.data(),
-                          b.defined() ? b.const_data_ptr<T>() : nullptr, y + n0 * image_out,
+    const RunBuilder& rb = m == nb ? runs : runs_last;
+    return RowSpmmArgs<T>{row_ptr, col, tap.data(), group_base.empty() ? nullptr : group_base.data(), val, grid,
+                          chunk_length(m), rb.runs(), m == nb ? runs_index : runs_last_index, rb.ntiles(), 1,
+                          base.data(), b.defined() ? b.const_data_ptr<T>() : nullptr, y + n0 * image_out,
                           res.defined() ? res.const_data_ptr<T>() + n0 * image_out : nullptr, relu,
                           cache_block<T>(g.C * g.S)};
   };
   if (nchunks >= nthreads && nchunks > 1) {
     at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
-      std::unique_ptr<T[]> grid(new T[grid_size]());  // zeroed: margins and partial-chunk tails
+      // Not zeroed: fill_input_grid writes every plane position of the chunk's images; the margin
+      // and a partial chunk's unused tails only feed positions that are never stored.
+      std::unique_ptr<T[]> grid(new T[grid_size]);
+      std::fill(grid.get() + grid_size - margin, grid.get() + grid_size, T(0));
       for (int64_t c = c0; c < c1; ++c) {
         const int64_t n0 = c * nb, m = std::min(nb, g.N - n0);
         fill_input_grid<T>(x, xstride, g, n0, m, plane, 0, g.C * g.S, grid.get());
         // A partial last chunk keeps the planes laid out for nb images; its unused tails are
-        // stale but only feed positions that omap discards.
+        // stale but only feed positions that no run stores.
         kernel::row_spmm(args_for(grid.get(), n0, m), 0, g.O, 0, chunk_length(m));
       }
     });
@@ -349,8 +400,9 @@ Tensor conv_backward_input(const Tensor& grad_output, const ConvGeom& g, const i
           }
     });
   }
-  // Transpose: rows r = c * S + phase; entry offset = o * Lrow + M - tap_offset.
-  const int64_t R = g.C * g.S, nnz = row_ptr[g.O];
+  // Transpose: rows r = c * S + phase; the entry of output channel o at tap (kh, kw) reads table
+  // slot o * KH * KW + kh * KW + kw, whose offset is o * Lrow + M - tap_offset(kh, kw).
+  const int64_t R = g.C * g.S, nnz = row_ptr[g.O], KK = g.KH * g.KW;
   std::vector<int64_t> tap_row, tap_shift;
   g.tap_rows(tap_row, tap_shift);
   std::vector<int32_t> tptr(R + 1, 0);
@@ -364,32 +416,40 @@ Tensor conv_backward_input(const Tensor& grad_output, const ConvGeom& g, const i
   }
   for (int64_t r = 0; r < R; ++r) tptr[r + 1] += tptr[r];
   std::vector<int32_t> fill(tptr.begin(), tptr.end() - 1);
-  std::vector<int64_t> off(nnz);
+  std::vector<int32_t> tcol(nnz);
   std::vector<T> tval(nnz);
   for (int64_t o = 0; o < g.O; ++o) {
     for (int32_t j = row_ptr[o]; j < row_ptr[o + 1]; ++j) {
       const int32_t k = fill[rowof[j]]++;
-      off[k] = o * Lrow + M - tap_shift[col[j]];
+      tcol[k] = int32_t(o * KK + col[j] % KK);
       tval[k] = val[j];
     }
   }
-  // Destination of grid position q of phase (a, b): padded pixel (i*sh + a, j*sw + b).
-  std::vector<int64_t> omap(g.S * length);
+  std::vector<int64_t> tap(g.O * KK);
+  for (int64_t o = 0; o < g.O; ++o)
+    for (int64_t k = 0; k < KK; ++k) tap[o * KK + k] = o * Lrow + M - tap_shift[k];
+  // Destination of grid position q of phase (a, b): padded pixel (i*sh + a, j*sw + b); the valid
+  // columns of a grid row form one run with step sw in the input image.
+  RunBuilder runs(length, g.S, TW);
   const int64_t HWq = g.Hq * g.Wq;
   for (int64_t s = 0; s < g.S; ++s) {
     const int64_t a = s / g.sw, bb = s % g.sw;
-    for (int64_t q = 0; q < length; ++q) {
-      const int64_t n = q / HWq, i = (q % HWq) / g.Wq, j = q % g.Wq;
-      const int64_t hh = i * g.sh + a - g.ph, ww = j * g.sw + bb - g.pw;
-      omap[s * length + q] = (n < g.N && hh >= 0 && hh < g.H && ww >= 0 && ww < g.W)
-                                 ? n * g.C * g.H * g.W + hh * g.W + ww
-                                 : -1;
-    }
+    // Columns j with 0 <= j * sw + bb - pw < W.
+    const int64_t j0 = std::max<int64_t>(0, (g.pw - bb + g.sw - 1) / g.sw);
+    const int64_t j1 = std::min<int64_t>(g.Wq, (g.W + g.pw - bb + g.sw - 1) / g.sw);
+    if (j0 >= j1) continue;
+    for (int64_t n = 0; n < g.N; ++n)
+      for (int64_t i = 0; i < g.Hq; ++i) {
+        const int64_t hh = i * g.sh + a - g.ph;
+        if (hh < 0 || hh >= g.H) continue;
+        runs.add(s, n * HWq + i * g.Wq + j0, j1 - j0, g.sw, n * g.C * g.H * g.W + hh * g.W + j0 * g.sw + bb - g.pw);
+      }
   }
   std::vector<int64_t> base(R);
   for (int64_t r = 0; r < R; ++r) base[r] = (r / g.S) * g.H * g.W;
-  RowSpmmArgs<T> a{tptr.data(), off.data(), tval.data(), gog.const_data_ptr<T>(), length, omap.data(),
-                   g.S, base.data(), nullptr, gin.mutable_data_ptr<T>(), nullptr, false, cache_block<T>(g.O)};
+  RowSpmmArgs<T> a{tptr.data(), tcol.data(), tap.data(), nullptr, tval.data(), gog.const_data_ptr<T>(), length,
+                   runs.runs(), runs.index(), runs.ntiles(), g.S, base.data(), nullptr, gin.mutable_data_ptr<T>(),
+                   nullptr, false, cache_block<T>(g.O)};
   parallel_row_spmm(a, R);
   return gin;
 }
@@ -524,15 +584,14 @@ void linear_rows(const Tensor& x, int64_t R, const int32_t* row_ptr, const int32
     std::fill(d + k * length + B, d + (k + 1) * length, T(0));
   }
   std::fill(d + K * length, d + K * length + TW, T(0));
-  const int64_t nnz = row_ptr[R];
-  std::vector<int64_t> off(nnz);
-  for (int64_t j = 0; j < nnz; ++j) off[j] = int64_t(col[j]) * length;
-  std::vector<int64_t> omap(length);
-  for (int64_t p = 0; p < length; ++p) omap[p] = p < B ? p * R : -1;
+  std::vector<int64_t> tap(K);
+  for (int64_t k = 0; k < K; ++k) tap[k] = k * length;
+  RunBuilder runs(length, 1, TW);
+  runs.add(0, 0, B, R, 0);  // output (b, r) at b * R + r
   std::vector<int64_t> base(R);
   for (int64_t r = 0; r < R; ++r) base[r] = r;
-  RowSpmmArgs<T> a{row_ptr, off.data(), val, d, length, omap.data(), 1, base.data(), init, y, nullptr, false,
-                   cache_block<T>(K)};
+  RowSpmmArgs<T> a{row_ptr, col, tap.data(), nullptr, val, d, length, runs.runs(), runs.index(), runs.ntiles(), 1,
+                   base.data(), init, y, nullptr, false, cache_block<T>(K)};
   parallel_row_spmm(a, R);
 }
 
