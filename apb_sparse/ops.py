@@ -25,7 +25,7 @@ except ImportError as exc:  # pragma: no cover - only without a build
 
 __all__ = [
     "available", "pack_csr", "unpack_csr", "masked_conv2d", "sparse_conv2d", "sparse_linear",
-    "conv_output_size", "use_portable_kernel",
+    "conv_output_size", "use_portable_kernel", "use_row_tiles",
 ]
 
 IntPair = Union[int, Sequence[int]]
@@ -50,6 +50,15 @@ def use_portable_kernel(enable: bool) -> bool:
     """
     _require()
     return bool(_C._set_force_generic(bool(enable)))
+
+
+def use_row_tiles(enable: bool) -> bool:
+    """Enable (default) or disable the output-row tiles of the CPU forward convolution (used when
+    the output width divides the register tile: whole output rows per tile, stored straight from
+    registers). Returns the previous setting. Tests and benchmarks compare both layouts.
+    """
+    _require()
+    return bool(_C._set_row_tiles(bool(enable)))
 
 
 def _pair(name: str, value: IntPair, minimum: int) -> List[int]:

@@ -15,7 +15,7 @@ import argparse
 import json
 import os
 import sys
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -76,8 +76,11 @@ def stock_sparse(model: nn.Module) -> nn.Module:
     return model
 
 
-def build_variants(arch: str, mask_name: str, dense: nn.Module, stock: bool, fuse: bool = True) -> Dict[str, nn.Module]:
-    """Masked dense model, our sparsified model (and compacted one for channels), stock baseline."""
+def build_variants(arch: str, mask_name: str, dense: nn.Module, stock: bool, fuse: bool = True,
+                   calibrate: Optional[torch.Tensor] = None) -> Dict[str, nn.Module]:
+    """Masked dense model, our sparsified model (and compacted one for channels), stock baseline;
+    with ``calibrate`` (the timed batch) also ``sparsify(calibrate=...)``, whose per-layer choice
+    between the sparse and dense kernels is measured on that batch."""
     kind, _, value = mask_name.partition("@")
     sparsity = float(value)
     if kind in ("us", "global"):
@@ -88,6 +91,8 @@ def build_variants(arch: str, mask_name: str, dense: nn.Module, stock: bool, fus
     if kind == "ch":
         apb_sparse.zero_dead_batchnorm(masked)
     variants = {"masked": masked, "ours": apb_sparse.sparsify(masked, fuse=fuse)}
+    if calibrate is not None:
+        variants["calibrated"] = apb_sparse.sparsify(masked, fuse=fuse, calibrate=calibrate)
     if kind == "ch":
         small = apb_sparse.compact(masked)
         variants["compact"] = apb_sparse.fuse.fold_batchnorm(small) if fuse else small
@@ -104,7 +109,8 @@ def run(args) -> dict:
         for batch in args.batches:
             x = torch.rand(batch, 3, 32, 32)
             for mask_name in args.masks:
-                variants = build_variants(arch, mask_name, dense, stock=not args.no_stock, fuse=not args.no_fuse)
+                variants = build_variants(arch, mask_name, dense, stock=not args.no_stock, fuse=not args.no_fuse,
+                                          calibrate=x if args.calibrate else None)
                 with torch.inference_mode():
                     ref = variants["masked"](x)
                     scale = max(1.0, ref.abs().max().item())
@@ -139,6 +145,8 @@ def _format_row(r: dict) -> str:
     ms, sp = r["median_ms"], r["speedup"]
     cells = [f"{r['arch']:<9}", f"b={r['batch']:<3}", f"{r['mask']:<10}", f"dense {ms['dense']:8.2f} ms",
              f"ours {ms['ours']:8.2f} ms ({sp['ours']:5.2f}x)"]
+    if "calibrated" in ms:
+        cells.append(f"calibrated {ms['calibrated']:8.2f} ms ({sp['calibrated']:5.2f}x)")
     if "compact" in ms:
         cells.append(f"compact {ms['compact']:8.2f} ms ({sp['compact']:5.2f}x)")
     if "stock" in ms:
@@ -148,15 +156,18 @@ def _format_row(r: dict) -> str:
 
 def markdown_table(data: dict) -> str:
     """The results as a Markdown table (speedups over dense torch in the same run)."""
-    lines = ["| arch | batch | mask | dense ms | apb_sparse ms (speedup) | compact ms (speedup) | unfold+CSR ms (speedup) |",
-             "|---|---|---|---|---|---|---|"]
+    calibrated = any("calibrated" in r["median_ms"] for r in data["results"])
+    head = "| arch | batch | mask | dense ms | apb_sparse ms (speedup) |"
+    head += " calibrated ms (speedup) |" if calibrated else ""
+    lines = [head + " compact ms (speedup) | unfold+CSR ms (speedup) |",
+             "|---|---|---|---|---|---|---|" + ("---|" if calibrated else "")]
     for r in data["results"]:
         ms, sp = r["median_ms"], r["speedup"]
 
         def cell(k):
             return f"{ms[k]:.2f} ({sp[k]:.2f}x)" if k in ms else "-"
         lines.append(f"| {r['arch']} | {r['batch']} | {r['mask']} | {ms['dense']:.2f} | {cell('ours')} | "
-                     f"{cell('compact')} | {cell('stock')} |")
+                     + (f"{cell('calibrated')} | " if calibrated else "") + f"{cell('compact')} | {cell('stock')} |")
     return "\n".join(lines)
 
 
@@ -214,6 +225,8 @@ def main(argv: List[str] = None) -> int:
     p.add_argument("--per-layer", action="store_true", help="per-layer profile instead of end to end")
     p.add_argument("--no-fuse", action="store_true",
                    help="do not fold BatchNorm / fuse ReLU and residual adds into our sparse layers")
+    p.add_argument("--calibrate", action="store_true",
+                   help="also time sparsify(calibrate=batch): per-layer sparse/dense choice measured on the batch")
     p.add_argument("--dense-fused", action="store_true",
                    help="also time the dense model with BatchNorm folded (torch gets the same folding)")
     p.add_argument("--out", default=None, help="JSON output (default benchmarks/results/latency_cpu[_per_layer].json)")

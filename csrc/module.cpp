@@ -14,7 +14,15 @@ PyObject* set_force_generic(PyObject*, PyObject* arg) {
 
 PyObject* has_avx2(PyObject*, PyObject*) { return PyBool_FromLong(apb_sparse::kernel::cpu_has_avx2_fma()); }
 
+PyObject* set_row_tiles(PyObject*, PyObject* arg) {
+  const int enable = PyObject_IsTrue(arg);
+  if (enable < 0) return nullptr;
+  return PyBool_FromLong(apb_sparse::kernel::set_row_tiles(enable != 0));
+}
+
 PyMethodDef methods[] = {
+    {"_set_row_tiles", set_row_tiles, METH_O,
+     "Enable (True) or disable (False) the output-row tiles of forward convolutions; returns the previous setting."},
     {"_set_force_generic", set_force_generic, METH_O,
      "Force (True) or release (False) the portable CPU kernel; returns the previous setting."},
     {"_has_avx2", has_avx2, METH_NOARGS, "True if the AVX2+FMA CPU kernel is used on this machine."},

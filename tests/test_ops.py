@@ -149,6 +149,42 @@ def test_portable_and_vectorised_kernels_agree():
     torch.testing.assert_close(portable, F.conv2d(x, w * mask, None, 2, 1), rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n,c,hw,o,stride,groups", [
+    (1, 8, 32, 16, 1, 1),    # 32-wide rows: 2 (float) / 1 (double) output rows per tile
+    (3, 16, 16, 8, 1, 2),    # grouped, several images in a chunk
+    (7, 64, 16, 8, 1, 1),    # batch split into per-thread chunks of 3 images (partial last chunk)
+    (40, 4, 8, 8, 1, 1),     # 8-wide rows: 8 output rows per float tile
+    (2, 8, 16, 12, 2, 1),    # stride 2: 8x8 output from the phase-split grid
+    (2, 6, 8, 6, 1, 1),      # 4-wide float64 rows; float32 falls back to the strip layout
+])
+def test_row_tiles_match_strip_layout(dtype, n, c, hw, o, stride, groups):
+    """The output-row tiles (whole output rows per register tile, stored from registers) and the
+    strip layout (tiles over the padded grid, stored by runs) give the same results, including the
+    fused residual + ReLU epilogue, and both match torch."""
+    torch.manual_seed(3)
+    x = torch.randn(n, c, hw, hw, dtype=dtype)
+    w = torch.randn(o, c // groups, 3, 3, dtype=dtype) * (torch.rand(o, c // groups, 3, 3) > 0.7).to(dtype)
+    b = torch.randn(o, dtype=dtype)
+    v, rp, ci = ops.pack_csr(w)
+    ref = F.conv2d(x, w, b, stride, 1, 1, groups)
+    res = torch.randn_like(ref)
+    outs = []
+    for enable in (True, False):
+        prev = ops.use_row_tiles(enable)
+        try:
+            plain = ops.sparse_conv2d(x, v, rp, ci, w.shape, b, stride, 1, 1, groups)
+            fused = ops.sparse_conv2d(x, v, rp, ci, w.shape, b, stride, 1, 1, groups, residual=res, relu=True)
+        finally:
+            ops.use_row_tiles(prev)
+        tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(plain, ref, **tol)
+        torch.testing.assert_close(fused, torch.relu(ref + res), **tol)
+        outs.append((plain, fused))
+    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outs[0][1], outs[1][1], rtol=1e-5, atol=1e-5)
+
+
 def test_opcheck(device):
     torch.manual_seed(0)
     x = torch.randn(2, 4, 7, 6, dtype=torch.float64, device=device, requires_grad=True)

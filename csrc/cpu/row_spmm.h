@@ -50,6 +50,16 @@ struct RowSpmmArgs {
   const T* residual;        ///< added to every stored result (same offsets as dst), or nullptr.
   bool relu;                ///< clamp results at 0 after the residual (fused activation).
   int64_t block;            ///< positions per cache block (multiple of the tile width).
+  /// Output-row mode (forward convolutions whose output width divides the tile width): when
+  /// out_w > 0, positions are compact output pixels q = (n * out_h + i) * out_w + j, each tile
+  /// covers tile_width / out_w whole output rows, reads grid rows at n * src_image + i * src_row
+  /// and stores its vectors straight to dst_base[r] + n * dst_image + i * out_w + j (runs unused).
+  /// No padding columns are computed and no tile is staged through memory.
+  int64_t out_w = 0;
+  int64_t out_h = 0;
+  int64_t src_row = 0;
+  int64_t src_image = 0;
+  int64_t dst_image = 0;
 };
 
 /// Vector width (elements) of the tiles, identical in both builds so that `length` rounding is
@@ -71,6 +81,11 @@ bool cpu_has_avx2_fma();
 /// Force the portable path (tests compare both paths); returns the previous setting.
 bool set_force_generic(bool force);
 bool force_generic();
+
+/// Enable (default) or disable the output-row tiles of forward convolutions (tests compare both
+/// layouts); returns the previous setting.
+bool set_row_tiles(bool enable);
+bool row_tiles_enabled();
 
 /// Runs rows [r0, r1) over positions [p0, p1) with the best ISA available.
 template <typename T>

@@ -28,5 +28,10 @@ static std::atomic<bool> g_force_generic{false};
 bool set_force_generic(bool force) { return g_force_generic.exchange(force); }
 bool force_generic() { return g_force_generic.load(std::memory_order_relaxed); }
 
+static std::atomic<bool> g_row_tiles{true};
+
+bool set_row_tiles(bool enable) { return g_row_tiles.exchange(enable); }
+bool row_tiles_enabled() { return g_row_tiles.load(std::memory_order_relaxed); }
+
 }  // namespace kernel
 }  // namespace apb_sparse

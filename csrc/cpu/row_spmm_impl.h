@@ -77,26 +77,103 @@ template <typename T, int NV>
 inline void tile(const Row<T>& row, const int64_t* tap, int64_t p, int64_t tile_index, bool relu) {
   using V = typename Vec<T>::type;
   constexpr int W = Vec<T>::W;
-  const V init = broadcast<V, T>(row.init);
-  V acc[NV];
-  for (int v = 0; v < NV; ++v) acc[v] = init;
+  // K independent accumulator sets (nonzero j feeds set j % K): with few vectors per tile a single
+  // set would wait on the FMA latency (4-5 cycles) at every nonzero instead of issuing 2 FMAs per
+  // cycle.  The sets are summed at the end.
+  constexpr int K = NV >= 6 ? 1 : NV >= 3 ? 2 : 4;
+  V acc[K][NV];
+  for (int k = 0; k < K; ++k)
+    for (int v = 0; v < NV; ++v) acc[k][v] = V{};
   const T* src = row.src + p;
-  for (int32_t j = 0; j < row.nnz; ++j) {
+  int32_t j = 0;
+  for (; j + K <= row.nnz; j += K) {
+    for (int k = 0; k < K; ++k) {
+      const V w = broadcast<V, T>(row.val[j + k]);
+      const T* s = src + tap[row.col[j + k]];
+      for (int v = 0; v < NV; ++v) acc[k][v] += w * loadu<V, T>(s + v * W);
+    }
+  }
+  for (int k = 0; j < row.nnz; ++j, ++k) {
     const V w = broadcast<V, T>(row.val[j]);
     const T* s = src + tap[row.col[j]];
-    for (int v = 0; v < NV; ++v) acc[v] += w * loadu<V, T>(s + v * W);
+    for (int v = 0; v < NV; ++v) acc[k][v] += w * loadu<V, T>(s + v * W);
   }
+  for (int k = 1; k < K; ++k)
+    for (int v = 0; v < NV; ++v) acc[0][v] += acc[k][v];
+  const V init = broadcast<V, T>(row.init);
+  for (int v = 0; v < NV; ++v) acc[0][v] += init;
   alignas(32) T buf[NV * W];
   const bool clamp = relu && row.res == nullptr;
   for (int v = 0; v < NV; ++v) {
-    if (clamp) acc[v] = acc[v] > V{} ? acc[v] : V{};
-    std::memcpy(buf + v * W, &acc[v], sizeof(V));
+    if (clamp) acc[0][v] = acc[0][v] > V{} ? acc[0][v] : V{};
+    std::memcpy(buf + v * W, &acc[0][v], sizeof(V));
   }
   store_runs(row, buf, tile_index, relu);
 }
 
+/// Output-row mode tile: RPT output rows of VPR vectors each (RPT * VPR = 8 vectors), starting at
+/// grid offset `src` (row pitch `pitch`) and stored at `dst` (row pitch VPR * W).
+template <typename T, int RPT, int VPR>
+inline void tile_rows(const Row<T>& row, const int64_t* tap, int64_t src, int64_t pitch, int64_t dst, bool relu) {
+  using V = typename Vec<T>::type;
+  constexpr int W = Vec<T>::W;
+  V acc[RPT][VPR];
+  for (int i = 0; i < RPT; ++i)
+    for (int v = 0; v < VPR; ++v) acc[i][v] = V{};
+  const T* base = row.src + src;
+  for (int32_t j = 0; j < row.nnz; ++j) {
+    const V w = broadcast<V, T>(row.val[j]);
+    const T* s = base + tap[row.col[j]];
+    for (int i = 0; i < RPT; ++i)
+      for (int v = 0; v < VPR; ++v) acc[i][v] += w * loadu<V, T>(s + i * pitch + v * W);
+  }
+  const V init = broadcast<V, T>(row.init);
+  T* d = row.dst + dst;
+  const T* res = row.res ? row.res + dst : nullptr;
+  for (int i = 0; i < RPT; ++i)
+    for (int v = 0; v < VPR; ++v) {
+      V y = acc[i][v] + init;
+      const int64_t o = i * VPR * W + v * W;
+      if (res) y += loadu<V, T>(res + o);
+      if (relu) y = y > V{} ? y : V{};
+      std::memcpy(d + o, &y, sizeof(V));
+    }
+}
+
+template <typename T, int RPT, int VPR>
+void run_rows(const RowSpmmArgs<T>& a, int64_t r0, int64_t r1, int64_t p0, int64_t p1) {
+  constexpr int TW = 8 * Vec<T>::W;
+  const int64_t block = a.block > 0 ? a.block : TW;
+  for (int64_t pb = p0; pb < p1; pb += block) {
+    const int64_t pe = pb + block < p1 ? pb + block : p1;
+    for (int64_t r = r0; r < r1; ++r) {
+      const int32_t jb = a.row_ptr[r];
+      const Row<T> row{a.col + jb, a.val + jb, a.row_ptr[r + 1] - jb,
+                       a.src + (a.src_base ? a.src_base[r] : 0), a.init ? a.init[r] : T(0),
+                       a.dst + a.dst_base[r], a.residual ? a.residual + a.dst_base[r] : nullptr,
+                       nullptr, nullptr};
+      for (int64_t p = pb; p < pe; p += TW) {
+        const int64_t flat = p / a.out_w;  // first output row of the tile (n * out_h + i)
+        const int64_t n = flat / a.out_h, i = flat % a.out_h;
+        tile_rows<T, RPT, VPR>(row, a.tap, n * a.src_image + i * a.src_row, a.src_row,
+                               n * a.dst_image + i * a.out_w, a.relu);
+      }
+    }
+  }
+}
+
 template <typename T>
 void run(const RowSpmmArgs<T>& a, int64_t r0, int64_t r1, int64_t p0, int64_t p1) {
+  if (a.out_w > 0) {
+    constexpr int W = Vec<T>::W;
+    switch (a.out_w / W) {
+      case 8: return run_rows<T, 1, 8>(a, r0, r1, p0, p1);
+      case 4: return run_rows<T, 2, 4>(a, r0, r1, p0, p1);
+      case 2: return run_rows<T, 4, 2>(a, r0, r1, p0, p1);
+      case 1: return run_rows<T, 8, 1>(a, r0, r1, p0, p1);
+      default: return;  // callers only enable this mode for these widths
+    }
+  }
   constexpr int W = Vec<T>::W;
   constexpr int TW = 8 * W;
   const int64_t block = a.block > 0 ? a.block : TW;

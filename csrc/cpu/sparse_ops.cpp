@@ -317,8 +317,12 @@ Tensor conv_forward(const Tensor& input, const ConvGeom& g, const int32_t* row_p
   }
   // Where the grid positions of a chunk of m images are stored: one run per output row (padding
   // columns and the rounded tail are computed but never stored).
+  // Output-row tiles (see kernel::RowSpmmArgs::out_w) when whole output rows fill a tile exactly.
+  const bool row_tiles = kernel::row_tiles_enabled() && g.OW % VW == 0 && TW % g.OW == 0 &&
+                         g.OH % (TW / g.OW) == 0;
   auto make_runs = [&](int64_t m) {
-    RunBuilder rb(chunk_length(m), 1, TW);
+    RunBuilder rb(row_tiles ? 0 : chunk_length(m), 1, TW);
+    if (row_tiles) return rb;
     for (int64_t n = 0; n < m; ++n)
       for (int64_t i = 0; i < g.OH; ++i) rb.add(0, n * HWq + i * g.Wq, g.OW, 1, n * g.O * g.OH * g.OW + i * g.OW);
     return rb;
@@ -340,11 +344,20 @@ Tensor conv_forward(const Tensor& input, const ConvGeom& g, const int32_t* row_p
     TORCH_INTERNAL_ASSERT(m == nb || m == last, "bad chunk size");
     TORCH_INTERNAL_ASSERT((n0 + m) * image_out <= out.numel(), "chunk writes past the output");
     const RunBuilder& rb = m == nb ? runs : runs_last;
-    return RowSpmmArgs<T>{row_ptr, col, tap.data(), group_base.empty() ? nullptr : group_base.data(), val, grid,
-                          chunk_length(m), rb.runs(), m == nb ? runs_index : runs_last_index, rb.ntiles(), 1,
-                          base.data(), b.defined() ? b.const_data_ptr<T>() : nullptr, y + n0 * image_out,
-                          res.defined() ? res.const_data_ptr<T>() + n0 * image_out : nullptr, relu,
-                          cache_block<T>(g.C * g.S)};
+    RowSpmmArgs<T> a{row_ptr, col, tap.data(), group_base.empty() ? nullptr : group_base.data(), val, grid,
+                     chunk_length(m), rb.runs(), m == nb ? runs_index : runs_last_index, rb.ntiles(), 1,
+                     base.data(), b.defined() ? b.const_data_ptr<T>() : nullptr, y + n0 * image_out,
+                     res.defined() ? res.const_data_ptr<T>() + n0 * image_out : nullptr, relu,
+                     cache_block<T>(g.C * g.S)};
+    if (row_tiles) {
+      a.length = m * g.OH * g.OW;  // a multiple of the tile width by the conditions above
+      a.out_w = g.OW;
+      a.out_h = g.OH;
+      a.src_row = g.Wq;
+      a.src_image = HWq;
+      a.dst_image = image_out;
+    }
+    return a;
   };
   if (nchunks >= nthreads && nchunks > 1) {
     at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
@@ -357,7 +370,8 @@ Tensor conv_forward(const Tensor& input, const ConvGeom& g, const int32_t* row_p
         fill_input_grid<T>(x, xstride, g, n0, m, plane, 0, g.C * g.S, grid.get());
         // A partial last chunk keeps the planes laid out for nb images; its unused tails are
         // stale but only feed positions that no run stores.
-        kernel::row_spmm(args_for(grid.get(), n0, m), 0, g.O, 0, chunk_length(m));
+        const RowSpmmArgs<T> a = args_for(grid.get(), n0, m);
+        kernel::row_spmm(a, 0, g.O, 0, a.length);
       }
     });
   } else {
