@@ -318,8 +318,12 @@ Tensor conv_forward(const Tensor& input, const ConvGeom& g, const int32_t* row_p
   // Where the grid positions of a chunk of m images are stored: one run per output row (padding
   // columns and the rounded tail are computed but never stored).
   // Output-row tiles (see kernel::RowSpmmArgs::out_w) when whole output rows fill a tile exactly.
-  const bool row_tiles = kernel::row_tiles_enabled() && g.OW % VW == 0 && TW % g.OW == 0 &&
-                         g.OH % (TW / g.OW) == 0;
+  // Full rows: whole output rows fill a tile exactly.  Half rows (4-wide float maps): two rows
+  // of one image per vector (even out_h), 16 rows (a whole number of images) per tile.
+  const int64_t last = g.N % nb;
+  const bool full_rows = g.OW % VW == 0 && TW % g.OW == 0 && g.OH % (TW / g.OW) == 0;
+  const bool half_rows = 2 * g.OW == VW && g.OH % 2 == 0 && 16 % g.OH == 0;
+  const bool row_tiles = kernel::row_tiles_enabled() && (full_rows || half_rows);
   auto make_runs = [&](int64_t m) {
     RunBuilder rb(row_tiles ? 0 : chunk_length(m), 1, TW);
     if (row_tiles) return rb;
@@ -328,7 +332,6 @@ Tensor conv_forward(const Tensor& input, const ConvGeom& g, const int32_t* row_p
     return rb;
   };
   RunBuilder runs = make_runs(nb);
-  const int64_t last = g.N % nb;
   RunBuilder runs_last = make_runs(last ? last : nb);
   const int32_t* runs_index = runs.index();
   const int32_t* runs_last_index = runs_last.index();
