@@ -157,6 +157,9 @@ def test_portable_and_vectorised_kernels_agree():
     (40, 4, 8, 8, 1, 1),     # 8-wide rows: 8 output rows per float tile
     (2, 8, 16, 12, 2, 1),    # stride 2: 8x8 output from the phase-split grid
     (2, 6, 8, 6, 1, 1),      # 4-wide float64 rows; float32 falls back to the strip layout
+    (1, 8, 4, 16, 1, 1),     # 4-wide float rows: half-row tiles (two rows per vector), one image
+    (5, 8, 8, 16, 2, 1),     # half-row tiles from stride 2, images crossing tile boundaries
+    (3, 4, 2, 6, 1, 1),      # 2-wide float64 rows: half-row tiles; 2x2 float rows: strip layout
 ])
 def test_row_tiles_match_strip_layout(dtype, n, c, hw, o, stride, groups):
     """The output-row tiles (whole output rows per register tile, stored from registers) and the
