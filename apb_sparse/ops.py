@@ -53,9 +53,11 @@ def use_portable_kernel(enable: bool) -> bool:
 
 
 def use_row_tiles(enable: bool) -> bool:
-    """Enable (default) or disable the output-row tiles of the CPU forward convolution (used when
-    the output width divides the register tile: whole output rows per tile, stored straight from
-    registers). Returns the previous setting. Tests and benchmarks compare both layouts.
+    """Enable (default) or disable the specialised layouts of the CPU forward convolution:
+    output-row tiles (when the output width divides the register tile: whole output rows per tile,
+    stored straight from registers) and the tap-major layout for outputs narrower than a vector
+    (4x4 maps in float32). Disabled, every convolution uses the strip layout over the padded grid.
+    Returns the previous setting. Tests and benchmarks compare both.
     """
     _require()
     return bool(_C._set_row_tiles(bool(enable)))

@@ -124,7 +124,7 @@ def run(args) -> dict:
                     folded = apb_sparse.fuse.fold_batchnorm(dense)
                     fns["dense_folded"] = lambda m=folded: m(x)
                 fns.update({k: (lambda m=m: m(x)) for k, m in variants.items() if k != "masked"})
-                timing = interleaved_medians(fns, rounds=args.rounds, warmup=2)
+                timing = interleaved_medians(fns, rounds=args.rounds, warmup=2, min_time=args.min_time)
                 report = apb_sparse.sparsity_report(variants["ours"], (batch, 3, 32, 32))
                 base = timing["dense"]["median_s"]
                 row = {"arch": arch, "batch": batch, "mask": mask_name, "sparsity": report.sparsity,
@@ -220,6 +220,9 @@ def main(argv: List[str] = None) -> int:
                    help="us@S (per-layer magnitude), global@S (global magnitude), ch@S (filters); "
                         "default us@0 us@0.5 us@0.9 us@0.95 us@0.99 ch@0.5")
     p.add_argument("--rounds", type=int, default=None, help="timed rounds (default 15, quick 5)")
+    p.add_argument("--min-time", type=float, default=0.05,
+                   help="per round, call each variant repeatedly for at least this many seconds and record the "
+                        "mean per call (steady-state latency); 0 = one cold call per round")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--no-stock", action="store_true", help="skip the unfold + CSR baseline")
     p.add_argument("--per-layer", action="store_true", help="per-layer profile instead of end to end")

@@ -82,8 +82,9 @@ bool cpu_has_avx2_fma();
 bool set_force_generic(bool force);
 bool force_generic();
 
-/// Enable (default) or disable the output-row tiles of forward convolutions (tests compare both
-/// layouts); returns the previous setting.
+/// Enable (default) or disable the specialised layouts of forward convolutions (output-row tiles,
+/// and the tap-major layout for narrow outputs); disabled, every convolution uses the strip
+/// layout over the phase grid.  Tests compare both; returns the previous setting.
 bool set_row_tiles(bool enable);
 bool row_tiles_enabled();
 

@@ -140,115 +140,33 @@ inline void tile_rows(const Row<T>& row, const int64_t* tap, int64_t src, int64_
     }
 }
 
+/// Tiles per sub-block whose grid and output offsets are computed once and shared by all rows
+/// (the divisions that locate a tile would otherwise run once per row and tile).
+constexpr int64_t kTilesPerSub = 32;
+
 template <typename T, int RPT, int VPR>
 void run_rows(const RowSpmmArgs<T>& a, int64_t r0, int64_t r1, int64_t p0, int64_t p1) {
   constexpr int TW = 8 * Vec<T>::W;
   const int64_t block = a.block > 0 ? a.block : TW;
+  int64_t soff[kTilesPerSub], doff[kTilesPerSub];
   for (int64_t pb = p0; pb < p1; pb += block) {
     const int64_t pe = pb + block < p1 ? pb + block : p1;
-    for (int64_t r = r0; r < r1; ++r) {
-      const int32_t jb = a.row_ptr[r];
-      const Row<T> row{a.col + jb, a.val + jb, a.row_ptr[r + 1] - jb,
-                       a.src + (a.src_base ? a.src_base[r] : 0), a.init ? a.init[r] : T(0),
-                       a.dst + a.dst_base[r], a.residual ? a.residual + a.dst_base[r] : nullptr,
-                       nullptr, nullptr};
-      for (int64_t p = pb; p < pe; p += TW) {
+    for (int64_t sb = pb; sb < pe; sb += kTilesPerSub * TW) {
+      const int64_t se = sb + kTilesPerSub * TW < pe ? sb + kTilesPerSub * TW : pe;
+      int64_t nt = 0;
+      for (int64_t p = sb; p < se; p += TW, ++nt) {
         const int64_t flat = p / a.out_w;  // first output row of the tile (n * out_h + i)
         const int64_t n = flat / a.out_h, i = flat % a.out_h;
-        tile_rows<T, RPT, VPR>(row, a.tap, n * a.src_image + i * a.src_row, a.src_row,
-                               n * a.dst_image + i * a.out_w, a.relu);
+        soff[nt] = n * a.src_image + i * a.src_row;
+        doff[nt] = n * a.dst_image + i * a.out_w;
       }
-    }
-  }
-}
-
-/// Two half vectors (rows of W / 2 elements at p and q) as one vector.
-template <typename T>
-inline typename Vec<T>::type load_halves(const T* p, const T* q) {
-  typedef T H __attribute__((vector_size(16)));
-  H lo, hi;
-  std::memcpy(&lo, p, sizeof(H));
-  std::memcpy(&hi, q, sizeof(H));
-  if constexpr (sizeof(T) == 4) {
-    return __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7);
-  } else {
-    return __builtin_shufflevector(lo, hi, 0, 1, 2, 3);
-  }
-}
-
-/// Output-row mode for rows of half a vector (a 4-wide float map): vector v holds output rows
-/// 2v and 2v + 1 of the tile, read from grid offsets src + roff[2v] and src + roff[2v + 1] and
-/// stored together at dst + doff[v] (an even out_h keeps both rows in one image, adjacent).
-template <typename T, int NV>
-inline void tile_half_rows(const Row<T>& row, const int64_t* tap, int64_t src, const int64_t* roff, int64_t dst,
-                           const int64_t* doff, bool relu) {
-  using V = typename Vec<T>::type;
-  constexpr int W = Vec<T>::W;
-  constexpr int K = NV >= 6 ? 1 : NV >= 3 ? 2 : 4;  // accumulator sets, as in tile()
-  int64_t off[2 * NV];
-  for (int k = 0; k < 2 * NV; ++k) off[k] = roff[k];
-  V acc[K][NV];
-  for (int k = 0; k < K; ++k)
-    for (int v = 0; v < NV; ++v) acc[k][v] = V{};
-  const T* base = row.src + src;
-  int32_t j = 0;
-  for (; j + K <= row.nnz; j += K) {
-    for (int k = 0; k < K; ++k) {
-      const V w = broadcast<V, T>(row.val[j + k]);
-      const T* s = base + tap[row.col[j + k]];
-      for (int v = 0; v < NV; ++v) acc[k][v] += w * load_halves<T>(s + off[2 * v], s + off[2 * v + 1]);
-    }
-  }
-  for (int k = 0; j < row.nnz; ++j, ++k) {
-    const V w = broadcast<V, T>(row.val[j]);
-    const T* s = base + tap[row.col[j]];
-    for (int v = 0; v < NV; ++v) acc[k][v] += w * load_halves<T>(s + off[2 * v], s + off[2 * v + 1]);
-  }
-  const V init = broadcast<V, T>(row.init);
-  T* d = row.dst + dst;
-  const T* res = row.res ? row.res + dst : nullptr;
-  for (int v = 0; v < NV; ++v) {
-    V y = acc[0][v] + init;
-    for (int k = 1; k < K; ++k) y += acc[k][v];
-    if (res) y += loadu<V, T>(res + doff[v]);
-    if (relu) y = y > V{} ? y : V{};
-    std::memcpy(d + doff[v], &y, sizeof(V));
-  }
-}
-
-template <typename T>
-void run_half_rows(const RowSpmmArgs<T>& a, int64_t r0, int64_t r1, int64_t p0, int64_t p1) {
-  constexpr int W = Vec<T>::W;
-  constexpr int TW = 8 * W;
-  constexpr int ROWS = 2 * 8;  // output rows per full tile
-  // Tiles start at image boundaries (ROWS is a multiple of out_h), so every tile's rows sit at
-  // the same offsets from the tile's first image.
-  int64_t roff[ROWS], doff[ROWS / 2];
-  for (int k = 0; k < ROWS; ++k) roff[k] = (k / a.out_h) * a.src_image + (k % a.out_h) * a.src_row;
-  for (int v = 0; v < ROWS / 2; ++v) doff[v] = (2 * v / a.out_h) * a.dst_image + (2 * v % a.out_h) * a.out_w;
-  const int64_t block = a.block > 0 ? a.block : TW;
-  for (int64_t pb = p0; pb < p1; pb += block) {
-    const int64_t pe = pb + block < p1 ? pb + block : p1;
-    for (int64_t r = r0; r < r1; ++r) {
-      const int32_t jb = a.row_ptr[r];
-      const Row<T> row{a.col + jb, a.val + jb, a.row_ptr[r + 1] - jb,
-                       a.src + (a.src_base ? a.src_base[r] : 0), a.init ? a.init[r] : T(0),
-                       a.dst + a.dst_base[r], a.residual ? a.residual + a.dst_base[r] : nullptr,
-                       nullptr, nullptr};
-      for (int64_t p = pb; p < pe; p += TW) {
-        const int64_t n = p / a.out_w / a.out_h;  // first image of the tile
-        const int64_t src = n * a.src_image, dst = n * a.dst_image;
-        switch ((pe - p) / W < 8 ? (pe - p) / W : 8) {
-          case 8: tile_half_rows<T, 8>(row, a.tap, src, roff, dst, doff, a.relu); break;
-          case 7: tile_half_rows<T, 7>(row, a.tap, src, roff, dst, doff, a.relu); break;
-          case 6: tile_half_rows<T, 6>(row, a.tap, src, roff, dst, doff, a.relu); break;
-          case 5: tile_half_rows<T, 5>(row, a.tap, src, roff, dst, doff, a.relu); break;
-          case 4: tile_half_rows<T, 4>(row, a.tap, src, roff, dst, doff, a.relu); break;
-          case 3: tile_half_rows<T, 3>(row, a.tap, src, roff, dst, doff, a.relu); break;
-          case 2: tile_half_rows<T, 2>(row, a.tap, src, roff, dst, doff, a.relu); break;
-          case 1: tile_half_rows<T, 1>(row, a.tap, src, roff, dst, doff, a.relu); break;
-          default: break;
-        }
+      for (int64_t r = r0; r < r1; ++r) {
+        const int32_t jb = a.row_ptr[r];
+        const Row<T> row{a.col + jb, a.val + jb, a.row_ptr[r + 1] - jb,
+                         a.src + (a.src_base ? a.src_base[r] : 0), a.init ? a.init[r] : T(0),
+                         a.dst + a.dst_base[r], a.residual ? a.residual + a.dst_base[r] : nullptr,
+                         nullptr, nullptr};
+        for (int64_t t = 0; t < nt; ++t) tile_rows<T, RPT, VPR>(row, a.tap, soff[t], a.src_row, doff[t], a.relu);
       }
     }
   }
@@ -258,7 +176,6 @@ template <typename T>
 void run(const RowSpmmArgs<T>& a, int64_t r0, int64_t r1, int64_t p0, int64_t p1) {
   if (a.out_w > 0) {
     constexpr int W = Vec<T>::W;
-    if (2 * a.out_w == W) return run_half_rows<T>(a, r0, r1, p0, p1);
     switch (a.out_w / W) {
       case 8: return run_rows<T, 1, 8>(a, r0, r1, p0, p1);
       case 4: return run_rows<T, 2, 4>(a, r0, r1, p0, p1);

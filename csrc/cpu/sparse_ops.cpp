@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <vector>
@@ -80,12 +81,18 @@ struct ConvGeom {
   void tap_rows(std::vector<int64_t>& row, std::vector<int64_t>& shift) const {
     row.resize(taps());
     shift.resize(taps());
-    for (int64_t c = 0; c < Cg; ++c)
-      for (int64_t kh = 0; kh < KH; ++kh)
-        for (int64_t kw = 0; kw < KW; ++kw) {
-          row[(c * KH + kh) * KW + kw] = c * S + phase(kh, kw);
-          shift[(c * KH + kh) * KW + kw] = tap_offset(kh, kw);
-        }
+    // The (kh, kw) pattern is the same for every channel: compute it once (divisions are costly
+    // at 4608 taps per layer, and this runs on every call).
+    const int64_t KK = KH * KW;
+    for (int64_t k = 0; k < KK; ++k) {
+      row[k] = phase(k / KW, k % KW);
+      shift[k] = tap_offset(k / KW, k % KW);
+    }
+    for (int64_t c = 1; c < Cg; ++c)
+      for (int64_t k = 0; k < KK; ++k) {
+        row[c * KK + k] = c * S + row[k];
+        shift[c * KK + k] = shift[k];
+      }
   }
 };
 
@@ -130,46 +137,60 @@ class RunBuilder {
   int64_t next_ = 0;
 };
 
-/// Splits rows [0, R) (weights = nonzeros + a fixed cost) and positions [0, length) into chunks,
-/// one per thread, and runs the kernel on each chunk in parallel.  Balancing by nonzeros rather
-/// than by row count matters for unevenly pruned layers.
+/// How rows [0, R) (weights = nonzeros + a fixed cost) or positions [0, length) are split
+/// across threads.  Balancing by nonzeros rather than by row count matters for unevenly pruned
+/// layers.
+struct Split {
+  int64_t nthreads = 1;
+  bool by_rows = true;
+  std::vector<int64_t> bounds;  ///< [nthreads + 1] row bounds (by_rows) or position bounds
+};
+
+Split plan_split(const int32_t* row_ptr, int64_t R, int64_t length, int64_t tile_width) {
+  Split sp;
+  const int64_t nnz = row_ptr[R];
+  sp.nthreads = at::get_num_threads();
+  if ((nnz + R) * length < 32768) sp.nthreads = 1;  // too small to amortise waking the thread pool
+  sp.bounds.assign(sp.nthreads + 1, 0);
+  if (sp.nthreads == 1 || R >= 4 * sp.nthreads) {
+    // Row chunks with equal weight (nnz + 2 per row for the epilogue).
+    sp.bounds[sp.nthreads] = R;
+    const double total = double(nnz + 2 * R);
+    int64_t r = 0;
+    for (int64_t t = 1; t < sp.nthreads; ++t) {
+      const double target = total * t / sp.nthreads;
+      while (r < R && double(row_ptr[r] + 2 * r) < target) ++r;
+      sp.bounds[t] = r;
+    }
+  } else {
+    sp.by_rows = false;
+    const int64_t per = round_up((length + sp.nthreads - 1) / sp.nthreads, tile_width);
+    for (int64_t t = 0; t <= sp.nthreads; ++t) sp.bounds[t] = std::min(length, t * per);
+  }
+  return sp;
+}
+
+/// Runs thread t's share of a split.
+template <typename T>
+void run_share(const Split& sp, int64_t t, const RowSpmmArgs<T>& a, int64_t R) {
+  const int64_t b = sp.bounds[t], e = sp.bounds[t + 1];
+  if (b >= e) return;
+  if (sp.by_rows) {
+    kernel::row_spmm(a, b, e, 0, a.length);
+  } else {
+    kernel::row_spmm(a, 0, R, b, e);
+  }
+}
+
+/// Runs the kernel on rows [0, R) over all positions, split across threads.
 template <typename T>
 void parallel_row_spmm(const RowSpmmArgs<T>& a, int64_t R) {
   if (R == 0 || a.length == 0) return;
-  const int64_t nnz = a.row_ptr[R];
-  const int64_t work = (nnz + R) * a.length;
-  int64_t nthreads = at::get_num_threads();
-  if (work < 32768) nthreads = 1;  // too small to amortise waking the thread pool
-  const int64_t TW = kernel::tile_width<T>();
-  if (nthreads <= 1) {
-    kernel::row_spmm(a, 0, R, 0, a.length);
-    return;
-  }
-  if (R >= 4 * nthreads) {
-    // Row chunks with equal weight (nnz + 2 per row for the epilogue).
-    std::vector<int64_t> bounds(nthreads + 1, R);
-    bounds[0] = 0;
-    const double total = double(nnz + 2 * R);
-    int64_t r = 0;
-    for (int64_t t = 1; t < nthreads; ++t) {
-      const double target = total * t / nthreads;
-      while (r < R && double(a.row_ptr[r] + 2 * r) < target) ++r;
-      bounds[t] = r;
-    }
-    at::parallel_for(0, nthreads, 1, [&](int64_t b, int64_t e) {
-      for (int64_t t = b; t < e; ++t) {
-        if (bounds[t] < bounds[t + 1]) kernel::row_spmm(a, bounds[t], bounds[t + 1], 0, a.length);
-      }
-    });
-  } else {
-    const int64_t per = round_up((a.length + nthreads - 1) / nthreads, TW);
-    at::parallel_for(0, nthreads, 1, [&](int64_t b, int64_t e) {
-      for (int64_t t = b; t < e; ++t) {
-        const int64_t p0 = t * per, p1 = std::min(a.length, (t + 1) * per);
-        if (p0 < p1) kernel::row_spmm(a, 0, R, p0, p1);
-      }
-    });
-  }
+  const Split sp = plan_split(a.row_ptr, R, a.length, kernel::tile_width<T>());
+  if (sp.nthreads == 1) return kernel::row_spmm(a, 0, R, 0, a.length);
+  at::parallel_for(0, sp.nthreads, 1, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) run_share(sp, t, a, R);
+  });
 }
 
 /// Positions per cache block so that the strips all rows read (sources planes x block) stay
@@ -188,8 +209,17 @@ template <typename T>
 void fill_input_grid(const T* x, const int64_t* stride, const ConvGeom& g, int64_t n0, int64_t nb, int64_t plane,
                      int64_t cs0, int64_t cs1, T* out) {
   const int64_t sN = stride[0], sC = stride[1], sH = stride[2], sW = stride[3];
+  // (c, s) and the phase (a, bb) advance with cs: no divisions per plane (this loop runs over
+  // hundreds of planes per call, and an integer division costs tens of cycles).
+  int64_t c = cs0 / g.S, a = (cs0 % g.S) / g.sw, bb = (cs0 % g.S) % g.sw;
   for (int64_t cs = cs0; cs < cs1; ++cs) {
-    const int64_t c = cs / g.S, s = cs % g.S, a = s / g.sw, bb = s % g.sw;
+    if (cs > cs0 && ++bb == g.sw) {
+      bb = 0;
+      if (++a == g.sh) {
+        a = 0;
+        ++c;
+      }
+    }
     T* dst = out + cs * plane;
     for (int64_t n = 0; n < nb; ++n) {
       const T* xc = x + (n0 + n) * sN + c * sC;
@@ -279,56 +309,154 @@ void pack_dense(const T* w, const T* m, int64_t O, int64_t K, std::vector<int32_
   }
 }
 
+/// Copies the padded windows of one (image, channel) for every tap: d[k * plane + i * OW + j] =
+/// P[(i * sh + kh * dh) * Wp + j * sw + kw * dw] for tap k = (kh, kw).  OW is a template
+/// parameter so that the short row copies unroll (this layout is used for OW < vector width).
+template <typename T, int OW>
+void copy_windows(const T* P, const ConvGeom& g, int64_t plane, T* d) {
+  for (int64_t kh = 0; kh < g.KH; ++kh)
+    for (int64_t kw = 0; kw < g.KW; ++kw, d += plane) {
+      const T* src = P + kh * g.dh * g.Wp + kw * g.dw;
+      for (int64_t i = 0; i < g.OH; ++i) {
+        const T* r = src + i * g.sh * g.Wp;
+        for (int j = 0; j < OW; ++j) d[i * OW + j] = r[j * g.sw];
+      }
+    }
+}
+
+/// Copies images [n0, n0 + nb) of the input (any strides) into the tap-major layout used for
+/// narrow outputs: for every tap t = (c, kh, kw), a strip of `plane` values holding the input pixel
+/// that tap reads for each compact output position q = n * OH * OW + i * OW + j (zero where it
+/// falls into the padding, and zero after the chunk's last position).  Channels [c0, c1) only.
+/// Each (image, channel) is first copied into a small zero-padded tile, so the window copies
+/// need no bounds checks.
+template <typename T>
+void fill_taps(const T* x, const int64_t* stride, const ConvGeom& g, int64_t n0, int64_t nb, int64_t plane,
+               int64_t c0, int64_t c1, T* out) {
+  const int64_t sN = stride[0], sC = stride[1], sH = stride[2], sW = stride[3];
+  const int64_t OHW = g.OH * g.OW, KK = g.KH * g.KW;
+  thread_local std::vector<T> tile;
+  if (int64_t(tile.size()) < g.Hp * g.Wp) tile.resize(g.Hp * g.Wp);
+  T* P = tile.data();
+  std::fill(P, P + g.Hp * g.Wp, T(0));  // the border stays zero; the interior is overwritten
+  for (int64_t c = c0; c < c1; ++c) {
+    T* d = out + c * KK * plane;
+    for (int64_t n = 0; n < nb; ++n) {
+      const T* xc = x + (n0 + n) * sN + c * sC;
+      for (int64_t h = 0; h < g.H; ++h) {
+        T* row = P + (h + g.ph) * g.Wp + g.pw;
+        const T* xr = xc + h * sH;
+        for (int64_t w = 0; w < g.W; ++w) row[w] = xr[w * sW];
+      }
+      T* dn = d + n * OHW;
+      switch (g.OW) {
+        case 1: copy_windows<T, 1>(P, g, plane, dn); break;
+        case 2: copy_windows<T, 2>(P, g, plane, dn); break;
+        case 3: copy_windows<T, 3>(P, g, plane, dn); break;
+        case 4: copy_windows<T, 4>(P, g, plane, dn); break;
+        case 5: copy_windows<T, 5>(P, g, plane, dn); break;
+        case 6: copy_windows<T, 6>(P, g, plane, dn); break;
+        case 7: copy_windows<T, 7>(P, g, plane, dn); break;
+        default: TORCH_INTERNAL_ASSERT(false, "tap-major layout needs an output width below 8");
+      }
+    }
+    for (int64_t k = 0; k < KK; ++k)
+      for (int64_t q = nb * OHW; q < plane; ++q) d[k * plane + q] = T(0);
+  }
+}
+
+/// A scratch buffer of at least n elements, kept per thread between calls so that the hot path
+/// allocates (and page-faults) nothing; buffers above 16 MiB are not kept.
+template <typename T>
+class Scratch {
+ public:
+  explicit Scratch(int64_t n) {
+    thread_local std::vector<T> kept;
+    if (n * int64_t(sizeof(T)) > (int64_t(16) << 20)) {
+      own_.reset(new T[n]);
+      ptr_ = own_.get();
+    } else {
+      if (int64_t(kept.size()) < n) kept.resize(n);
+      ptr_ = kept.data();
+    }
+  }
+  T* get() const { return ptr_; }
+
+ private:
+  std::unique_ptr<T[]> own_;
+  T* ptr_ = nullptr;
+};
+
 /// Forward convolution from CSR (tap-index columns) into a fresh NCHW output.
 ///
-/// The batch is processed in chunks of `nb` images whose grid fits in L2 (~256 KiB): the grid
-/// is written and re-read from cache instead of memory.  With at least as many chunks as
-/// threads, each thread takes whole chunks (its own grid buffer, no synchronisation); otherwise
-/// (small batches) one chunk is shared and its rows are split across threads by nonzeros.
+/// Two input layouts (both computed per call from the input, in chunks of `nb` images that stay
+/// in cache between being written and read):
+///  * phase grid (fill_input_grid): the zero-padded, stride-phase-split input.  Every tap reads a
+///    contiguous strip of it; output rows are stored by runs, or straight from registers when
+///    whole output rows fill a tile (output-row tiles).
+///  * tap-major (fill_taps), for outputs narrower than a vector (4x4 maps in float): a grid row
+///    would fill under half a vector, so each tap gets its own strip of compact output positions
+///    instead (an im2col whose cost is amortised over every output channel reading it).
+/// With at least as many chunks as threads, each thread takes whole chunks (its own buffer, no
+/// synchronisation); otherwise (small batches) one chunk is shared and its rows are split across
+/// threads by nonzeros.
 template <typename T>
 Tensor conv_forward(const Tensor& input, const ConvGeom& g, const int32_t* row_ptr, const int32_t* col,
                     const T* val, const Tensor& bias, const Tensor& residual = Tensor(), bool relu = false) {
   Tensor out = at::empty({g.N, g.O, g.OH, g.OW}, input.options());
   if (out.numel() == 0) return out;
   const int64_t VW = kernel::vector_width<T>(), TW = kernel::tile_width<T>();
-  const int64_t HWq = g.Hq * g.Wq;
-  const int64_t per_image = g.C * g.S * HWq * int64_t(sizeof(T));
+  const int64_t HWq = g.Hq * g.Wq, OHW = g.OH * g.OW, KK = g.KH * g.KW;
+  const bool taps_layout = kernel::row_tiles_enabled() && g.OW < VW;
+  // Bytes per image of the layout, and the cache budget of a chunk (the tap-major layout is
+  // larger per image; 1 MiB keeps a few images per chunk for 512-channel layers in L2).
+  const int64_t per_image = taps_layout ? g.C * KK * OHW * int64_t(sizeof(T)) : g.C * g.S * HWq * int64_t(sizeof(T));
+  const int64_t budget = taps_layout ? (1 << 20) : (256 << 10);
   const int64_t nthreads = at::get_num_threads();
-  int64_t nb = std::max<int64_t>(1, (256 * 1024) / std::max<int64_t>(per_image, 1));
+  int64_t nb = std::max<int64_t>(1, budget / std::max<int64_t>(per_image, 1));
   nb = std::min(nb, g.N);
   if ((g.N + nb - 1) / nb < nthreads) nb = g.N;  // too few chunks for every thread: share one
   const int64_t nchunks = (g.N + nb - 1) / nb;
-  const int64_t margin = HWq + TW + VW;
-  const int64_t grid_size = g.C * g.S * nb * HWq + margin;
-  auto chunk_length = [&](int64_t m) { return round_up((m - 1) * HWq + g.OH * g.Wq, VW); };
+  const int64_t last = g.N % nb;
+  // plane: the stride between the layout's strips (one per grid plane, or one per tap).
+  const int64_t plane = taps_layout ? round_up(nb * OHW, VW) : nb * HWq;
+  const int64_t margin = taps_layout ? TW : HWq + TW + VW;
+  const int64_t grid_size = (taps_layout ? g.C * KK : g.C * g.S) * plane + margin;
+  auto chunk_length = [&](int64_t m) {
+    return taps_layout ? round_up(m * OHW, VW) : round_up((m - 1) * HWq + g.OH * g.Wq, VW);
+  };
 
-  // Offset of every tap's strip inside a chunk's grid (plane length nb * Hq * Wq), and of every
-  // output channel's group: O(taps + O) per call, nothing per nonzero.
-  const int64_t plane = nb * HWq;
+  // Offset of every tap's strip inside a chunk's buffer, and of every output channel's group:
+  // O(taps + O) per call, nothing per nonzero.
   std::vector<int64_t> tap(g.taps());
-  for (int64_t c = 0; c < g.Cg; ++c)
-    for (int64_t kh = 0; kh < g.KH; ++kh)
-      for (int64_t kw = 0; kw < g.KW; ++kw)
-        tap[(c * g.KH + kh) * g.KW + kw] = (c * g.S + g.phase(kh, kw)) * plane + g.tap_offset(kh, kw);
+  {
+    for (int64_t k = 0; k < KK; ++k)
+      tap[k] = taps_layout ? k * plane : g.phase(k / g.KW, k % g.KW) * plane + g.tap_offset(k / g.KW, k % g.KW);
+    const int64_t cstep = (taps_layout ? KK : g.S) * plane;
+    for (int64_t c = 1; c < g.Cg; ++c)
+      for (int64_t k = 0; k < KK; ++k) tap[c * KK + k] = c * cstep + tap[k];
+  }
   std::vector<int64_t> group_base;
   if (g.G > 1) {
     group_base.resize(g.O);
-    for (int64_t o = 0; o < g.O; ++o) group_base[o] = (o / g.Og) * g.Cg * g.S * plane;
+    for (int64_t o = 0; o < g.O; ++o) group_base[o] = (o / g.Og) * g.Cg * (taps_layout ? KK : g.S) * plane;
   }
-  // Where the grid positions of a chunk of m images are stored: one run per output row (padding
-  // columns and the rounded tail are computed but never stored).
-  // Output-row tiles (see kernel::RowSpmmArgs::out_w) when whole output rows fill a tile exactly.
-  // Full rows: whole output rows fill a tile exactly.  Half rows (4-wide float maps): two rows
-  // of one image per vector (even out_h), 16 rows (a whole number of images) per tile.
-  const int64_t last = g.N % nb;
-  const bool full_rows = g.OW % VW == 0 && TW % g.OW == 0 && g.OH % (TW / g.OW) == 0;
-  const bool half_rows = 2 * g.OW == VW && g.OH % 2 == 0 && 16 % g.OH == 0;
-  const bool row_tiles = kernel::row_tiles_enabled() && (full_rows || half_rows);
+  // Where the positions of a chunk of m images are stored: one run per output row of the grid
+  // (padding columns and the rounded tail are computed but never stored), one run per image of
+  // the tap-major layout, or none with output-row tiles (see kernel::RowSpmmArgs::out_w), used
+  // when whole output rows fill a tile exactly.
+  const bool row_tiles = kernel::row_tiles_enabled() && !taps_layout && g.OW % VW == 0 && TW % g.OW == 0 &&
+                         g.OH % (TW / g.OW) == 0;
   auto make_runs = [&](int64_t m) {
     RunBuilder rb(row_tiles ? 0 : chunk_length(m), 1, TW);
     if (row_tiles) return rb;
-    for (int64_t n = 0; n < m; ++n)
-      for (int64_t i = 0; i < g.OH; ++i) rb.add(0, n * HWq + i * g.Wq, g.OW, 1, n * g.O * g.OH * g.OW + i * g.OW);
+    for (int64_t n = 0; n < m; ++n) {
+      if (taps_layout) {
+        rb.add(0, n * OHW, OHW, 1, n * g.O * OHW);
+      } else {
+        for (int64_t i = 0; i < g.OH; ++i) rb.add(0, n * HWq + i * g.Wq, g.OW, 1, n * g.O * OHW + i * g.OW);
+      }
+    }
     return rb;
   };
   RunBuilder runs = make_runs(nb);
@@ -336,13 +464,13 @@ Tensor conv_forward(const Tensor& input, const ConvGeom& g, const int32_t* row_p
   const int32_t* runs_index = runs.index();
   const int32_t* runs_last_index = runs_last.index();
   std::vector<int64_t> base(g.O);
-  for (int64_t o = 0; o < g.O; ++o) base[o] = o * g.OH * g.OW;
+  for (int64_t o = 0; o < g.O; ++o) base[o] = o * OHW;
   const Tensor b = bias.defined() ? bias.contiguous() : Tensor();
   const Tensor res = residual.defined() ? residual.contiguous() : Tensor();
   const T* x = input.const_data_ptr<T>();
   const int64_t xstride[4] = {input.stride(0), input.stride(1), input.stride(2), input.stride(3)};
   T* y = out.mutable_data_ptr<T>();
-  const int64_t image_out = g.O * g.OH * g.OW;
+  const int64_t image_out = g.O * OHW;
   auto args_for = [&](const T* grid, int64_t n0, int64_t m) {
     TORCH_INTERNAL_ASSERT(m == nb || m == last, "bad chunk size");
     TORCH_INTERNAL_ASSERT((n0 + m) * image_out <= out.numel(), "chunk writes past the output");
@@ -351,9 +479,9 @@ Tensor conv_forward(const Tensor& input, const ConvGeom& g, const int32_t* row_p
                      chunk_length(m), rb.runs(), m == nb ? runs_index : runs_last_index, rb.ntiles(), 1,
                      base.data(), b.defined() ? b.const_data_ptr<T>() : nullptr, y + n0 * image_out,
                      res.defined() ? res.const_data_ptr<T>() + n0 * image_out : nullptr, relu,
-                     cache_block<T>(g.C * g.S)};
+                     cache_block<T>(taps_layout ? g.C * KK : g.C * g.S)};
     if (row_tiles) {
-      a.length = m * g.OH * g.OW;  // a multiple of the tile width by the conditions above
+      a.length = m * OHW;  // a multiple of the tile width by the conditions above
       a.out_w = g.OW;
       a.out_h = g.OH;
       a.src_row = g.Wq;
@@ -362,28 +490,62 @@ Tensor conv_forward(const Tensor& input, const ConvGeom& g, const int32_t* row_p
     }
     return a;
   };
+  // Fills units [u0, u1) (channels of the tap-major layout, planes of the grid) of a chunk.
+  auto fill = [&](T* grid, int64_t n0, int64_t m, int64_t u0, int64_t u1) {
+    if (taps_layout) {
+      fill_taps<T>(x, xstride, g, n0, m, plane, u0, u1, grid);
+    } else {
+      fill_input_grid<T>(x, xstride, g, n0, m, plane, u0, u1, grid);
+    }
+  };
+  const int64_t units = taps_layout ? g.C : g.C * g.S;
+  // Largest shared chunk that each thread fills privately (see below); APB_PRIVATE_FILL_KB
+  // overrides it for experiments (0 disables).
+  static const int64_t private_limit = [] {
+    const char* e = std::getenv("APB_PRIVATE_FILL_KB");
+    return (e ? std::atoll(e) : 1024) * 1024;
+  }();
   if (nchunks >= nthreads && nchunks > 1) {
     at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
-      // Not zeroed: fill_input_grid writes every plane position of the chunk's images; the margin
-      // and a partial chunk's unused tails only feed positions that are never stored.
-      std::unique_ptr<T[]> grid(new T[grid_size]);
+      // Not zeroed: the fills write every position of the chunk's images; the margin and a
+      // partial chunk's unused tails only feed positions that are never stored.
+      const Scratch<T> grid(grid_size);
       std::fill(grid.get() + grid_size - margin, grid.get() + grid_size, T(0));
       for (int64_t c = c0; c < c1; ++c) {
         const int64_t n0 = c * nb, m = std::min(nb, g.N - n0);
-        fill_input_grid<T>(x, xstride, g, n0, m, plane, 0, g.C * g.S, grid.get());
-        // A partial last chunk keeps the planes laid out for nb images; its unused tails are
+        fill(grid.get(), n0, m, 0, units);
+        // A partial last chunk keeps the strips laid out for nb images; its unused tails are
         // stale but only feed positions that no run stores.
         const RowSpmmArgs<T> a = args_for(grid.get(), n0, m);
         kernel::row_spmm(a, 0, g.O, 0, a.length);
       }
     });
+  } else if (grid_size * int64_t(sizeof(T)) <= private_limit) {
+    // One shared chunk that is small: every thread fills its own copy and runs its share of the
+    // rows.  The fill is repeated per thread, but each thread then reads only its own cache; a
+    // copy filled by several threads would be read mostly across cores.
+    const RowSpmmArgs<T> proto = args_for(nullptr, 0, g.N);
+    const Split sp = plan_split(row_ptr, g.O, proto.length, TW);
+    auto own = [&](int64_t t) {
+      const Scratch<T> grid(grid_size);
+      std::fill(grid.get() + grid_size - margin, grid.get() + grid_size, T(0));
+      fill(grid.get(), 0, g.N, 0, units);
+      RowSpmmArgs<T> a = proto;
+      a.src = grid.get();
+      run_share(sp, t, a, g.O);
+    };
+    if (sp.nthreads == 1) {
+      own(0);
+    } else {
+      at::parallel_for(0, sp.nthreads, 1, [&](int64_t b0, int64_t b1) {
+        for (int64_t t = b0; t < b1; ++t) own(t);
+      });
+    }
   } else {
-    Tensor grid_t = at::empty({grid_size}, input.options());
-    T* grid = grid_t.mutable_data_ptr<T>();
+    const Scratch<T> scratch(grid_size);
+    T* grid = scratch.get();
     std::fill(grid + grid_size - margin, grid + grid_size, T(0));
-    at::parallel_for(0, g.C * g.S, 8, [&](int64_t b0, int64_t b1) {
-      fill_input_grid<T>(x, xstride, g, 0, g.N, plane, b0, b1, grid);
-    });
+    at::parallel_for(0, units, 8, [&](int64_t b0, int64_t b1) { fill(grid, 0, g.N, b0, b1); });
     parallel_row_spmm(args_for(grid, 0, g.N), g.O);
   }
   return out;
