@@ -51,6 +51,9 @@ import torch  # noqa: E402
 
 with_cuda = torch.version.cuda is not None and os.environ.get("APB_SPARSE_NO_CUDA", "0") != "1"
 cuda_home = _find_cuda_home() if with_cuda else None
+if with_cuda and cuda_home is None:
+    print("apb_sparse: WARNING: torch is a CUDA build but no CUDA toolkit (nvcc + cuda_runtime.h) was found; "
+          "building the CPU kernels only (set CUDA_HOME to build the CUDA kernels)", file=sys.stderr)
 with_cuda = with_cuda and cuda_home is not None
 if with_cuda:
     # Must be set before torch.utils.cpp_extension is imported: it reads CUDA_HOME at import.

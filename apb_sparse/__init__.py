@@ -9,5 +9,17 @@ from .sparsify import (apply_masks, densify, magnitude_masks, sparsify, sparsity
 
 __version__ = "0.1.0"
 
+# Heavier subpackages load on first use (``apb_sparse.methods.available()`` works after a plain
+# ``import apb_sparse``) without making ``import apb_sparse`` pay for them.
+_LAZY = ("methods", "taxonomy", "robustness", "models", "data", "train", "bench", "cli")
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 __all__ = ["nn", "ops", "fuse", "sparsify", "densify", "compact", "sparsity_report", "magnitude_masks", "apply_masks",
            "channel_groups", "zero_dead_batchnorm"]

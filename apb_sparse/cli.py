@@ -204,6 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--dataset", default=None, help="test data (required unless the checkpoint records it)")
     ev.add_argument("--model-kwargs", type=_json_dict, default=None, metavar="JSON",
                     help="extra get_model options of a plain state dict, e.g. '{\"width\": 16}'")
+    ev.add_argument("--normalize", choices=("dataset", "none"), default="dataset",
+                    help="for a plain state dict without normalize.mean/std buffers (saved by another tool, "
+                         "its normalisation outside the model): normalise inputs with the dataset's statistics "
+                         "(default) or not at all")
     ev.add_argument("--preset", choices=("quick", "fmnist", "paper"), default="quick",
                     help="evaluation settings (attack budget, samples, latency batch)")
     ev.add_argument("--attack", choices=("quick", "standard"), default=None,
@@ -459,9 +463,14 @@ def _cmd_eval(args, parser) -> int:
                 parser.error("arguments --arch and --dataset are required for a plain state dict checkpoint")
             data = load_data(args.dataset, preset, args.data_dir)
             arch, dataset = args.arch, args.dataset
-            model = load_dense_model(path, arch, num_classes=int(data.num_classes),
-                                     in_channels=int(data.input_shape[0]), model_kwargs=args.model_kwargs)
+            c = int(data.input_shape[0])
+            norm_stats = (list(data.mean), list(data.std)) if args.normalize == "dataset" else ([0.0] * c, [1.0] * c)
+            model = load_dense_model(path, arch, num_classes=int(data.num_classes), in_channels=c,
+                                     model_kwargs=args.model_kwargs, normalization=norm_stats)
             sparse, kind = None, "dense state dict"
+            if model.apb_normalization == "supplied":
+                kind += (f", no normalisation buffers: inputs normalised with the {dataset} statistics"
+                         if args.normalize == "dataset" else ", no normalisation buffers: inputs not normalised")
     except DatasetNotFoundError as e:
         print(f"apb eval: error: {e}", file=sys.stderr)
         return 2

@@ -315,7 +315,10 @@ def _load_checkpoint(path: Path, *, model, optimizer, scheduler, params, config)
     if state.get("format") != "apb_sparse.train/1":
         raise ValueError(f"checkpoint {path} was not written by apb_sparse.train.train")
     saved = state["config"]
-    for k in ("mode", "epochs", "batch_size", "optimizer", "scheduler", "seed"):
+    # Every setting that changes what the resumed epochs compute must match (a checkpoint of a
+    # different run would otherwise be continued silently).
+    for k in ("mode", "epochs", "batch_size", "lr", "momentum", "weight_decay", "optimizer", "scheduler",
+              "norm", "eps", "alpha", "steps", "trades_beta", "seed"):
         if saved.get(k) != getattr(config, k):
             raise ValueError(f"checkpoint {path} has {k}={saved.get(k)!r} but config has "
                              f"{k}={getattr(config, k)!r}; refusing to resume a different run")

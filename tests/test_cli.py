@@ -111,3 +111,34 @@ def test_leaderboard_command(tmp_path, capsys):
     assert "| hydra |" in out and (tmp_path / "leaderboard.csv").is_file()
     err = _error(capsys, ["leaderboard", "--out", str(tmp_path / "nothing")])
     assert "--out" in err
+
+
+def test_eval_checkpoint_from_another_tool_without_normalisation_buffers(tmp_path, capsys):
+    """A state dict saved by other tooling (DataParallel "module." prefix, normalisation done
+    outside the model, so no normalize.* buffers) loads with the dataset's statistics, and the
+    evaluated function is the original one; without --normalize it would be refused as strict."""
+    from apb_sparse.bench.checkpoint import load_dense_model
+    from apb_sparse.data import get_dataset
+
+    torch.manual_seed(1)
+    data = get_dataset("digits")
+    model = get_model("small_cnn", num_classes=10, in_channels=1, width=4, mean=data.mean, std=data.std)
+    pruned = apb_sparse.apply_masks(model, apb_sparse.magnitude_masks(model, 0.8)).eval()
+    foreign = {"module." + k: v for k, v in pruned.state_dict().items() if not k.startswith("normalize.")}
+    path = tmp_path / "foreign.pt"
+    torch.save(foreign, path)
+    out = tmp_path / "eval.json"
+    rc = main(["eval", "--checkpoint", str(path), "--arch", "small_cnn", "--model-kwargs", '{"width": 4}',
+               *EVAL_FAST, "--no-latency", "--out", str(out)])
+    assert rc == 0
+    assert "normalised with the digits statistics" in capsys.readouterr().out
+    x, y = data.tensors("test", 16)
+    with torch.no_grad():
+        acc = float((pruned(x).argmax(1) == y).float().mean())
+    assert json.loads(out.read_text())["clean_accuracy"] == pytest.approx(acc)
+    # "none": identity normalisation, i.e. the same weights fed raw [0, 1] inputs
+    raw = load_dense_model(path, "small_cnn", model_kwargs={"width": 4}, normalization=([0.0], [1.0]))
+    assert raw.apb_normalization == "supplied"
+    assert torch.equal(raw.normalize.mean.flatten(), torch.zeros(1))
+    with pytest.raises(ValueError, match="normalize.mean"):
+        load_dense_model(path, "small_cnn", model_kwargs={"width": 4})

@@ -54,6 +54,22 @@ def test_cuda_kernels_registered(op):
     assert _has_cuda_kernel(op), f"apb_sparse::{op} has no CUDA kernel although cuda_built == 1"
 
 
+def test_cuda_kernels_built_whenever_a_toolkit_is_present():
+    """setup.py must build the CUDA kernels when torch is a CUDA build and a toolkit with nvcc and
+    cuda_runtime.h is found (as in CI): a silent CPU-only build would skip every CUDA check."""
+    import os
+    import shutil
+
+    roots = [os.environ.get("CUDA_HOME"), "/usr/local/cuda"]
+    if shutil.which("nvcc"):
+        roots.append(os.path.dirname(os.path.dirname(os.path.realpath(shutil.which("nvcc")))))
+    toolkit = any(r and os.path.exists(os.path.join(r, "include", "cuda_runtime.h")) and
+                  os.path.exists(os.path.join(r, "bin", "nvcc")) for r in roots)
+    if torch.version.cuda is None or not toolkit or os.environ.get("APB_SPARSE_NO_CUDA") == "1":
+        pytest.skip("no CUDA build of torch or no CUDA toolkit here: CPU-only build expected")
+    assert _CUDA_BUILT, "torch is a CUDA build and a CUDA toolkit exists, but apb_sparse was built without CUDA"
+
+
 def test_cpu_kernels_registered():
     # Guard for the test above: the lookup must say True for a kernel that exists and False for one
     # that does not, otherwise it could not fail.

@@ -198,21 +198,41 @@ def _strict_load(model: nn.Module, state: Mapping[str, Tensor], path: PathLike) 
         raise ValueError(f"{path}: the checkpoint does not fit the model: {e}") from None
 
 
+NORMALIZE_KEYS = ("normalize.mean", "normalize.std")
+
+
 def load_dense_model(path: PathLike, arch: str, *, num_classes: Optional[int] = None,
-                     in_channels: Optional[int] = None, model_kwargs: Optional[Dict[str, Any]] = None
-                     ) -> nn.Module:
+                     in_channels: Optional[int] = None, model_kwargs: Optional[Dict[str, Any]] = None,
+                     normalization: Optional[Tuple[Any, Any]] = None) -> nn.Module:
     """Build ``arch`` and strictly load a dense (with zeros) state dict from ``path`` into it.
 
     ``num_classes`` / ``in_channels`` default to what the state dict's shapes say.
+
+    Args:
+        normalization: ``(mean, std)`` for checkpoints saved by other tools, which carry no
+            ``normalize.mean`` / ``normalize.std`` buffers (their normalisation lived outside the
+            model): the model then normalises with these statistics.  Ignored when the state dict
+            has the buffers; without it such a checkpoint is refused (strict loading).
     """
     from ..models import get_model
 
-    state = read_state_dict(path)
+    state = dict(read_state_dict(path))
     g_in, g_cls = infer_io(state)
     in_channels = in_channels or g_in
     num_classes = num_classes or g_cls
     if in_channels is None or num_classes is None:
         raise ValueError(f"{path}: cannot tell in_channels / num_classes from the state dict; pass them")
-    model = get_model(arch, num_classes=num_classes, in_channels=in_channels, **(model_kwargs or {}))
+    kwargs = dict(model_kwargs or {})
+    has_norm = [k in state for k in NORMALIZE_KEYS]
+    if not any(has_norm) and normalization is not None:
+        kwargs["mean"], kwargs["std"] = normalization
+    model = get_model(arch, num_classes=num_classes, in_channels=in_channels, **kwargs)
+    if not any(has_norm) and normalization is not None:
+        own = model.state_dict()
+        for k in NORMALIZE_KEYS:
+            if k in own:
+                state[k] = own[k]
     _strict_load(model, state, path)
+    # Where the input normalisation came from, for the caller to report.
+    model.apb_normalization = "checkpoint" if any(has_norm) else "supplied"
     return model.eval()
