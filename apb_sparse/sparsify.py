@@ -403,7 +403,8 @@ def _keep_largest(scores: Tensor, n_keep: int) -> Tensor:
 
 @torch.no_grad()
 def magnitude_masks(model: nn.Module, sparsity: float, *, structure: str = "unstructured",
-                    scope: str = "local", layers: Optional[Sequence[str]] = None) -> Dict[str, Tensor]:
+                    scope: str = "local", layers: Optional[Sequence[str]] = None,
+                    coupled: bool = False) -> Dict[str, Tensor]:
     """Lowest-magnitude masks for every conv / linear layer.
 
     Args:
@@ -415,6 +416,10 @@ def magnitude_masks(model: nn.Module, sparsity: float, *, structure: str = "unst
         scope: ``"local"`` (every layer at ``sparsity``) or ``"global"`` (one magnitude threshold
             over all layers; unstructured only).
         layers: names of the layers to prune (default: all conv and linear layers).
+        coupled: with ``structure="channels"``, drop the same filters (lowest summed L2 norm) in
+            every conv that writes into one channel space (the convs joined by a residual add, see
+            :func:`channel_groups`), so that :func:`compact` can remove all of them; otherwise
+            each conv picks its own filters and a residual join keeps the union.
 
     Returns:
         ``{layer name: 0/1 mask}`` to pass to :func:`sparsify` or :func:`apply_masks`.
@@ -432,6 +437,26 @@ def magnitude_masks(model: nn.Module, sparsity: float, *, structure: str = "unst
     if missing:
         raise ValueError(f"layers not found among the model's Conv2d/Linear layers: {missing}")
     masks: Dict[str, Tensor] = {}
+    if coupled and structure != "channels":
+        raise ValueError("coupled=True needs structure='channels'")
+    if structure == "channels" and coupled:
+        from .compact import channel_groups
+
+        for group in channel_groups(model):
+            convs = [n for n in group["producers"] if n in names and isinstance(all_layers[n], nn.Conv2d)]
+            if not convs:
+                continue
+            ws = [_effective_weight(all_layers[n], None) for n in convs]
+            k = 0 if group["pinned"] else int(round(sparsity * ws[0].shape[0]))
+            drop = torch.argsort(sum(w.flatten(1).norm(dim=1) for w in ws), stable=True)[:k]
+            for n, w in zip(convs, ws):
+                mask = torch.ones_like(w)
+                mask[drop] = 0
+                masks[n] = mask
+        for n in names:  # layers in no group (linear, unused): dense
+            if n not in masks:
+                masks[n] = torch.ones_like(_effective_weight(all_layers[n], None))
+        return masks
     if structure == "channels":
         for n in names:
             w = _effective_weight(all_layers[n], None)

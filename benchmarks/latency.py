@@ -85,15 +85,17 @@ def build_variants(arch: str, mask_name: str, dense: nn.Module, stock: bool, fus
     sparsity = float(value)
     if kind in ("us", "global"):
         masks = apb_sparse.magnitude_masks(dense, sparsity, scope="global" if kind == "global" else "local")
+    elif kind in ("ch", "chc"):
+        masks = apb_sparse.magnitude_masks(dense, sparsity, structure="channels", coupled=kind == "chc")
     else:
-        masks = apb_sparse.magnitude_masks(dense, sparsity, structure="channels")
+        raise ValueError(f"unknown mask kind {kind!r} in {mask_name!r}")
     masked = apb_sparse.apply_masks(dense, masks)
-    if kind == "ch":
+    if kind in ("ch", "chc"):
         apb_sparse.zero_dead_batchnorm(masked)
     variants = {"masked": masked, "ours": apb_sparse.sparsify(masked, fuse=fuse)}
     if calibrate is not None:
         variants["calibrated"] = apb_sparse.sparsify(masked, fuse=fuse, calibrate=calibrate)
-    if kind == "ch":
+    if kind in ("ch", "chc"):
         small = apb_sparse.compact(masked)
         variants["compact"] = apb_sparse.fuse.fold_batchnorm(small) if fuse else small
     if stock:
@@ -217,7 +219,8 @@ def main(argv: List[str] = None) -> int:
     p.add_argument("--archs", nargs="+", default=None, help="architectures (default resnet18 vgg16)")
     p.add_argument("--batches", nargs="+", type=int, default=None, help="batch sizes (default 1 32)")
     p.add_argument("--masks", nargs="+", default=None,
-                   help="us@S (per-layer magnitude), global@S (global magnitude), ch@S (filters); "
+                   help="us@S (per-layer magnitude), global@S (global magnitude), ch@S (filters, each conv its own), "
+                        "chc@S (filters coupled across residual joins, fully removable by compact); "
                         "default us@0 us@0.5 us@0.9 us@0.95 us@0.99 ch@0.5")
     p.add_argument("--rounds", type=int, default=None, help="timed rounds (default 15, quick 5)")
     p.add_argument("--min-time", type=float, default=0.05,
