@@ -203,11 +203,12 @@ int64_t cache_block(int64_t source_rows) {
 }
 
 /// Copies images [n0, n0 + nb) of the input (any strides) into the zero-padded phase grid
-/// [C][S][plane] at `out` (plane >= nb * Hq * Wq); planes (c, s) in [cs0, cs1) only.
+/// [C][S][plane] at `out` (plane >= nb * Hq * Wq); planes (c, s) in [cs0, cs1) only, and only
+/// the stride phases s with phase_used[s] (a 1x1 stride-2 conv reads one phase of four).
 // Plain loops on purpose (setup.py disables GCC's loop-to-libc-call rewriting): rows are short.
 template <typename T>
 void fill_input_grid(const T* x, const int64_t* stride, const ConvGeom& g, int64_t n0, int64_t nb, int64_t plane,
-                     int64_t cs0, int64_t cs1, T* out) {
+                     int64_t cs0, int64_t cs1, const uint8_t* phase_used, T* out) {
   const int64_t sN = stride[0], sC = stride[1], sH = stride[2], sW = stride[3];
   // (c, s) and the phase (a, bb) advance with cs: no divisions per plane (this loop runs over
   // hundreds of planes per call, and an integer division costs tens of cycles).
@@ -220,6 +221,11 @@ void fill_input_grid(const T* x, const int64_t* stride, const ConvGeom& g, int64
         ++c;
       }
     }
+    if (!phase_used[a * g.sw + bb]) continue;
+    // Grid columns [j0, j1) of this phase hold image columns j * sw + bb - pw; the rest is padding.
+    const int64_t j0 = std::min<int64_t>(g.Wq, std::max<int64_t>(0, (g.pw - bb + g.sw - 1) / g.sw));
+    const int64_t j1 = std::max<int64_t>(j0, std::min<int64_t>(g.Wq, (g.W + g.pw - bb + g.sw - 1) / g.sw));
+    const int64_t xoff = (j0 * g.sw + bb - g.pw) * sW, xstep = g.sw * sW;
     T* dst = out + cs * plane;
     for (int64_t n = 0; n < nb; ++n) {
       const T* xc = x + (n0 + n) * sN + c * sC;
@@ -230,20 +236,14 @@ void fill_input_grid(const T* x, const int64_t* stride, const ConvGeom& g, int64
           for (int64_t j = 0; j < g.Wq; ++j) row[j] = T(0);
           continue;
         }
-        const T* xr = xc + hh * sH;
-        if (g.sw == 1 && sW == 1) {
-          // Fast path: one contiguous copy between the left and right zero padding.
-          const int64_t lo = std::min<int64_t>(g.pw, g.Wq);
-          const int64_t n_copy = std::max<int64_t>(0, std::min<int64_t>(g.W, g.Wq - lo));
-          for (int64_t j = 0; j < lo; ++j) row[j] = T(0);
-          for (int64_t j = 0; j < n_copy; ++j) row[lo + j] = xr[j];
-          for (int64_t j = lo + n_copy; j < g.Wq; ++j) row[j] = T(0);
+        const T* xr = xc + hh * sH + xoff;
+        for (int64_t j = 0; j < j0; ++j) row[j] = T(0);
+        if (xstep == 1) {
+          for (int64_t j = 0; j < j1 - j0; ++j) row[j0 + j] = xr[j];
         } else {
-          for (int64_t j = 0; j < g.Wq; ++j) {
-            const int64_t ww = j * g.sw + bb - g.pw;
-            row[j] = (ww >= 0 && ww < g.W) ? xr[ww * sW] : T(0);
-          }
+          for (int64_t j = 0; j < j1 - j0; ++j) row[j0 + j] = xr[j * xstep];
         }
+        for (int64_t j = j1; j < g.Wq; ++j) row[j] = T(0);
       }
     }
   }
@@ -407,7 +407,11 @@ Tensor conv_forward(const Tensor& input, const ConvGeom& g, const int32_t* row_p
   if (out.numel() == 0) return out;
   const int64_t VW = kernel::vector_width<T>(), TW = kernel::tile_width<T>();
   const int64_t HWq = g.Hq * g.Wq, OHW = g.OH * g.OW, KK = g.KH * g.KW;
-  const bool taps_layout = kernel::row_tiles_enabled() && g.OW < VW;
+  // The tap-major layout writes KK values per input value; for a single image with few nonzeros
+  // per tap (fewer than 16 output channels read each tap on average) that fill costs more than
+  // the lanes it saves, and the grid's strip layout is faster (measured on 512-channel 4x4 maps).
+  const bool taps_layout = kernel::row_tiles_enabled() && g.OW < VW &&
+                           (g.N > 1 || int64_t(row_ptr[g.O]) >= 16 * g.C * KK);
   // Bytes per image of the layout, and the cache budget of a chunk (the tap-major layout is
   // larger per image; 1 MiB keeps a few images per chunk for 512-channel layers in L2).
   const int64_t per_image = taps_layout ? g.C * KK * OHW * int64_t(sizeof(T)) : g.C * g.S * HWq * int64_t(sizeof(T));
@@ -490,12 +494,14 @@ Tensor conv_forward(const Tensor& input, const ConvGeom& g, const int32_t* row_p
     }
     return a;
   };
+  std::vector<uint8_t> phase_used(g.S, 0);
+  for (int64_t k = 0; k < KK; ++k) phase_used[g.phase(k / g.KW, k % g.KW)] = 1;
   // Fills units [u0, u1) (channels of the tap-major layout, planes of the grid) of a chunk.
   auto fill = [&](T* grid, int64_t n0, int64_t m, int64_t u0, int64_t u1) {
     if (taps_layout) {
       fill_taps<T>(x, xstride, g, n0, m, plane, u0, u1, grid);
     } else {
-      fill_input_grid<T>(x, xstride, g, n0, m, plane, u0, u1, grid);
+      fill_input_grid<T>(x, xstride, g, n0, m, plane, u0, u1, phase_used.data(), grid);
     }
   };
   const int64_t units = taps_layout ? g.C : g.C * g.S;
@@ -520,10 +526,12 @@ Tensor conv_forward(const Tensor& input, const ConvGeom& g, const int32_t* row_p
         kernel::row_spmm(a, 0, g.O, 0, a.length);
       }
     });
-  } else if (grid_size * int64_t(sizeof(T)) <= private_limit) {
-    // One shared chunk that is small: every thread fills its own copy and runs its share of the
-    // rows.  The fill is repeated per thread, but each thread then reads only its own cache; a
-    // copy filled by several threads would be read mostly across cores.
+  } else if (grid_size * int64_t(sizeof(T)) <= private_limit &&
+             int64_t(row_ptr[g.O]) * chunk_length(g.N) >= 16 * grid_size) {
+    // One shared chunk that is small, with much more multiply-add work than fill: every thread
+    // fills its own copy and runs its share of the rows.  The fill is repeated per thread, but
+    // each thread then reads only its own cache; a copy filled by several threads would be read
+    // mostly across cores.  (At very high sparsity the fill dominates and is split instead.)
     const RowSpmmArgs<T> proto = args_for(nullptr, 0, g.N);
     const Split sp = plan_split(row_ptr, g.O, proto.length, TW);
     auto own = [&](int64_t t) {
