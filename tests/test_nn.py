@@ -69,6 +69,11 @@ def test_sparse_linear_layer(device):
     torch.testing.assert_close(layer.to_dense().weight, lin.weight)
     masked = MaskedLinear.from_dense(lin, (lin.weight != 0).float())
     torch.testing.assert_close(masked(x), lin(x))
+    # state_dict round trip into a layer with a different nonzero count; only nonzeros stored
+    fresh = SparseLinear.from_dense(nn.Linear(20, 7).to(device))
+    fresh.load_state_dict(layer.state_dict())
+    torch.testing.assert_close(fresh(x), lin(x), rtol=1e-5, atol=1e-5)
+    assert layer.state_dict()["values"].numel() == int(lin.weight.count_nonzero())
 
 
 @pytest.mark.parametrize("cls", [SparseConv2d, ChannelSparseConv2d])

@@ -51,14 +51,16 @@ def test_sparsify_compact_densify_match_masked_model(arch, structure, sparsity, 
         torch.testing.assert_close(densify(sparse)(inputs), ref, **tol)
         small = compact(sparse)
         torch.testing.assert_close(small(inputs), ref, **tol)
+        torch.testing.assert_close(compact(masked)(inputs), ref, **tol)  # from the masked dense model too
         if structure == "channels":
             after = sparsity_report(small, (1, 3, 32, 32)).dense_macs
             assert after < 0.6 * report.dense_macs  # the dead channels are really gone
 
 
-@pytest.mark.parametrize("structure,sparsity", [("unstructured", 0.9), ("channels", 0.5)])
-def test_forced_paths_and_state_dict_round_trip(structure, sparsity, inputs, tmp_path):
-    model = _model("resnet18")
+@pytest.mark.parametrize("arch,structure,sparsity", [("resnet18", "unstructured", 0.9), ("resnet18", "channels", 0.5),
+                                                     ("vgg16", "unstructured", 0.95)])
+def test_forced_paths_and_state_dict_round_trip(arch, structure, sparsity, inputs, tmp_path):
+    model = _model(arch)
     masks = magnitude_masks(model, sparsity, structure=structure)
     masked = apply_masks(model, masks)
     with torch.no_grad():
@@ -70,7 +72,7 @@ def test_forced_paths_and_state_dict_round_trip(structure, sparsity, inputs, tmp
         # state_dict round trip through a file (weights_only load) into a model with other nonzeros
         torch.save(sparse.state_dict(), tmp_path / "m.pt")
         paths = {name: c.path for name, c in sparse.apb_sparse_choices.items()}
-        fresh = sparsify(_model("resnet18"), masks=magnitude_masks(_model("resnet18"), 0.5), path=paths)
+        fresh = sparsify(_model(arch), masks=magnitude_masks(_model(arch), 0.5), path=paths)
         fresh.load_state_dict(torch.load(tmp_path / "m.pt", weights_only=True))
         torch.testing.assert_close(fresh(inputs), ref, **tol)
 
