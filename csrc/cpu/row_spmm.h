@@ -60,6 +60,9 @@ struct RowSpmmArgs {
   int64_t src_row = 0;
   int64_t src_image = 0;
   int64_t dst_image = 0;
+  /// When > 0, tap c's strip starts at c * tap_stride (tap[] is then not read): the strip layout
+  /// of equally spaced strips (tap-major convolution inputs).
+  int64_t tap_stride = 0;
 };
 
 /// Vector width (elements) of the tiles, identical in both builds so that `length` rounding is

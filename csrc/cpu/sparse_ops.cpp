@@ -484,6 +484,7 @@ Tensor conv_forward(const Tensor& input, const ConvGeom& g, const int32_t* row_p
                      base.data(), b.defined() ? b.const_data_ptr<T>() : nullptr, y + n0 * image_out,
                      res.defined() ? res.const_data_ptr<T>() + n0 * image_out : nullptr, relu,
                      cache_block<T>(taps_layout ? g.C * KK : g.C * g.S)};
+    if (taps_layout) a.tap_stride = plane;  // tap k's strip starts at k * plane
     if (row_tiles) {
       a.length = m * OHW;  // a multiple of the tile width by the conditions above
       a.out_w = g.OW;
@@ -779,6 +780,7 @@ void linear_rows(const Tensor& x, int64_t R, const int32_t* row_ptr, const int32
   for (int64_t r = 0; r < R; ++r) base[r] = r;
   RowSpmmArgs<T> a{row_ptr, col, tap.data(), nullptr, val, d, length, runs.runs(), runs.index(), runs.ntiles(), 1,
                    base.data(), init, y, nullptr, false, cache_block<T>(K)};
+  a.tap_stride = length;  // feature k's batch strip starts at k * length
   parallel_row_spmm(a, R);
 }
 
