@@ -554,8 +554,13 @@ Tensor conv_forward(const Tensor& input, const ConvGeom& g, const int32_t* row_p
     const Scratch<T> scratch(grid_size);
     T* grid = scratch.get();
     std::fill(grid + grid_size - margin, grid + grid_size, T(0));
-    at::parallel_for(0, units, 8, [&](int64_t b0, int64_t b1) { fill(grid, 0, g.N, b0, b1); });
-    parallel_row_spmm(args_for(grid, 0, g.N), g.O);
+    const RowSpmmArgs<T> a = args_for(grid, 0, g.N);
+    if (plan_split(row_ptr, g.O, a.length, TW).nthreads == 1) {
+      fill(grid, 0, g.N, 0, units);  // one thread computes: it fills too, into its own cache
+    } else {
+      at::parallel_for(0, units, 8, [&](int64_t b0, int64_t b1) { fill(grid, 0, g.N, b0, b1); });
+    }
+    parallel_row_spmm(a, g.O);
   }
   return out;
 }
