@@ -223,16 +223,13 @@ def load_dense_model(path: PathLike, arch: str, *, num_classes: Optional[int] = 
     if in_channels is None or num_classes is None:
         raise ValueError(f"{path}: cannot tell in_channels / num_classes from the state dict; pass them")
     kwargs = dict(model_kwargs or {})
-    has_norm = [k in state for k in NORMALIZE_KEYS]
-    if not any(has_norm) and normalization is not None:
+    supplied = normalization is not None and not any(k in state for k in NORMALIZE_KEYS)
+    if supplied:
         kwargs["mean"], kwargs["std"] = normalization
     model = get_model(arch, num_classes=num_classes, in_channels=in_channels, **kwargs)
-    if not any(has_norm) and normalization is not None:
-        own = model.state_dict()
-        for k in NORMALIZE_KEYS:
-            if k in own:
-                state[k] = own[k]
+    if supplied:  # the model's own buffers now hold the supplied statistics
+        state.update({k: v for k, v in model.state_dict().items() if k in NORMALIZE_KEYS})
     _strict_load(model, state, path)
     # Where the input normalisation came from, for the caller to report.
-    model.apb_normalization = "checkpoint" if any(has_norm) else "supplied"
+    model.apb_normalization = "supplied" if supplied else "checkpoint"
     return model.eval()

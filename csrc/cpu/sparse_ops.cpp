@@ -17,7 +17,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <vector>
@@ -182,15 +181,20 @@ void run_share(const Split& sp, int64_t t, const RowSpmmArgs<T>& a, int64_t R) {
   }
 }
 
-/// Runs the kernel on rows [0, R) over all positions, split across threads.
+/// Runs the kernel on rows [0, R) over all positions as planned by `sp`.
 template <typename T>
-void parallel_row_spmm(const RowSpmmArgs<T>& a, int64_t R) {
-  if (R == 0 || a.length == 0) return;
-  const Split sp = plan_split(a.row_ptr, R, a.length, kernel::tile_width<T>());
+void run_split(const Split& sp, const RowSpmmArgs<T>& a, int64_t R) {
   if (sp.nthreads == 1) return kernel::row_spmm(a, 0, R, 0, a.length);
   at::parallel_for(0, sp.nthreads, 1, [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t) run_share(sp, t, a, R);
   });
+}
+
+/// Runs the kernel on rows [0, R) over all positions, split across threads.
+template <typename T>
+void parallel_row_spmm(const RowSpmmArgs<T>& a, int64_t R) {
+  if (R == 0 || a.length == 0) return;
+  run_split(plan_split(a.row_ptr, R, a.length, kernel::tile_width<T>()), a, R);
 }
 
 /// Positions per cache block so that the strips all rows read (sources planes x block) stay
@@ -506,12 +510,8 @@ Tensor conv_forward(const Tensor& input, const ConvGeom& g, const int32_t* row_p
     }
   };
   const int64_t units = taps_layout ? g.C : g.C * g.S;
-  // Largest shared chunk that each thread fills privately (see below); APB_PRIVATE_FILL_KB
-  // overrides it for experiments (0 disables).
-  static const int64_t private_limit = [] {
-    const char* e = std::getenv("APB_PRIVATE_FILL_KB");
-    return (e ? std::atoll(e) : 1024) * 1024;
-  }();
+  // Largest shared chunk (bytes) that each thread fills privately (see below).
+  constexpr int64_t private_limit = int64_t(1) << 20;
   if (nchunks >= nthreads && nchunks > 1) {
     at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
       // Not zeroed: the fills write every position of the chunk's images; the margin and a
@@ -555,12 +555,13 @@ Tensor conv_forward(const Tensor& input, const ConvGeom& g, const int32_t* row_p
     T* grid = scratch.get();
     std::fill(grid + grid_size - margin, grid + grid_size, T(0));
     const RowSpmmArgs<T> a = args_for(grid, 0, g.N);
-    if (plan_split(row_ptr, g.O, a.length, TW).nthreads == 1) {
+    const Split sp = plan_split(row_ptr, g.O, a.length, TW);
+    if (sp.nthreads == 1) {
       fill(grid, 0, g.N, 0, units);  // one thread computes: it fills too, into its own cache
     } else {
       at::parallel_for(0, units, 8, [&](int64_t b0, int64_t b1) { fill(grid, 0, g.N, b0, b1); });
     }
-    parallel_row_spmm(a, g.O);
+    run_split(sp, a, g.O);
   }
   return out;
 }
@@ -777,15 +778,14 @@ void linear_rows(const Tensor& x, int64_t R, const int32_t* row_ptr, const int32
     std::fill(d + k * length + B, d + (k + 1) * length, T(0));
   }
   std::fill(d + K * length, d + K * length + TW, T(0));
-  std::vector<int64_t> tap(K);
-  for (int64_t k = 0; k < K; ++k) tap[k] = k * length;
   RunBuilder runs(length, 1, TW);
   runs.add(0, 0, B, R, 0);  // output (b, r) at b * R + r
   std::vector<int64_t> base(R);
   for (int64_t r = 0; r < R; ++r) base[r] = r;
-  RowSpmmArgs<T> a{row_ptr, col, tap.data(), nullptr, val, d, length, runs.runs(), runs.index(), runs.ntiles(), 1,
+  // No tap table: feature k's batch strip starts at k * length (tap_stride below).
+  RowSpmmArgs<T> a{row_ptr, col, nullptr, nullptr, val, d, length, runs.runs(), runs.index(), runs.ntiles(), 1,
                    base.data(), init, y, nullptr, false, cache_block<T>(K)};
-  a.tap_stride = length;  // feature k's batch strip starts at k * length
+  a.tap_stride = length;
   parallel_row_spmm(a, R);
 }
 
