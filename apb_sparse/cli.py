@@ -57,6 +57,26 @@ def _nonneg_int(text: str) -> int:
     return v
 
 
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return v
+
+
+def _nonneg_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not v >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return v
+
+
 def _eps(text: str) -> float:
     try:
         if "/" in text:
@@ -115,23 +135,37 @@ def _preset_help() -> str:
 
 RUN_EPILOG = """\
 what `apb run` does, per dataset / architecture / seed:
-  1. adversarially train the dense base model (PGD-AT) once; cached in OUT/base/ and reused
-  2. for each structure, sparsity and method: prune (pipeline A methods start from the base;
-     B and D methods train from the same initialisation with the same total epoch budget),
+  1. adversarially train (PGD-AT) the dense base model of the pipeline-A methods once; cached in
+     OUT/base/ and shared by every cell that needs it
+  2. for each structure, sparsity and method (a "cell"): prune (pipeline A methods start from the
+     base; B and D methods train from the same initialisation with the same total epoch budget),
      evaluate clean accuracy, AutoAttack, FMN minimum-norm distances (security curve) with
-     gradient-masking checks, convert with apb_sparse.sparsify, check the sparse model agrees with
-     the dense one, time dense vs sparse on this CPU (and GPU if present), measure model sizes
+     gradient-masking checks, convert with apb_sparse.sparsify and check the sparse model agrees
+     with the dense one, measure model sizes. The "dense" row is a dense model trained with that
+     same total budget. Cells run concurrently with --executor ray (logs in OUT/logs/)
   3. append one JSON record per cell to OUT/results.jsonl (a rerun skips finished cells, an
      interrupted run loses nothing finished), save OUT/checkpoints/<cell>.safetensors (nonzeros
-     only) and rewrite OUT/leaderboard.{md,csv,html} and OUT/plots/*.png
+     only)
+  4. time every deployed model of the run (sparsify(..., fuse=True)) against the dense baseline in
+     one exclusive interleaved phase on this machine (CPU, and GPU if present), then write
+     OUT/leaderboard.{md,csv,html} and OUT/plots/*.png
+
+executors:
+  --executor auto (default) uses Ray when it is installed and the machine has more than one CPU,
+  else the in-process loop (local). With Ray each cell is a task (--cpus-per-cell, --gpus-per-cell
+  resources; --workers cells at a time); --ray-address auto joins a running cluster (`ray start
+  --head` on one node, `ray start --address HEAD:6379` on the others; OUT must then be shared
+  storage). A worker killed mid-cell is retried (--max-retries); a cell that raises is recorded as
+  failed (OUT/failed.jsonl, OUT/errors.log) and runs again on resume.
 
 presets:
 {presets}
 
 examples:
-  apb run                                   # quick preset, every method, into runs/quick
+  apb run                                   # quick preset, every method, 2 seeds, into runs/quick
   apb run --methods hydra lwm_local --sparsities 0.9 0.99
-  apb run --preset paper --device cuda --data-dir ~/data --out runs/paper
+  apb run --executor ray --workers 4 --gpus-per-cell 1 --preset paper --data-dir ~/data --out runs/paper
+  apb run --executor ray --ray-address auto --gpus-per-cell 1 --preset paper --out /shared/runs/paper
 """
 
 
@@ -167,6 +201,21 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: the preset's; quick: 1, others: torch's)")
     r.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
     r.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    r.add_argument("--executor", choices=("auto", "local", "ray"), default="auto",
+                   help="where cells run: 'local' (one after another in this process), 'ray' (Ray tasks), "
+                        "'auto' (ray if installed and the machine has > 1 CPU, else local)")
+    r.add_argument("--workers", type=_positive_int, default=None, metavar="N",
+                   help="cells at a time with --executor ray (default: what the cluster's CPUs / GPUs hold "
+                        "at --cpus-per-cell / --gpus-per-cell)")
+    r.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="an existing Ray cluster ('auto', 'HOST:6379', 'ray://HOST:10001'); default: start a "
+                        "local one on this machine")
+    r.add_argument("--cpus-per-cell", type=_positive_float, default=1.0, metavar="C",
+                   help="Ray CPUs reserved by one cell")
+    r.add_argument("--gpus-per-cell", type=_nonneg_float, default=0.0, metavar="G",
+                   help="Ray GPUs reserved by one cell (1 = one cell per GPU; fractions share a GPU)")
+    r.add_argument("--max-retries", type=_nonneg_int, default=3, metavar="N",
+                   help="reruns of a cell whose Ray worker process died (a cell that raises is not rerun)")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
     # ---------------------------------------------------------------- prune
@@ -293,6 +342,68 @@ def _check_names(parser, names, flag, valid):
         parser.error(f"argument {flag}: unknown name(s) {bad}; expected names from {sorted(valid)}")
 
 
+class _CliError(Exception):
+    """A failure to report as one ``apb: error: ...`` line (no traceback) with exit code ``code``."""
+
+    def __init__(self, message: str, code: int = 2):
+        super().__init__(message)
+        self.code = code
+
+
+def _fail(message: str, code: int = 2):
+    raise _CliError(message, code)
+
+
+def _check_output(flag: str, path, *, suffix: Optional[str] = None) -> Path:
+    """Fail now, before any work, if ``path`` cannot be written (missing parent that cannot be
+    created, a file where a folder should be, no permission, a folder given as a file)."""
+    import tempfile
+
+    out = Path(path)
+    if suffix is not None and out.suffix != suffix:
+        _fail(f"argument {flag}: {str(out)!r} must end in {suffix}")
+    if out.is_dir():
+        _fail(f"argument {flag}: {str(out)!r} is a directory, expected a file name")
+    ancestor = out.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        _fail(f"argument {flag}: cannot write {str(out)!r}: {str(ancestor)!r} is not a directory")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=out.parent, prefix=".apb-write-check-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        _fail(f"argument {flag}: cannot write {str(out)!r}: {e.strerror or e}")
+    return out
+
+
+def _load_apb_checkpoint(flag: str, path):
+    """``load_checkpoint`` with its failures as one-line errors naming ``flag``."""
+    from .bench.checkpoint import CheckpointError, load_checkpoint
+
+    try:
+        return load_checkpoint(path)
+    except (CheckpointError, FileNotFoundError) as e:
+        _fail(f"argument {flag}: {e}")
+
+
+def _dedupe(values, flag: str, key=lambda v: v) -> list:
+    """Values in order, each once; a repeated value is reported (it names the same cells)."""
+    out, seen, dup = [], set(), []
+    for v in values:
+        k = key(v)
+        if k in seen:
+            dup.append(v)
+            continue
+        seen.add(k)
+        out.append(v)
+    if dup:
+        print(f"apb run: note: {flag} repeats {sorted(set(dup))}; each cell runs once", file=sys.stderr)
+    return out
+
+
 def _cmd_run(args, parser) -> int:
     from .bench.presets import get_preset
     from .data.datasets import available_datasets
@@ -302,16 +413,18 @@ def _cmd_run(args, parser) -> int:
                                                     fmn_samples=args.fmn_samples, device=args.device,
                                                     threads=args.threads)
     methods = _check_methods(parser, args.methods, "--methods")
-    structures = args.structures or list(preset.structures)
+    structures = _dedupe(args.structures or list(preset.structures), "--structures")
     if args.structured_sparsities and not args.structures:
         structures = sorted(set(structures) | {"filter"}, key=STRUCTURE_CHOICES.index)
     sparsities = {k: list(v) for k, v in preset.sparsities.items()}
+    as_cell = lambda v: round(float(v), 6)  # noqa: E731  (how results.py names a cell's sparsity)
     if args.sparsities:
-        sparsities["unstructured"] = args.sparsities
+        sparsities["unstructured"] = _dedupe(args.sparsities, "--sparsities", as_cell)
     if args.structured_sparsities:
-        sparsities["filter"] = args.structured_sparsities
-    datasets = args.datasets or list(preset.datasets)
-    archs = args.archs or list(preset.archs)
+        sparsities["filter"] = _dedupe(args.structured_sparsities, "--structured-sparsities", as_cell)
+    seeds = _dedupe(args.seeds, "--seeds") if args.seeds else list(preset.seeds)
+    datasets = _dedupe(args.datasets or list(preset.datasets), "--datasets")
+    archs = _dedupe(args.archs or list(preset.archs), "--archs")
     from .data.datasets import _ALIASES
     _check_names(parser, datasets, "--datasets", set(_ALIASES))
     _check_names(parser, [a.lower().replace("-", "_") for a in archs], "--archs", set(available_models()))
@@ -320,6 +433,16 @@ def _cmd_run(args, parser) -> int:
                for m in methods for structure in structures):
         parser.error(f"argument --structures: none of the methods {methods} supports {structures} "
                      f"with the given sparsities")
+    from .bench.executors import default_executor, ray_available
+    executor = default_executor() if args.executor == "auto" else args.executor
+    if executor == "ray" and not ray_available():
+        parser.error("argument --executor: 'ray' needs Ray: pip install 'ray>=2.9' (or apb_sparse[ray])")
+    if executor == "local":
+        for flag, value, default in (("--workers", args.workers, None), ("--ray-address", args.ray_address, None),
+                                     ("--gpus-per-cell", args.gpus_per_cell, 0.0)):
+            if value != default and not (flag == "--workers" and value == 1):
+                parser.error(f"argument {flag}: needs --executor ray (the local executor runs one cell at a "
+                             f"time in this process)")
     out = Path(args.out or os.path.join("runs", preset.name))
 
     from .bench.runner import run_benchmark
@@ -328,9 +451,12 @@ def _cmd_run(args, parser) -> int:
     t0 = time.perf_counter()
     try:
         summary = run_benchmark(preset, out, methods=methods, structures=structures, sparsities=sparsities,
-                                seeds=args.seeds or list(preset.seeds), archs=archs, datasets=datasets,
+                                seeds=seeds, archs=archs, datasets=datasets,
                                 data_dir=args.data_dir, device=preset.device, progress=not args.quiet,
-                                latency=not args.no_latency, plots=not args.no_plots)
+                                latency=not args.no_latency, plots=not args.no_plots, executor=executor,
+                                workers=args.workers, ray_address=args.ray_address,
+                                cpus_per_cell=args.cpus_per_cell, gpus_per_cell=args.gpus_per_cell,
+                                max_retries=args.max_retries)
     except DatasetNotFoundError as e:
         print(f"apb run: error: {e}", file=sys.stderr)
         return 2
@@ -338,8 +464,11 @@ def _cmd_run(args, parser) -> int:
         print(f"apb run: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"\ninterrupted: finished cells are in {out / 'results.jsonl'}; rerun the same command to resume",
-              file=sys.stderr)
+        from .bench.results import read_records
+        n = len({(r["method"], r["structure"], r["sparsity"], r["seed"], r["dataset"], r["arch"])
+                 for r in read_records(out / "results.jsonl", warn=False)})
+        print(f"\ninterrupted: the {n} finished cell(s) are kept in {out / 'results.jsonl'}; rerun the same "
+              f"command (same --out {out}) to resume with the rest", file=sys.stderr)
         return 130
     _print_summary(summary, time.perf_counter() - t0)
     return 1 if summary.failed else 0
@@ -369,8 +498,11 @@ def _print_summary(summary, seconds: float) -> None:
               f"{pct(r['aa_acc']):>6} {f(r['median_min_norm'], '{:.3f}'):>6} {f(r['cpu_dense_ms'], '{:.2f}'):>9} "
               f"{f(r['cpu_sparse_ms'], '{:.2f}'):>9} {f(r['cpu_speedup'], '{:.2f}x'):>7}  {r['flags']}")
     print()
-    print(f"ran {len(summary.ran)} cells, skipped {len(summary.skipped)} already finished, "
-          f"{len(summary.failed)} failed; wall time {seconds:.1f} s")
+    print(f"ran {len(summary.ran)} cells ({getattr(summary, 'executor', 'local')} executor), skipped "
+          f"{len(summary.skipped)} already finished, {len(summary.failed)} failed; wall time {seconds:.1f} s")
+    if getattr(summary, "timed", 0):
+        print(f"latency: {summary.timed} deployed models timed in one exclusive interleaved phase "
+              f"({summary.timing_seconds:.1f} s)")
     for key, err in summary.failed:
         print(f"  FAILED {key}: {err}")
     print(f"results:     {summary.out_dir / 'results.jsonl'}")
@@ -383,7 +515,7 @@ def _cmd_prune(args, parser) -> int:
 
     from . import methods as registry
     from . import sparsify, sparsity_report
-    from .bench.checkpoint import is_apb_checkpoint, load_checkpoint, load_dense_model, save_checkpoint
+    from .bench.checkpoint import is_apb_checkpoint, load_dense_model, save_checkpoint
     from .bench.presets import get_preset
     from .bench.runner import build_model, get_base_model, load_data, make_recipe, resolve_device
 
@@ -391,17 +523,38 @@ def _cmd_prune(args, parser) -> int:
     cls = registry.get(name)
     if args.structure not in cls.structures:
         parser.error(f"argument --structure: {name} supports {list(cls.structures)}, got {args.structure!r}")
+    from .bench.checkpoint import CheckpointError, read_state_dict
+    from .data.datasets import DatasetNotFoundError
+
     preset = get_preset(args.preset).with_overrides(device=args.device)
     dataset = args.dataset or preset.datasets[0]
     arch = args.arch or preset.archs[0]
+    out = Path(args.out or f"pruned-{name}-{args.structure}-{args.sparsity:g}.safetensors")
+    if out.suffix != ".safetensors":
+        out = out.with_suffix(".safetensors")
+    _check_output("--out", out)
+    base_state = None
+    if args.base:  # read (and so check) the base before any training
+        try:
+            if not is_apb_checkpoint(args.base, strict=True):
+                base_state = read_state_dict(args.base)
+        except (CheckpointError, FileNotFoundError) as e:
+            _fail(f"argument --base: {e}")
     dev = resolve_device(preset.device)
-    data = load_data(dataset, preset, args.data_dir)
+    try:
+        data = load_data(dataset, preset, args.data_dir)
+    except DatasetNotFoundError as e:
+        _fail(str(e))
     if args.base:
-        if is_apb_checkpoint(args.base):
-            base, _ = load_checkpoint(args.base)
+        if base_state is None:
+            base, _ = _load_apb_checkpoint("--base", args.base)
         else:
-            base = load_dense_model(args.base, arch, num_classes=int(data.num_classes),
-                                    in_channels=int(data.input_shape[0]), model_kwargs=preset.model_kwargs)
+            try:
+                base = load_dense_model(args.base, arch, num_classes=int(data.num_classes),
+                                        in_channels=int(data.input_shape[0]), model_kwargs=preset.model_kwargs,
+                                        state=base_state)
+            except CheckpointError as e:
+                _fail(f"argument --base: {e}")
         from . import densify
         base = densify(base).to(dev)
     else:
@@ -419,9 +572,6 @@ def _cmd_prune(args, parser) -> int:
                               structure=args.structure, recipe=recipe, pretrained=False)
     sparse = sparsify(res.model.cpu()).eval()
     print(sparsity_report(sparse, (1, *data.input_shape)))
-    out = Path(args.out or f"pruned-{name}-{args.structure}-{args.sparsity:g}.safetensors")
-    if out.suffix != ".safetensors":
-        out = out.with_suffix(".safetensors")
     save_checkpoint(sparse, out, arch=arch, num_classes=int(data.num_classes), in_channels=int(data.input_shape[0]),
                     model_kwargs=preset.model_kwargs,
                     extra={"method": name, "structure": args.structure, "sparsity": args.sparsity, "seed": args.seed,
@@ -441,42 +591,49 @@ def _cmd_eval(args, parser) -> int:
     from .bench.runner import evaluate_model, load_data, resolve_device
     from .data.datasets import DatasetNotFoundError
 
+    from .bench.checkpoint import CheckpointError, read_state_dict
+
     path = Path(args.checkpoint)
     if not path.is_file():
-        parser.error(f"argument --checkpoint: no such file {str(path)!r}")
+        _fail(f"argument --checkpoint: no such file {str(path)!r}")
+    if args.save_sparse:
+        _check_output("--save-sparse", args.save_sparse, suffix=".safetensors")
+    if args.out:
+        _check_output("--out", args.out)
     preset = get_preset(args.preset).with_overrides(
         attack=args.attack, norm=args.norm, eps=args.eps, aa_samples=args.n_samples, fmn_samples=args.fmn_samples,
         check_samples=args.check_samples, fmn_steps=args.fmn_steps)
     dev = resolve_device(args.device)
-    ours = is_apb_checkpoint(path)
     try:
+        ours = is_apb_checkpoint(path, strict=True)
         if ours:
             sparse, config = load_checkpoint(path)
             arch = config["arch"]
-            dataset = args.dataset or (config.get("extra") or {}).get("dataset")
-            if dataset is None:
-                parser.error("argument --dataset: required (the checkpoint does not record its dataset)")
+            extra = config.get("extra")
+            dataset = args.dataset or (extra.get("dataset") if isinstance(extra, dict) else None)
+            if not isinstance(dataset, str):
+                _fail(f"argument --dataset: required ({path} does not record its dataset)")
             data = load_data(dataset, preset.with_overrides(), args.data_dir)
             model, kind = sparse, "apb_sparse checkpoint"
         else:
+            state = read_state_dict(path)  # a broken file is reported as such, before asking for --arch
             if not args.arch or not args.dataset:
-                parser.error("arguments --arch and --dataset are required for a plain state dict checkpoint")
+                parser.error(f"arguments --arch and --dataset are required for a plain state dict checkpoint "
+                             f"({path} is not an apb_sparse checkpoint)")
             data = load_data(args.dataset, preset, args.data_dir)
             arch, dataset = args.arch, args.dataset
             c = int(data.input_shape[0])
             norm_stats = (list(data.mean), list(data.std)) if args.normalize == "dataset" else ([0.0] * c, [1.0] * c)
             model = load_dense_model(path, arch, num_classes=int(data.num_classes), in_channels=c,
-                                     model_kwargs=args.model_kwargs, normalization=norm_stats)
+                                     model_kwargs=args.model_kwargs, normalization=norm_stats, state=state)
             sparse, kind = None, "dense state dict"
             if model.apb_normalization == "supplied":
                 kind += (f", no normalisation buffers: inputs normalised with the {dataset} statistics"
                          if args.normalize == "dataset" else ", no normalisation buffers: inputs not normalised")
-    except DatasetNotFoundError as e:
-        print(f"apb eval: error: {e}", file=sys.stderr)
-        return 2
-    except (ValueError, FileNotFoundError) as e:
-        print(f"apb eval: error: {e}", file=sys.stderr)
-        return 2
+    except (CheckpointError, DatasetNotFoundError, FileNotFoundError) as e:
+        _fail(f"argument --checkpoint: {e}" if isinstance(e, CheckpointError) else str(e))
+    except (ValueError, TypeError) as e:  # an --arch / --model-kwargs / --dataset refused by name
+        _fail(str(e))
     input_shape = tuple(int(s) for s in data.input_shape)
     report = sparsity_report(model, (1, *input_shape))
     print(f"{path} ({kind}): {arch} on {dataset}; detected sparsity {100 * report.sparsity:.2f} % "
@@ -530,14 +687,12 @@ def _cmd_bench_latency(args, parser) -> int:
         parser.error("argument --device: 'cuda' requested but no GPU is available")
     torch.set_flush_denormal(True)
     dev = torch.device(args.device)
+    if args.out:
+        _check_output("--out", args.out)
     rows = []
     if args.checkpoint:
         from . import densify
-        from .bench.checkpoint import load_checkpoint
-        try:
-            sparse, cfg = load_checkpoint(args.checkpoint)
-        except (ValueError, FileNotFoundError) as e:
-            parser.error(f"argument --checkpoint: {e}")
+        sparse, cfg = _load_apb_checkpoint("--checkpoint", args.checkpoint)
         shape = args.input_shape or ((1, 8, 8) if cfg["arch"] == "small_cnn" else (cfg["in_channels"], 32, 32))
         variants = [(f"checkpoint {Path(args.checkpoint).name}", densify(sparse), sparse)]
     else:
@@ -580,6 +735,7 @@ def _cmd_leaderboard(args, parser) -> int:
     path = Path(args.results) if args.results else Path(args.out) / "results.jsonl"
     if not path.is_file():
         parser.error(f"argument {'--results' if args.results else '--out'}: no results file {str(path)!r}")
+    _check_output("--results" if args.results else "--out", path.parent / "leaderboard.md")
     records = read_records(path)
     files = write_leaderboard(records, path.parent, plots=not args.no_plots)
     print(to_markdown(records))
@@ -609,12 +765,41 @@ def _cmd_taxonomy(args, parser) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of the ``apb`` console script."""
+    """Entry point of the ``apb`` console script.
+
+    Argument errors exit with code 2 (argparse's usage message).  Any other failure is reported
+    as one ``apb: error: ...`` line on stderr, without a traceback: exit code 2 for bad input
+    (unreadable or corrupted files, paths that cannot be written), 1 for anything else.  Set
+    ``APB_DEBUG=1`` in the environment to get the traceback of the latter instead.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
+    from .bench.checkpoint import CheckpointError
+
+    try:
+        return _dispatch(parser, args)
+    except _CliError as e:
+        return _report(str(e), e.code)
+    except (CheckpointError, OSError) as e:  # a file we were given or told to write
+        return _report(str(e), 2)
+    except KeyboardInterrupt:
+        print("\napb: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if os.environ.get("APB_DEBUG"):
+            raise
+        return _report(f"{type(e).__name__}: {e} (set APB_DEBUG=1 for the traceback)", 1)
+
+
+def _report(message: str, code: int) -> int:
+    print(f"apb: error: {' '.join(message.split())}", file=sys.stderr)
+    return code
+
+
+def _dispatch(parser: argparse.ArgumentParser, args) -> int:
     sub = {a.dest: a for a in parser._actions if isinstance(a, argparse._SubParsersAction)}["command"]
     sp = sub.choices[args.command]
     if args.command == "run":

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import operator
+import warnings
 from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
@@ -65,9 +66,8 @@ class _UnionFind:
 class _Graph:
     """Channel spaces and the layers attached to them."""
 
-    def __init__(self, model: nn.Module, example: Tensor):
+    def __init__(self, model: nn.Module, example: Tensor, gm: fx.GraphModule):
         self.model = model
-        gm = fx.symbolic_trace(model)
         ShapeProp(gm).propagate(example)
         self.uf = _UnionFind()
         self.space: Dict[fx.Node, int] = {}
@@ -185,7 +185,9 @@ class _Graph:
 
 
 def _default_example(model: nn.Module) -> List[Tensor]:
-    p = next(iter(model.parameters()))
+    p = next(iter(model.parameters()), None)
+    if p is None:
+        p = next(iter(model.buffers()), torch.zeros(()))
     first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
     c = first.in_channels if first is not None else 3
     return [torch.zeros(1, c, s, s, dtype=p.dtype, device=p.device) for s in (32, 28, 8)]
@@ -212,16 +214,25 @@ def channel_groups(model: nn.Module, example_input: Optional[Tensor] = None) -> 
     return list(groups.values())
 
 
+class UntraceableModelError(ValueError):
+    """``torch.fx`` cannot trace the model (data-dependent control flow, ...)."""
+
+
 def _build(model: nn.Module, example_input: Optional[Tensor]) -> _Graph:
+    try:
+        gm = fx.symbolic_trace(model)
+    except Exception as e:
+        raise UntraceableModelError(f"torch.fx cannot trace the model ({type(e).__name__}: "
+                                    f"{' '.join(str(e).split())}), so its channel groups are unknown") from None
     was_training = model.training
     model.eval()
     try:
         if example_input is not None:
-            return _Graph(model, example_input)
+            return _Graph(model, example_input, gm)
         errors = []
         for ex in _default_example(model):
             try:
-                return _Graph(model, ex)
+                return _Graph(model, ex, gm)
             except Exception as exc:  # wrong default size: try the next one
                 errors.append(str(exc))
         raise ValueError("could not run the model on a default example input; pass example_input. "
@@ -235,21 +246,31 @@ def compact(model: nn.Module, example_input: Optional[Tensor] = None, *, inplace
     """Physically remove removable channels (see the module docstring) and return the smaller model.
 
     Args:
-        model: a dense, masked or sparse model (sparse and masked layers are densified first).
+        model: a dense, masked or sparse model (sparse and masked layers are densified first,
+            fusions undone: see :func:`~apb_sparse.densify`).  Layers the trace does not
+            understand (subclasses with their own ``forward``, attention blocks) keep their
+            channels; padding modes and ``padding="same"`` are kept.
         example_input: an input the model accepts (shapes are traced with it); by default
             zero images of 32x32, 28x28 then 8x8 pixels are tried.
         inplace: reuse ``model``'s modules instead of a deep copy.
 
     Returns:
         A model of plain layers; ``model.apb_compact_removed`` maps each channel group (its first
-        producer layer) to the number of channels removed.
+        producer layer) to the number of channels removed.  A model ``torch.fx`` cannot trace
+        comes back densified with nothing removed, and a warning says why.
     """
     from .sparsify import densify
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     model = densify(model, inplace=inplace)
-    g = _build(model, example_input)
+    try:
+        g = _build(model, example_input)
+    except UntraceableModelError as e:
+        # Nothing is provably removable: the (densified) model is the correct answer.
+        warnings.warn(f"compact: {e}; no channel removed", stacklevel=2)
+        model.apb_compact_removed = {}
+        return model
     mods = dict(model.named_modules())
     spaces: Dict[int, dict] = {}
     for name, s in g.producers:
@@ -265,6 +286,8 @@ def compact(model: nn.Module, example_input: Optional[Tensor] = None, *, inplace
         if g.uf.pinned[root] or not members["p"]:
             continue
         n_ch = _channels_of(mods[members["p"][0]])
+        if n_ch == 0:  # a zero-size layer: nothing to remove
+            continue
         zero_out = torch.ones(n_ch, dtype=torch.bool)
         for name in members["p"]:
             m = mods[name]

@@ -5,27 +5,37 @@
 * :func:`fuse_activations`: a ReLU after a :class:`~apb_sparse.nn.SparseConv2d`, and a residual
   ``add`` (+ ReLU) after one, move into the sparse kernel's epilogue, saving one pass over the
   activation each; at high sparsity those passes cost as much as the convolution itself.
+* :func:`unfuse`: the inverse of :func:`fuse_activations` (used by ``densify`` and ``compact``).
 
-Both trace the model with ``torch.fx``; patterns that do not match exactly are left alone.
+Both fusions trace the model with ``torch.fx``; patterns that do not match exactly are left
+alone.  A candidate that cannot be fused safely (a BatchNorm without running statistics, a module
+called more than once, a residual that is a parameter or buffer, a model fx cannot trace) stays
+unfused and is listed with the reason in ``model.apb_fuse_skipped`` (``{module or node name:
+reason}``); fusing never raises for such a model.  A fused residual add checks its operand at run
+time: when it does not have the conv output's shape and dtype after broadcasting, that call is
+computed unfused, with PyTorch's broadcasting and type promotion.
 """
 from __future__ import annotations
 
 import copy
 import operator
+from collections import Counter
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from .nn.masked import MaskedLayer
 from .nn.sparse import ChannelSparseConv2d, SparseConv2d, SparseLinear
 
-__all__ = ["fold_batchnorm", "fuse_activations"]
+__all__ = ["fold_batchnorm", "fuse_activations", "unfuse"]
 
 _LEAVES = (SparseConv2d, SparseLinear, ChannelSparseConv2d) + MaskedLayer
 _RELU_FUNCTIONS = {F.relu, torch.relu}
 _ADD = {operator.add, operator.iadd, torch.add}
+_FOLDABLE_CONVS = (nn.Conv2d,) + tuple(t for t in MaskedLayer if issubclass(t, nn.Conv2d))
 
 
 class _Tracer(fx.Tracer):
@@ -35,9 +45,13 @@ class _Tracer(fx.Tracer):
         return isinstance(m, _LEAVES) or super().is_leaf_module(m, qualname)
 
 
-def _trace(model: nn.Module) -> fx.GraphModule:
-    graph = _Tracer().trace(model)
-    return fx.GraphModule(model, graph, model.__class__.__name__)
+def _trace(model: nn.Module) -> Tuple[Optional[fx.GraphModule], Optional[str]]:
+    """``(graph module, None)``, or ``(None, why fx cannot trace the model)``."""
+    try:
+        graph = _Tracer().trace(model)
+    except Exception as e:  # data-dependent control flow, unsupported Python: leave the model alone
+        return None, f"torch.fx cannot trace the model ({type(e).__name__}: {e}); nothing was fused"
+    return fx.GraphModule(model, graph, model.__class__.__name__), None
 
 
 def _check_eval(model: nn.Module) -> None:
@@ -46,39 +60,64 @@ def _check_eval(model: nn.Module) -> None:
                          "call model.eval() first")
 
 
+def _module_calls(graph: fx.Graph) -> Counter:
+    return Counter(n.target for n in graph.nodes if n.op == "call_module")
+
+
 @torch.no_grad()
 def fold_batchnorm(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     """Fold every BatchNorm2d whose only input is a conv (used by nothing else) into that conv.
 
     Returns a model whose folded BatchNorm modules are ``nn.Identity``; same outputs in eval mode.
+    BatchNorms that cannot be folded stay (see ``apb_fuse_skipped`` in the module docstring).
     """
     _check_eval(model)
     if not inplace:
         model = copy.deepcopy(model)
-    gm = _trace(model)
+    skipped: Dict[str, str] = {}
+    gm, why = _trace(model)
+    if gm is None:
+        skipped[""] = why
+        model.apb_fuse_skipped = skipped
+        return model
     mods = dict(model.named_modules())
+    calls = _module_calls(gm.graph)
     for node in gm.graph.nodes:
         if node.op != "call_module" or type(mods.get(node.target)) is not nn.BatchNorm2d:
             continue
-        src = node.args[0]
-        if not (isinstance(src, fx.Node) and src.op == "call_module" and len(src.users) == 1):
-            continue
-        conv = mods[src.target]
-        if not (isinstance(conv, nn.Conv2d) and type(conv) in (nn.Conv2d,) + tuple(
-                t for t in MaskedLayer if issubclass(t, nn.Conv2d))):
-            continue
-        bn = mods[node.target]
-        scale = (bn.weight if bn.weight is not None else torch.ones_like(bn.running_var)) / torch.sqrt(
-            bn.running_var + bn.eps)
-        shift = (bn.bias if bn.bias is not None else torch.zeros_like(bn.running_mean)) - bn.running_mean * scale
-        conv.weight.mul_(scale.view(-1, 1, 1, 1).to(conv.weight.dtype))
-        if conv.bias is None:
-            conv.bias = nn.Parameter(torch.zeros_like(shift, dtype=conv.weight.dtype))
-            conv.bias.zero_()
-        conv.bias.copy_(conv.bias * scale + shift)
-        parent, _, child = node.target.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, nn.Identity())
+        src = node.args[0] if node.args else None
+        if not (isinstance(src, fx.Node) and src.op == "call_module" and isinstance(mods.get(src.target), nn.Conv2d)):
+            continue  # not fed by a conv: nothing to fold into
+        conv, bn = mods[src.target], mods[node.target]
+        if bn.running_mean is None or bn.running_var is None:
+            skipped[node.target] = ("track_running_stats=False: it normalises with batch statistics even in "
+                                    "eval mode, which no conv weight can express")
+        elif type(conv) not in _FOLDABLE_CONVS:
+            skipped[node.target] = f"its input comes from {type(conv).__name__}, not a plain or masked Conv2d"
+        elif calls[src.target] > 1 or calls[node.target] > 1:
+            skipped[node.target] = "the conv or the BatchNorm module is called more than once in the model"
+        elif len(src.users) != 1:
+            skipped[node.target] = f"the output of {src.target} is also used elsewhere"
+        elif bn.num_features != conv.out_channels:
+            skipped[node.target] = f"{bn.num_features} features, but {src.target} has {conv.out_channels} channels"
+        else:
+            _fold(conv, bn)
+            parent, _, child = node.target.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, nn.Identity())
+    model.apb_fuse_skipped = skipped
     return model
+
+
+def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
+    # In the BatchNorm's dtype, then cast: a float16 conv after a float32 BatchNorm is common.
+    var, mean = bn.running_var, bn.running_mean
+    scale = (bn.weight if bn.weight is not None else torch.ones_like(var)) / torch.sqrt(var + bn.eps)
+    shift = (bn.bias if bn.bias is not None else torch.zeros_like(mean)) - mean * scale
+    scale, shift = scale.to(conv.weight.device), shift.to(conv.weight.device)
+    conv.weight.mul_(scale.view(-1, 1, 1, 1).to(conv.weight.dtype))
+    if conv.bias is None:
+        conv.bias = nn.Parameter(torch.zeros(conv.out_channels, dtype=conv.weight.dtype, device=conv.weight.device))
+    conv.bias.copy_((conv.bias.to(scale.dtype) * scale + shift).to(conv.bias.dtype))
 
 
 def _is_relu(node: fx.Node, mods) -> bool:
@@ -88,7 +127,7 @@ def _is_relu(node: fx.Node, mods) -> bool:
     if node.op == "call_function":
         return node.target in _RELU_FUNCTIONS and len(node.args) == 1 and not node.kwargs.get("inplace", False)
     if node.op == "call_method":
-        return node.target == "relu"
+        return node.target == "relu" and len(node.args) == 1 and not node.kwargs
     return False
 
 
@@ -103,52 +142,111 @@ def _skip_identity(node: fx.Node, mods) -> fx.Node:
     return node
 
 
+def _conv_output_shape(conv: SparseConv2d, input: Tensor) -> torch.Size:
+    n, _, h, w = input.shape
+    if conv.padding == "same":  # stride 1 (nn.Conv2d refuses "same" otherwise)
+        return torch.Size((n, conv.out_channels, h, w))
+    (kh, kw), (sh, sw) = conv.kernel_size, conv.stride
+    (ph, pw), (dh, dw) = (0, 0) if conv.padding == "valid" else conv.padding, conv.dilation
+    return torch.Size((n, conv.out_channels, (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1,
+                       (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1))
+
+
+def fused_conv_add(conv: SparseConv2d, input: Tensor, residual) -> Tensor:
+    """``conv(input) + residual`` (then ReLU if ``conv.fused_relu``), the add in the kernel's
+    epilogue when ``residual`` broadcasts to the conv output's shape and the sum keeps the conv's
+    dtype and device; otherwise computed unfused, exactly as eager PyTorch would.
+
+    :func:`fuse_activations` puts calls to it in the graph; it is not meant to be called by hand.
+    """
+    if isinstance(residual, Tensor) and input.dim() == 4 and residual.device == input.device:
+        shape = _conv_output_shape(conv, input)
+        if residual.shape == shape and residual.dtype == input.dtype:
+            return conv(input, residual)
+        if torch.result_type(input, residual) == input.dtype:
+            try:
+                broadcast = torch.broadcast_shapes(shape, residual.shape)
+            except RuntimeError:
+                broadcast = None
+            if broadcast == shape:
+                return conv(input, residual.to(input.dtype).expand(shape).contiguous())
+    relu = conv.fused_relu
+    # fuse_activations fuses only convs called once in the graph, so no other call sees the flag.
+    conv.fused_relu = False
+    try:
+        out = conv(input)
+    finally:
+        conv.fused_relu = relu
+    out = out + residual
+    return torch.relu(out) if relu else out
+
+
 @torch.no_grad()
-def fuse_activations(model: nn.Module) -> fx.GraphModule:
+def fuse_activations(model: nn.Module) -> nn.Module:
     """Move ReLUs and residual adds that follow a SparseConv2d into its kernel.
 
-    Returns an ``fx.GraphModule`` with the same submodules (and state_dict keys).
+    Returns an ``fx.GraphModule`` with the same submodules (and state_dict keys), or ``model``
+    itself (unfused) when fx cannot trace it; either way ``apb_fuse_skipped`` lists what was not
+    fused and why.
     """
     _check_eval(model)
-    gm = _trace(model)
+    skipped: Dict[str, str] = {}
+    gm, why = _trace(model)
+    if gm is None:
+        skipped[""] = why
+        model.apb_fuse_skipped = skipped
+        return model
     mods = dict(gm.named_modules())
+    calls = _module_calls(gm.graph)
     for node in list(gm.graph.nodes):
         if node.op != "call_module" or not isinstance(mods.get(node.target), SparseConv2d):
             continue
         conv = mods[node.target]
-        if conv.fused_relu or len(node.args) != 1:
+        if conv.fused_relu or len(node.args) != 1 or node.kwargs:
             continue
         tail = _skip_identity(node, mods)
         if len(tail.users) != 1:
             continue
         user = next(iter(tail.users))
-        if _is_relu(user, mods):
+        is_add = user.op == "call_function" and user.target in _ADD and len(user.args) == 2 and not user.kwargs
+        if not (_is_relu(user, mods) or is_add):
+            continue
+        if calls[node.target] > 1:
+            skipped[node.target] = "called more than once: a fused epilogue would apply to every call"
+            continue
+        if not is_add:
             conv.fused_relu = True
             user.replace_all_uses_with(tail)
             gm.graph.erase_node(user)
             continue
-        if user.op == "call_function" and user.target in _ADD and len(user.args) == 2 and not user.kwargs:
-            other = user.args[1] if user.args[0] is tail else user.args[0]
-            if not isinstance(other, fx.Node) or other is tail or user.args[0] is user.args[1]:
-                continue
-            relu = next(iter(user.users)) if len(user.users) == 1 else None
-            # The conv (and the identity chain after it) must run after the residual is
-            # computed: move them right before the add, where both operands exist.
-            chain, cur = [node], node
-            while cur is not tail:
-                cur = next(iter(cur.users))
-                chain.append(cur)
-            for c in chain:
-                user.prepend(c)
-            node.args = (node.args[0], other)
-            result = user
-            if relu is not None and _is_relu(relu, mods):
-                conv.fused_relu = True
-                result = relu
-            result.replace_all_uses_with(tail)
-            if result is relu and relu is not None:
-                gm.graph.erase_node(relu)
-            gm.graph.erase_node(user)
+        other = user.args[1] if user.args[0] is tail else user.args[0]
+        if not isinstance(other, fx.Node) or other is tail:
+            skipped[node.target] = "the add's other operand is a constant or the conv output itself"
+            continue
+        if other.op == "get_attr":
+            skipped[node.target] = (f"the add's other operand is the parameter or buffer {other.target!r}: "
+                                    "it is the same for every input, not a residual branch")
+            continue
+        if user.target is operator.iadd and user.args[0] is not tail:
+            skipped[node.target] = "the add writes in place into its other operand"
+            continue
+        relu = next(iter(user.users)) if len(user.users) == 1 else None
+        relu = relu if relu is not None and _is_relu(relu, mods) else None
+        with gm.graph.inserting_before(user):
+            ref = gm.graph.get_attr(node.target)
+            fused = gm.graph.call_function(fused_conv_add, (ref, node.args[0], other))
+        if relu is not None:
+            conv.fused_relu = True
+        (relu if relu is not None else user).replace_all_uses_with(fused)
+        if relu is not None:
+            gm.graph.erase_node(relu)
+        gm.graph.erase_node(user)
+        chain, cur = [node], node  # the conv and the identity chain after it, now unused
+        while cur is not tail:
+            cur = next(iter(cur.users))
+            chain.append(cur)
+        for c in reversed(chain):
+            gm.graph.erase_node(c)
     # Folded BatchNorms left nn.Identity modules behind: calling them costs Python overhead only.
     for node in list(gm.graph.nodes):
         if node.op == "call_module" and type(mods.get(node.target)) is nn.Identity and len(node.args) == 1 \
@@ -157,4 +255,45 @@ def fuse_activations(model: nn.Module) -> fx.GraphModule:
             gm.graph.erase_node(node)
     gm.graph.lint()
     gm.recompile()
+    gm.apb_fuse_skipped = skipped
     return gm
+
+
+@torch.no_grad()
+def unfuse(model: nn.Module) -> nn.Module:
+    """Undo :func:`fuse_activations` in place: every fused ReLU and residual add of a
+    ``fx.GraphModule`` goes back into its graph as a separate node, and the convs' ``fused_relu``
+    flags are cleared.  Other models are returned unchanged.  Returns ``model``.
+    """
+    if not isinstance(model, fx.GraphModule):
+        return model
+    g = model.graph
+    mods = dict(model.named_modules())
+    relu_off = []
+    for node in list(g.nodes):
+        if node.op == "call_function" and node.target is fused_conv_add:
+            ref, x, residual = node.args
+            target = ref.target
+        elif node.op == "call_module" and isinstance(mods.get(node.target), SparseConv2d) and \
+                (len(node.args) == 2 or mods[node.target].fused_relu):
+            ref, target = None, node.target  # a conv called with a residual, or with its ReLU fused
+            x, residual = node.args[0], (node.args[1] if len(node.args) == 2 else None)
+        else:
+            continue
+        conv = mods[target]
+        with g.inserting_before(node):
+            out = g.call_module(target, (x,))
+            if residual is not None:
+                out = g.call_function(operator.add, (out, residual))
+            if conv.fused_relu:
+                out = g.call_function(torch.relu, (out,))
+        node.replace_all_uses_with(out)
+        g.erase_node(node)
+        if ref is not None and not ref.users:
+            g.erase_node(ref)
+        relu_off.append(conv)
+    for conv in relu_off:
+        conv.fused_relu = False
+    g.lint()
+    model.recompile()
+    return model

@@ -11,6 +11,7 @@ Sparse weights use CSR over output channels (output features for linear layers):
 """
 from __future__ import annotations
 
+import math
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -25,7 +26,7 @@ except ImportError as exc:  # pragma: no cover - only without a build
 
 __all__ = [
     "available", "pack_csr", "unpack_csr", "masked_conv2d", "sparse_conv2d", "sparse_linear",
-    "conv_output_size", "use_portable_kernel", "use_row_tiles",
+    "conv_output_size", "use_portable_kernel", "use_row_tiles", "check_csr",
 ]
 
 IntPair = Union[int, Sequence[int]]
@@ -79,13 +80,36 @@ def _pair(name: str, value: IntPair, minimum: int) -> List[int]:
     return out
 
 
+# dtypes the kernels compute in; float16 / bfloat16 inputs are computed in float32 (upcast,
+# compute, cast back: float32 accumulation, like the vendor kernels' half-precision paths).
+KERNEL_DTYPES = (torch.float32, torch.float64)
+UPCAST_DTYPES = (torch.float16, torch.bfloat16)
+
+
 def _check_input(name: str, x: Tensor, dim: Optional[int] = None) -> None:
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if dim is not None and x.dim() != dim:
         raise ValueError(f"{name} must be {dim}-D, got shape {tuple(x.shape)}")
-    if x.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"{name} must be float32 or float64, got {x.dtype}")
+    if x.dtype not in KERNEL_DTYPES + UPCAST_DTYPES:
+        raise TypeError(f"{name} must be float32, float64, float16 or bfloat16, got {x.dtype}")
+
+
+def _upcast(input: Tensor, **tensors: Optional[Tensor]):
+    """float32 copies of the floating tensors when ``input`` is float16 / bfloat16 (else as given).
+
+    Half-precision tensors must all share the input's dtype, as the kernels require of float32 ones.
+    """
+    if input.dtype not in UPCAST_DTYPES:
+        return input, tensors
+    out = {}
+    for name, t in tensors.items():
+        if isinstance(t, Tensor) and t.is_floating_point():
+            if t.dtype != input.dtype:
+                raise TypeError(f"{name} dtype {t.dtype} does not match the input dtype {input.dtype}")
+            t = t.float()
+        out[name] = t
+    return input.float(), out
 
 
 def _same_device(input: Tensor, **tensors: Optional[Tensor]) -> None:
@@ -124,7 +148,10 @@ def pack_csr(weight: Tensor, mask: Optional[Tensor] = None) -> Tuple[Tensor, Ten
         if mask.shape != weight.shape:
             raise ValueError(f"mask has shape {tuple(mask.shape)}, expected {tuple(weight.shape)}")
         weight = weight * mask.to(weight.dtype)
-    w2 = weight.detach().reshape(weight.shape[0], -1)
+    cols = 1
+    for n in weight.shape[1:]:
+        cols *= int(n)
+    w2 = weight.detach().reshape(weight.shape[0], cols)  # explicit: -1 is ambiguous for 0 rows
     if w2.shape[1] >= 2**31 or w2.numel() >= 2**31:
         raise ValueError("weight is too large for int32 CSR indices")
     rows, cols = torch.nonzero(w2, as_tuple=True)
@@ -136,16 +163,73 @@ def pack_csr(weight: Tensor, mask: Optional[Tensor] = None) -> Tuple[Tensor, Ten
 
 
 def unpack_csr(values: Tensor, row_ptr: Tensor, col_idx: Tensor, shape: Sequence[int]) -> Tensor:
-    """Dense tensor of ``shape`` from CSR (inverse of :func:`pack_csr`)."""
+    """Dense tensor of ``shape`` from CSR (inverse of :func:`pack_csr`).
+
+    Entries repeated within a row are summed, as the kernels do.  Differentiable in ``values``.
+    """
     rows_n = int(shape[0])
     cols_n = 1
     for s in shape[1:]:
         cols_n *= int(s)
+    check_csr(values, row_ptr, col_idx, (rows_n, cols_n), full=False)
     counts = (row_ptr[1:] - row_ptr[:-1]).to(torch.int64)
-    rows = torch.repeat_interleave(torch.arange(rows_n, device=values.device), counts)
+    rows = torch.repeat_interleave(torch.arange(rows_n, device=values.device), counts, output_size=values.numel())
     dense = torch.zeros(rows_n, cols_n, dtype=values.dtype, device=values.device)
-    dense[rows, col_idx.to(torch.int64)] = values
+    dense = dense.index_put((rows, col_idx.to(torch.int64)), values, accumulate=True)
     return dense.reshape(tuple(int(s) for s in shape))
+
+
+def check_csr(values: Tensor, row_ptr: Tensor, col_idx: Tensor, shape: Sequence[int], *,
+              names: Sequence[str] = ("values", "row_ptr", "col_idx"), full: bool = True) -> None:
+    """Raise ``ValueError`` (naming the tensor) unless the CSR arrays describe a ``shape[0] x
+    prod(shape[1:])`` matrix: 1-D tensors, int32 indices, ``row_ptr`` of ``rows + 1`` entries
+    from 0 to ``nnz`` and non-decreasing, every ``col_idx`` in range and, when ``full``, no column
+    repeated within a row.
+
+    Layers run it when a state dict is loaded, so that a corrupted or tampered checkpoint is
+    refused with a message instead of changing the layer's shape or results.
+    """
+    nv, nr, nc = names
+    rows_n = int(shape[0])
+    cols_n = 1
+    for s in shape[1:]:
+        cols_n *= int(s)
+    for name, t in zip(names, (values, row_ptr, col_idx)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 1:
+            raise ValueError(f"{name} must be 1-D, got shape {tuple(t.shape)}")
+    if not values.is_floating_point():
+        raise ValueError(f"{nv} must be floating point, got {values.dtype}")
+    for name, t in ((nr, row_ptr), (nc, col_idx)):
+        if t.dtype != torch.int32:
+            raise ValueError(f"{name} must be int32, got {t.dtype}")
+    if rows_n < 0 or cols_n < 0:
+        raise ValueError(f"shape must be non-negative, got {tuple(int(s) for s in shape)}")
+    if row_ptr.numel() != rows_n + 1:
+        raise ValueError(f"{nr} has {row_ptr.numel()} entries, expected {rows_n + 1} (rows + 1) for a weight of "
+                         f"shape {tuple(int(s) for s in shape)}")
+    if col_idx.numel() != values.numel():
+        raise ValueError(f"{nc} has {col_idx.numel()} entries but {nv} has {values.numel()}")
+    rp = row_ptr.to(torch.int64)
+    if int(rp[0]) != 0 or int(rp[-1]) != values.numel():
+        raise ValueError(f"{nr} must start at 0 and end at nnz = {values.numel()}, got {int(rp[0])} ... "
+                         f"{int(rp[-1])}")
+    if rows_n and bool((rp[1:] < rp[:-1]).any()):
+        raise ValueError(f"{nr} must be non-decreasing")
+    if values.numel() == 0:
+        return
+    ci = col_idx.to(torch.int64)
+    bad = (ci < 0) | (ci >= cols_n)
+    if bool(bad.any()):
+        j = int(bad.nonzero()[0, 0])
+        raise ValueError(f"{nc} entry {int(ci[j])} at position {j} is out of range [0, {cols_n})")
+    if full:
+        rows = torch.repeat_interleave(torch.arange(rows_n, device=ci.device), rp[1:] - rp[:-1],
+                                       output_size=values.numel())
+        keys = rows * cols_n + ci
+        if torch.unique(keys).numel() != keys.numel():
+            raise ValueError(f"{nc} repeats a column within a row (each weight must be stored once)")
 
 
 def _csr_rows(row_ptr: Tensor) -> Tensor:
@@ -166,9 +250,13 @@ def masked_conv2d(input: Tensor, weight: Tensor, mask: Tensor, bias: Optional[Te
     mask gradients are dense (every position), so methods can learn scores through the mask.
 
     Args:
-        input: ``(N, C, H, W)`` float32/float64, any strides (channels_last included).
+        input: ``(N, C, H, W)`` float32/float64 (float16/bfloat16 are computed in float32), any
+            strides (channels_last included).
         weight: ``(O, C / groups, kH, kW)``.
         mask: same shape as ``weight`` (0/1 values; any real values are multiplied in).
+            Only the nonzeros of ``weight * mask`` are computed: a non-finite input value reaches
+            only the outputs whose kept taps read it (``F.conv2d`` would also spread it through
+            the zero weights, since ``0 * nan = nan``).
         bias: optional ``(O,)``.
         stride, padding, dilation: int or pair; groups: int.
 
@@ -181,9 +269,12 @@ def masked_conv2d(input: Tensor, weight: Tensor, mask: Tensor, bias: Optional[Te
     if not isinstance(groups, int) or groups < 1:
         raise ValueError(f"groups must be a positive int, got {groups!r}")
     _same_device(input, weight=weight, mask=mask, bias=bias)
-    return torch.ops.apb_sparse.masked_conv2d(
-        input, weight, mask, bias, _pair("stride", stride, 1), _pair("padding", padding, 0),
+    dtype = input.dtype
+    input, t = _upcast(input, weight=weight, mask=mask, bias=bias)
+    out = torch.ops.apb_sparse.masked_conv2d(
+        input, t["weight"], t["mask"], t["bias"], _pair("stride", stride, 1), _pair("padding", padding, 0),
         _pair("dilation", dilation, 1), groups)
+    return out.to(dtype)
 
 
 def sparse_conv2d(input: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor,
@@ -213,10 +304,13 @@ def sparse_conv2d(input: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tenso
     if len(weight_size) != 4:
         raise ValueError(f"weight_size must have 4 entries, got {weight_size!r}")
     _same_device(input, values=values, row_ptr=row_ptr, col_idx=col_idx, bias=bias, residual=residual)
-    return torch.ops.apb_sparse.sparse_conv2d(
-        input, values, row_ptr, col_idx, [int(s) for s in weight_size], bias,
+    dtype = input.dtype
+    input, t = _upcast(input, values=values, bias=bias, residual=residual)
+    out = torch.ops.apb_sparse.sparse_conv2d(
+        input, t["values"], row_ptr, col_idx, [int(s) for s in weight_size], t["bias"],
         _pair("stride", stride, 1), _pair("padding", padding, 0), _pair("dilation", dilation, 1), groups,
-        residual, bool(relu))
+        t["residual"], bool(relu))
+    return out.to(dtype)
 
 
 def sparse_linear(input: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, in_features: int,
@@ -232,7 +326,10 @@ def sparse_linear(input: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tenso
     _require()
     _check_input("input", input)
     _same_device(input, values=values, row_ptr=row_ptr, col_idx=col_idx, bias=bias)
-    return torch.ops.apb_sparse.sparse_linear(input, values, row_ptr, col_idx, int(in_features), bias)
+    dtype = input.dtype
+    input, t = _upcast(input, values=values, bias=bias)
+    out = torch.ops.apb_sparse.sparse_linear(input, t["values"], row_ptr, col_idx, int(in_features), t["bias"])
+    return out.to(dtype)
 
 
 if _C is not None:
@@ -278,11 +375,21 @@ if _C is not None:
         input, weight, mask = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.conv
         need_x, need_w, need_m, need_b = ctx.needs_input_grad[:4]
+        # create_graph=True (double backward: gradient penalties, Hessian-vector products): the
+        # registered backward ops have no derivatives of their own, so build the input gradient
+        # from differentiable dense ops.  Otherwise the sparse kernel.
+        double = torch.is_grad_enabled()
         gx = gw = gm = gb = None
         if need_x:
-            gx = torch.ops.apb_sparse.masked_conv2d_backward_input(
-                grad, weight, mask, list(input.shape), stride, padding, dilation, groups)
-        if need_w or need_m:
+            if double:
+                gx = torch.nn.grad.conv2d_input(input.shape, weight * mask, grad, stride, padding, dilation, groups)
+            else:
+                gx = torch.ops.apb_sparse.masked_conv2d_backward_input(
+                    grad, weight, mask, list(input.shape), stride, padding, dilation, groups)
+        if (need_w or need_m) and weight.numel() == 0:
+            gw = torch.zeros_like(weight) if need_w else None
+            gm = torch.zeros_like(mask) if need_m else None
+        elif need_w or need_m:
             # Gradient of the effective weight at every position (dense by nature: score-based
             # methods need it where the mask is 0 too).
             geff = torch.nn.grad.conv2d_weight(input, weight.shape, grad, stride, padding, dilation, groups)
@@ -305,13 +412,21 @@ if _C is not None:
     def _sparse_conv2d_backward(ctx, grad):
         input, values, row_ptr, col_idx, output = ctx.saved_tensors
         weight_size, stride, padding, dilation, groups = ctx.conv
-        if output is not None:  # fused ReLU
+        if output is not None:  # fused ReLU (its derivative is constant almost everywhere)
             grad = grad * (output > 0).to(grad.dtype)
+        double = torch.is_grad_enabled()  # create_graph=True: differentiable ops only (see masked_conv2d)
         gx = gv = gb = gr = None
         if ctx.needs_input_grad[0]:
-            gx = torch.ops.apb_sparse.sparse_conv2d_backward_input(
-                grad, values, row_ptr, col_idx, weight_size, list(input.shape), stride, padding, dilation, groups)
-        if ctx.needs_input_grad[1]:
+            if double:
+                weight = unpack_csr(values, row_ptr, col_idx, weight_size)
+                gx = torch.nn.grad.conv2d_input(input.shape, weight, grad, stride, padding, dilation, groups)
+            else:
+                gx = torch.ops.apb_sparse.sparse_conv2d_backward_input(
+                    grad, values, row_ptr, col_idx, weight_size, list(input.shape), stride, padding, dilation,
+                    groups)
+        if ctx.needs_input_grad[1] and values.numel() == 0:
+            gv = torch.zeros_like(values)
+        elif ctx.needs_input_grad[1]:
             geff = torch.nn.grad.conv2d_weight(input, weight_size, grad, stride, padding, dilation, groups)
             gv = geff.reshape(weight_size[0], -1)[_csr_rows(row_ptr), col_idx.to(torch.int64)]
         if ctx.needs_input_grad[5] and ctx.has_bias:
@@ -332,15 +447,20 @@ if _C is not None:
     def _sparse_linear_backward(ctx, grad):
         input, values, row_ptr, col_idx = ctx.saved_tensors
         gx = gv = gb = None
-        if ctx.needs_input_grad[0]:
-            gx = torch.ops.apb_sparse.sparse_linear_backward_input(grad, values, row_ptr, col_idx, ctx.in_features)
         out_features = row_ptr.shape[0] - 1
+        if ctx.needs_input_grad[0]:
+            if torch.is_grad_enabled():  # create_graph=True: differentiable ops only (see masked_conv2d)
+                gx = grad @ unpack_csr(values, row_ptr, col_idx, (out_features, ctx.in_features))
+            else:
+                gx = torch.ops.apb_sparse.sparse_linear_backward_input(grad, values, row_ptr, col_idx,
+                                                                       ctx.in_features)
+        batch = math.prod(grad.shape[:-1])  # not reshape(-1, 0): ambiguous without features
         if ctx.needs_input_grad[1]:
-            g2 = grad.reshape(-1, out_features)
-            x2 = input.reshape(-1, ctx.in_features)
+            g2 = grad.reshape(batch, out_features)
+            x2 = input.reshape(batch, ctx.in_features)
             gv = (g2[:, _csr_rows(row_ptr)] * x2[:, col_idx.to(torch.int64)]).sum(0)
         if ctx.needs_input_grad[5] and ctx.has_bias:
-            gb = grad.reshape(-1, out_features).sum(0)
+            gb = grad.reshape(batch, out_features).sum(0)
         return gx, gv, None, None, None, gb
 
     torch.library.register_autograd("apb_sparse::sparse_linear", _sparse_linear_backward,

@@ -12,12 +12,20 @@ Costs are relative to the dense layer: dense = 1, unstructured = density / UNSTR
 structured = kept-block density / STRUCTURED_EFFICIENCY.  The efficiencies are the rate at which
 each path does its useful multiply-adds compared with the dense vendor kernel; they were measured
 with ``benchmarks/latency.py --per-layer`` on the 2-core AVX2 development machine.
+
+A layer ``sparsify`` cannot convert without changing what the model computes is left exactly as
+it is, and its :class:`LayerChoice` says why (``reason``): subclasses of ``nn.Conv2d`` /
+``nn.Linear`` that override ``forward`` (weight standardisation, ...) unless a converter is
+registered for them with :func:`register_converter`; linear layers whose parent reads their
+``weight`` directly (``nn.MultiheadAttention.out_proj``, the fast path of
+``nn.TransformerEncoderLayer``); zero-size layers; and layers whose dtype, padding or
+``padding_mode`` the sparse layers do not take (they stay plain dense layers).
 """
 from __future__ import annotations
 
 import copy
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Mapping, Optional, Sequence, Union
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -25,8 +33,9 @@ from torch import Tensor, nn
 from .nn.masked import MaskedConv2d, MaskedLayer, MaskedLinear
 from .nn.sparse import ChannelSparseConv2d, SparseConv2d, SparseLinear
 
-__all__ = ["sparsify", "densify", "sparsity_report", "SparsityReport", "LayerReport", "magnitude_masks",
-           "apply_masks", "PATHS", "UNSTRUCTURED_EFFICIENCY", "STRUCTURED_EFFICIENCY"]
+__all__ = ["sparsify", "densify", "sparsity_report", "SparsityReport", "LayerReport", "LayerChoice",
+           "magnitude_masks", "apply_masks", "register_converter", "unregister_converter", "PATHS",
+           "UNSTRUCTURED_EFFICIENCY", "STRUCTURED_EFFICIENCY"]
 
 PATHS = ("auto", "dense", "unstructured", "structured")
 UNSTRUCTURED_EFFICIENCY = 0.35
@@ -36,12 +45,127 @@ SPARSE_LAYERS = (SparseConv2d, SparseLinear, ChannelSparseConv2d)
 
 @dataclass
 class LayerChoice:
-    """Why ``sparsify`` chose a layer's path: densities and the expected relative costs."""
+    """Why ``sparsify`` chose a layer's path: densities and the expected relative costs.
+
+    ``reason`` is set when the layer could not take the path the cost model (or the caller) asked
+    for: it then stays dense (``path == "dense"``), either as a plain dense layer or, for layers
+    ``sparsify`` does not convert at all (see the module docstring), exactly as it was.
+    """
 
     path: str
     density: float
     block_density: Optional[float]
     cost: Dict[str, float] = field(default_factory=dict)
+    reason: Optional[str] = None
+
+
+# ----------------------------------------------------------------------------------------------
+# Which layers convert, and how
+
+Converter = Callable[[nn.Module], nn.Module]
+_CONVERTERS: Dict[type, Converter] = {}
+
+# Parents that read their children's ``weight`` tensors directly instead of calling them, so a
+# child replaced by a sparse layer (which has no ``weight``) would break them.
+_READS_CHILD_WEIGHTS = (nn.MultiheadAttention, nn.TransformerEncoderLayer)
+
+
+def register_converter(cls: type, fn: Optional[Converter] = None):
+    """Tell :func:`sparsify` how to convert a subclass of ``nn.Conv2d`` / ``nn.Linear`` whose
+    ``forward`` differs from its base class's.
+
+    By default such a layer is left exactly as it is (its own ``forward`` may standardise the
+    weight, add noise, quantise, ...; a plain sparse layer would compute something else), and its
+    :class:`LayerChoice` records why.  A converter returns a plain ``nn.Conv2d`` / ``nn.Linear``
+    computing the same function as ``layer`` in eval mode, which ``sparsify`` then converts like
+    any dense layer; e.g. for a weight-standardised conv, an ``nn.Conv2d`` holding the
+    standardised weight.  Masks given to ``sparsify`` for such a layer apply to the returned
+    layer's weight (which must have the layer's weight shape).
+
+    Usable as a decorator::
+
+        @register_converter(WSConv2d)
+        def _(layer):
+            conv = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride,
+                             layer.padding, layer.dilation, layer.groups, layer.bias is not None)
+            conv.weight.data.copy_(layer.standardized_weight())
+            ...
+            return conv
+
+    Args:
+        cls: the layer class (subclasses of it use the same converter unless they register their own).
+        fn: ``fn(layer) -> nn.Conv2d | nn.Linear``; ``None`` as a decorator.
+
+    Returns:
+        ``fn`` (or the decorator).
+    """
+    if not isinstance(cls, type) or not issubclass(cls, (nn.Conv2d, nn.Linear)):
+        raise TypeError(f"cls must be a subclass of nn.Conv2d or nn.Linear, got {cls!r}")
+    if fn is None:
+        def decorator(f: Converter) -> Converter:
+            return register_converter(cls, f)
+        return decorator
+    if not callable(fn):
+        raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+    _CONVERTERS[cls] = fn
+    return fn
+
+
+def unregister_converter(cls: type) -> None:
+    """Remove the converter registered for ``cls`` (no error if there is none)."""
+    _CONVERTERS.pop(cls, None)
+
+
+def _converter_for(layer: nn.Module) -> Optional[Converter]:
+    for klass in type(layer).__mro__:
+        if klass in _CONVERTERS:
+            return _CONVERTERS[klass]
+    return None
+
+
+def _standard_forward(layer: nn.Module) -> bool:
+    """True when ``layer`` computes what its library base class computes (only the class differs,
+    e.g. a parametrized layer, a subclass adding attributes, or a masked layer)."""
+    t = type(layer)
+    if isinstance(layer, MaskedConv2d):
+        return t.forward is MaskedConv2d.forward
+    if isinstance(layer, MaskedLinear):
+        return t.forward is MaskedLinear.forward
+    if isinstance(layer, nn.Conv2d):
+        return t.forward is nn.Conv2d.forward and t._conv_forward is nn.Conv2d._conv_forward
+    return t.forward is nn.Linear.forward
+
+
+def _left_as_is(name: str, layer: nn.Module, parents: Mapping[str, nn.Module]) -> Optional[str]:
+    """Why ``layer`` must not be replaced at all (None when it may be)."""
+    if isinstance(layer.weight, nn.parameter.UninitializedParameter):
+        return "uninitialised lazy layer (run the model once first)"
+    parent = parents.get(name)
+    if isinstance(parent, _READS_CHILD_WEIGHTS):
+        return (f"its parent {type(parent).__name__} reads its weight directly instead of calling it, "
+                "so a sparse layer cannot stand in for it")
+    if not _standard_forward(layer) and _converter_for(layer) is None:
+        return (f"{type(layer).__name__} overrides forward: it may not compute a plain "
+                f"{'convolution' if isinstance(layer, nn.Conv2d) else 'linear map'} of its weight "
+                "(use apb_sparse.sparsify.register_converter to convert it)")
+    return None
+
+
+def _source(name: str, layer: nn.Module) -> nn.Module:
+    """The layer whose weight ``sparsify`` converts: ``layer``, or its registered converter's result."""
+    fn = _converter_for(layer) if not _standard_forward(layer) else None
+    if fn is None:
+        return layer
+    out = fn(layer)
+    kind = nn.Conv2d if isinstance(layer, nn.Conv2d) else nn.Linear
+    if type(out) is not kind:
+        raise TypeError(f"the converter registered for {type(layer).__name__} ({name!r}) must return a plain "
+                        f"{kind.__name__}, got {type(out).__name__}")
+    if tuple(out.weight.shape) != tuple(layer.weight.shape):
+        raise ValueError(f"the converter registered for {type(layer).__name__} ({name!r}) returned a weight of "
+                         f"shape {tuple(out.weight.shape)}, expected the layer's {tuple(layer.weight.shape)}")
+    out.train(layer.training)
+    return out
 
 
 def _effective_weight(layer: nn.Module, mask: Optional[Tensor]) -> Tensor:
@@ -77,16 +201,82 @@ def _choose(layer: nn.Module, weight: Tensor, path: str) -> LayerChoice:
     return LayerChoice(chosen, density, block, cost)
 
 
-def _convert(layer: nn.Module, weight: Tensor, path: str) -> nn.Module:
-    if isinstance(layer, nn.Conv2d):
-        if path == "unstructured":
-            return SparseConv2d.from_dense(_plain(layer, weight))
-        if path == "structured":
-            return ChannelSparseConv2d.from_dense(_plain(layer, weight))
-        return _plain(layer, weight)
-    if path == "unstructured":
-        return SparseLinear.from_dense(_plain(layer, weight))
-    return _plain(layer, weight)
+def _explicit_padding(conv: nn.Conv2d) -> Optional[Tuple[int, int]]:
+    """``conv.padding`` as two integers; None for a ``padding="same"`` that pads one side more
+    (an even effective kernel size), which symmetric padding cannot express."""
+    if not isinstance(conv.padding, str):
+        return tuple(int(p) for p in conv.padding)
+    if conv.padding == "valid":
+        return (0, 0)
+    total = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]  # "same" (stride 1)
+    if any(t % 2 for t in total):
+        return None
+    return tuple(t // 2 for t in total)
+
+
+_PROBED: Dict[Tuple[type, torch.dtype, str], Optional[str]] = {}
+
+
+def _kernel_refuses(cls: type, dtype: torch.dtype, device: torch.device) -> Optional[str]:
+    """Why the sparse layer ``cls`` cannot run ``dtype`` on ``device`` (None when it can).
+
+    Found by running a 1x1 layer once per (class, dtype, device type): whether half precision is
+    computed depends on the compiled kernels, and asking them is the only reliable check.
+    """
+    key = (cls, dtype, device.type)
+    if key not in _PROBED:
+        try:
+            with torch.no_grad():
+                if cls is SparseLinear:
+                    layer = cls.from_dense(nn.Linear(1, 1, device=device, dtype=dtype))
+                    x = torch.ones(1, 1, device=device, dtype=dtype)
+                else:
+                    layer = cls.from_dense(nn.Conv2d(1, 1, 1, device=device, dtype=dtype))
+                    x = torch.ones(1, 1, 1, 1, device=device, dtype=dtype)
+                out = layer(x)
+            if out.dtype != dtype:
+                raise TypeError(f"returned {out.dtype}")
+            _PROBED[key] = None
+        except Exception as e:  # any refusal (TypeError, RuntimeError, missing extension) counts
+            _PROBED[key] = f"{cls.__name__} does not run {dtype} on {device.type}: {type(e).__name__}: {e}"
+    return _PROBED[key]
+
+
+def _build_sparse(layer: nn.Module, weight: Tensor, path: str) -> Tuple[Optional[nn.Module], Optional[str]]:
+    """``(sparse layer, None)`` for ``path``, or ``(None, why not)``."""
+    is_conv = isinstance(layer, nn.Conv2d)
+    cls = (ChannelSparseConv2d if path == "structured" else SparseConv2d) if is_conv else SparseLinear
+    if weight.numel() == 0:
+        return None, "zero-size layer: nothing to sparsify"
+    refused = _kernel_refuses(cls, weight.dtype, weight.device)
+    if refused:
+        return None, refused
+    # The layer as it is first; a padding="same" / "valid" the sparse layer refuses is retried
+    # as the equivalent explicit padding when there is one.
+    attempts = [_plain(layer, weight)]
+    explicit = _explicit_padding(layer) if is_conv else None
+    if is_conv and isinstance(layer.padding, str) and explicit is not None:
+        attempts.append(_plain(layer, weight))
+        attempts[-1].padding = explicit
+    new, error = None, None
+    for src in attempts:
+        try:
+            new = cls.from_dense(src)
+            break
+        except (ValueError, TypeError, RuntimeError) as e:
+            error = e
+    if new is None:
+        if is_conv and explicit is None:
+            return None, (f"padding={layer.padding!r} with kernel_size={tuple(layer.kernel_size)} and dilation="
+                          f"{tuple(layer.dilation)} pads one side more than the other, which {cls.__name__} "
+                          f"refuses: {error}")
+        return None, f"{cls.__name__} refuses the layer: {error}"
+    # A sparse layer that does not keep the padding mode would silently pad with zeros.
+    mode = getattr(layer, "padding_mode", "zeros")
+    if getattr(new, "padding_mode", "zeros") != mode:
+        return None, f"{cls.__name__} does not support padding_mode={mode!r}"
+    new.train(layer.training)
+    return new, None
 
 
 def _plain(layer: nn.Module, weight: Tensor) -> nn.Module:
@@ -119,14 +309,26 @@ def _prunable(model: nn.Module):
     return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
 
 
+def _parents(model: nn.Module) -> Dict[str, nn.Module]:
+    out = {}
+    for pname, parent in model.named_modules():
+        for cname, _ in parent.named_children():
+            out[f"{pname}.{cname}" if pname else cname] = parent
+    return out
+
+
 def _calibrate(model: nn.Module, layers, masks: Mapping[str, Tensor], example_input: Tensor,
                rounds: int) -> Dict[str, Dict[str, float]]:
-    """Measured cost (median seconds) of each candidate path of every layer on its real input."""
+    """Measured cost (median seconds) of each candidate path of every layer on its real input.
+
+    ``layers`` holds ``(name, layer, source)``: the hook sits on the model's layer, the candidates
+    are built from ``source`` (the layer or its registered converter's result).
+    """
     from .bench.timing import interleaved_medians
 
     inputs: Dict[str, Tensor] = {}
     hooks = [layer.register_forward_hook(lambda m, i, o, n=name: inputs.__setitem__(n, i[0].detach()))
-             for name, layer in layers]
+             for name, layer, _ in layers]
     was_training = model.training
     model.eval()
     try:
@@ -137,15 +339,18 @@ def _calibrate(model: nn.Module, layers, masks: Mapping[str, Tensor], example_in
         for h in hooks:
             h.remove()
     costs = {}
-    for name, layer in layers:
+    for name, _, source in layers:
         if name not in inputs:
             continue
-        weight = _effective_weight(layer, masks.get(name))
-        candidates = {"dense": _plain(layer, weight).eval()}
+        weight = _effective_weight(source, masks.get(name))
+        candidates = {"dense": _plain(source, weight).eval()}
         if weight.count_nonzero() < weight.numel():
-            candidates["unstructured"] = _convert(layer, weight, "unstructured")
-            if isinstance(layer, nn.Conv2d) and layer.groups == 1:
-                candidates["structured"] = _convert(layer, weight, "structured")
+            paths = ["unstructured"] + (["structured"] if isinstance(source, nn.Conv2d) and source.groups == 1
+                                        else [])
+            for p in paths:
+                new, _ = _build_sparse(source, weight, p)
+                if new is not None:
+                    candidates[p] = new.eval()
         x = inputs[name]
         t = interleaved_medians({k: (lambda m=m: m(x)) for k, m in candidates.items()}, rounds=rounds, warmup=1,
                                 min_time=1e-3)
@@ -153,10 +358,31 @@ def _calibrate(model: nn.Module, layers, masks: Mapping[str, Tensor], example_in
     return costs
 
 
+@torch.no_grad()
+def _mask_in_place(layer: nn.Module, mask: Tensor) -> None:
+    """What :func:`apply_masks` does to a layer, for layers that stay as they are."""
+    if isinstance(layer, MaskedLayer):
+        layer.set_mask(mask)
+        return
+    if tuple(mask.shape) != tuple(layer.weight.shape):
+        raise ValueError(f"mask has shape {tuple(mask.shape)}, expected the weight's shape "
+                         f"{tuple(layer.weight.shape)}")
+    layer.weight.mul_(mask.to(device=layer.weight.device, dtype=layer.weight.dtype))
+
+
 def sparsify(model: nn.Module, masks: Optional[Mapping[str, Tensor]] = None, *, inplace: bool = False,
              path: Union[str, Mapping[str, str]] = "auto", fuse: bool = False,
              calibrate: Optional[Tensor] = None, calibrate_rounds: int = 5) -> nn.Module:
     """Replace each ``nn.Conv2d`` / ``nn.Linear`` (masked ones included) by its sparse counterpart.
+
+    Layers that cannot be converted without changing the model's function are left as they are,
+    with the reason in ``model.apb_sparse_choices`` (see the module docstring): subclasses that
+    override ``forward`` (unless :func:`register_converter` says how to convert them), the
+    projections of ``nn.MultiheadAttention`` / ``nn.TransformerEncoderLayer``, and uninitialised
+    lazy layers.  Their masks, if given, are applied to their weight in place, as
+    :func:`apply_masks` does.  Zero-size layers, and layers whose dtype, ``padding``
+    (``"same"`` padding one side more) or ``padding_mode`` the sparse layers refuse, become plain
+    dense layers, again with the reason recorded.
 
     Args:
         model: any model; dense layers with zeros (checkpoints of any pruning tool) work directly.
@@ -170,14 +396,16 @@ def sparsify(model: nn.Module, masks: Optional[Mapping[str, Tensor]] = None, *, 
             ``load_state_dict``; layers not named use ``"auto"``).
         fuse: inference-only fusions (the model must be in eval mode): fold BatchNorms into the
             preceding convs and move ReLUs / residual adds into the sparse kernels' epilogue
-            (see :mod:`apb_sparse.fuse`). The result is an ``fx.GraphModule``.
+            (see :mod:`apb_sparse.fuse`). The result is an ``fx.GraphModule`` (or the unfused
+            model if it cannot be traced); what was not fused, and why, is in
+            ``model.apb_fuse_skipped``.
         calibrate: an example input batch; with it, ``"auto"`` layers take the path measured
             fastest on their real input (interleaved medians of ``calibrate_rounds`` rounds)
             instead of the analytic cost model, and ``LayerChoice.cost`` holds the seconds.
 
     Returns:
-        The converted model.  ``model.apb_sparse_choices`` maps each converted layer's name to a
-        :class:`LayerChoice` (path, densities, expected costs).
+        The converted model.  ``model.apb_sparse_choices`` maps each conv / linear layer's name
+        to a :class:`LayerChoice` (path, densities, expected costs, and why a layer stayed dense).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -196,46 +424,91 @@ def sparsify(model: nn.Module, masks: Optional[Mapping[str, Tensor]] = None, *, 
         raise ValueError(f"masks has keys that are not Conv2d/Linear layers of the model: {unknown}")
     if not inplace:
         model = copy.deepcopy(model)
-        layers = _prunable(model)
+    skipped_fusions: Dict[str, str] = {}
     if fuse:
         from .fuse import fold_batchnorm
 
         model = fold_batchnorm(model, inplace=True)
-        layers = _prunable(model)
+        skipped_fusions.update(getattr(model, "apb_fuse_skipped", {}))
+    layers = _prunable(model)
+    parents = _parents(model)
+    choices: Dict[str, LayerChoice] = {}
+    convertible = []
+    for name, layer in layers:
+        why = _left_as_is(name, layer, parents)
+        if why is None:
+            convertible.append((name, layer, _source(name, layer)))
+            continue
+        if name in masks:
+            _mask_in_place(layer, masks[name])
+        weight = _effective_weight(layer, None)
+        choices[name] = LayerChoice("dense", float(weight.count_nonzero()) / max(1, weight.numel()), None, {},
+                                    reason=why)
     measured: Dict[str, Dict[str, float]] = {}
     if calibrate is not None:
         if not isinstance(calibrate, Tensor):
             raise TypeError(f"calibrate must be an example input tensor, got {type(calibrate).__name__}")
         if calibrate_rounds < 1:
             raise ValueError(f"calibrate_rounds must be >= 1, got {calibrate_rounds}")
-        measured = _calibrate(model, layers, masks, calibrate, calibrate_rounds)
-    choices: Dict[str, LayerChoice] = {}
-    for name, layer in layers:
-        weight = _effective_weight(layer, masks.get(name))
-        choice = _choose(layer, weight, per_layer.get(name, default))
+        measured = _calibrate(model, convertible, masks, calibrate, calibrate_rounds)
+    for name, layer, source in convertible:
+        weight = _effective_weight(source, masks.get(name))
+        choice = _choose(source, weight, per_layer.get(name, default))
         if name in measured and per_layer.get(name, default) == "auto":
             choice.cost = measured[name]
             choice.path = min(measured[name], key=measured[name].get)
-        model = _replace(model, name, _convert(layer, weight, choice.path))
+        new = None
+        if choice.path != "dense":
+            new, why = _build_sparse(source, weight, choice.path)
+            if new is None:
+                choice.reason = f"{choice.path} path unavailable: {why}"
+                choice.path = "dense"
+        model = _replace(model, name, new if new is not None else _plain(source, weight))
         choices[name] = choice
     if fuse:
         from .fuse import fuse_activations
 
         model = fuse_activations(model)
-    model.apb_sparse_choices = choices
+        skipped_fusions.update(getattr(model, "apb_fuse_skipped", {}))
+        model.apb_fuse_skipped = skipped_fusions
+    model.apb_sparse_choices = {n: choices[n] for n, _ in layers if n in choices}
     return model
+
+
+def _restore_padding_mode(dense: nn.Module, layer: nn.Module) -> nn.Module:
+    # to_dense of a layer that pads with reflect / replicate / circular must not pad with zeros.
+    mode = getattr(layer, "padding_mode", "zeros")
+    if isinstance(dense, nn.Conv2d) and dense.padding_mode != mode:
+        dense.padding_mode = mode  # nn.Conv2d keeps the padding it needs for every mode
+    return dense
 
 
 def densify(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     """Equivalent model with plain ``nn.Conv2d`` / ``nn.Linear`` layers (sparse and masked layers
-    become dense layers holding their effective weights)."""
+    become dense layers holding their effective weights).
+
+    Fusions are undone first (:func:`apb_sparse.fuse.unfuse`): in a fused ``fx.GraphModule`` the
+    ReLU and residual add go back into the graph.  A sparse conv with ``fused_relu`` set outside
+    such a graph becomes ``nn.Sequential(conv, nn.ReLU())``.
+    """
+    from torch import fx
+
+    from .fuse import unfuse
+
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not inplace:
         model = copy.deepcopy(model)
+    for sub in list(model.modules()):
+        if isinstance(sub, fx.GraphModule):
+            unfuse(sub)
     for name, layer in list(model.named_modules()):
         if isinstance(layer, SPARSE_LAYERS + MaskedLayer):
-            model = _replace(model, name, layer.to_dense())
+            dense = _restore_padding_mode(layer.to_dense(), layer)
+            dense.train(layer.training)
+            if getattr(layer, "fused_relu", False):
+                dense = nn.Sequential(dense, nn.ReLU())
+            model = _replace(model, name, dense)
     if hasattr(model, "apb_sparse_choices"):
         del model.apb_sparse_choices
     return model
@@ -351,7 +624,7 @@ def sparsity_report(model: nn.Module, input_size: Optional[Sequence[int]] = None
                     if out.dim() == 4:
                         outputs[name] = out.shape[0] * out.shape[2] * out.shape[3]
                     else:
-                        outputs[name] = out.numel() // out.shape[-1]
+                        outputs[name] = out[..., :1].numel()  # out.numel() / features, also for 0 features
                 hooks.append(layer.register_forward_hook(hook))
         p = next(iter(model.parameters()), None)
         if p is None:
@@ -442,7 +715,10 @@ def magnitude_masks(model: nn.Module, sparsity: float, *, structure: str = "unst
     if structure == "channels" and coupled:
         from .compact import channel_groups
 
-        for group in channel_groups(model):
+        # Linear layers keep all their weights under structure="channels": with no conv to
+        # prune there is nothing to couple (and no image input to trace the model with).
+        has_conv = any(isinstance(all_layers[n], nn.Conv2d) for n in names)
+        for group in channel_groups(model) if has_conv else []:
             convs = [n for n in group["producers"] if n in names and isinstance(all_layers[n], nn.Conv2d)]
             if not convs:
                 continue

@@ -65,6 +65,15 @@ class SurveyedMethod:
 
         return methods.get(self.implemented)
 
+    @property
+    def implementation_notes(self) -> str:
+        """Where the implementation departs from the authors' code (``PruningMethod.notes``).
+
+        Empty for entries without an implementation. Details per method: docs/methods.md.
+        """
+        cls = self.method_class
+        return getattr(cls, "notes", "") if cls is not None else ""
+
     # Shortcuts to the tags.
     @property
     def pipeline(self) -> str:
@@ -107,7 +116,9 @@ METHODS: Tuple[SurveyedMethod, ...] = (
                    _t("A", ("AT(PGD)", "AT(PGD)"), "1S", _USS, "channels", ("G",), "LIS")),
     SurveyedMethod("HARP", "Q. Zhao, C. Wressnegger, Holistic Adversarially Robust Pruning, ICLR 2023",
                    2023, "https://openreview.net/forum?id=sAJDi9lD06L",
-                   _t("A", ("AT(TRADES)", "AT(TRADES)"), "1S", _USS, "channels", ("G",), "LIS"), "harp"),
+                   _t("A", ("AT(PGD)", "AT(PGD)"), "1S", _USS, "channels", ("G",), "LIS"), "harp",
+                   "training type from the authors' code (intellisec/harp: default adv_loss 'pgd'); "
+                   "APB lists AT(TRADES)"),
     SurveyedMethod("PwoA", "T. Jian, Z. Wang, Y. Wang, J. Dy, S. Ioannidis, Pruning Adversarially Robust Neural Networks without Adversarial Examples, ICDM 2022",
                    2022, "https://arxiv.org/abs/2210.04311",
                    _t("A", ("AT(TRADES)", "KD"), "1S", _US, None, ("L",), "SOLWM"), "pwoa",
@@ -160,7 +171,9 @@ METHODS: Tuple[SurveyedMethod, ...] = (
                    _t("B", ("AT(PGD)", "None"), "1S", _US, None, ("L",), "LIS"), "rst"),
     SurveyedMethod("RobustBird", "T. Chen et al., Sparsity Winning Twice: Better Robust Generalization from More Efficient Training, ICLR 2022",
                    2022, "https://arxiv.org/abs/2202.09844",
-                   _t("B", ("AT(PGD)", "AT(PGD)"), "IT", _US, None, ("G",), "LWM"), "robustbird"),
+                   _t("B", ("NT", "AT(PGD)"), "IT", _US, None, ("G",), "LWM"), "robustbird",
+                   "pruning-step training type from the authors' code (the early-bird search runs "
+                   "with natural SGD training); APB lists AT"),
     SurveyedMethod("AWT", "X. Shi et al., Finding Dynamics Preserving Adversarial Winning Tickets, AISTATS 2022",
                    2022, "https://proceedings.mlr.press/v151/shi22a/shi22a.pdf",
                    _t("B", ("AT(PGD)", "AT(PGD)"), "1S", _US, None, (), "LWM"), None,

@@ -240,3 +240,57 @@ def test_run_resumes_skipping_finished_cells_and_rerunning_torn_ones(tmp_path):
 
     with pytest.raises(ValueError, match="another configuration"):
         run_benchmark(TINY.with_overrides(eps=0.2), out, **kw)
+
+
+# ----------------------------------------------------------------------------------- grid, seeds, spread
+def test_plan_cells_deduplicates_repeated_sparsities_and_seeds_keeping_order():
+    from apb_sparse.bench.runner import plan_cells
+
+    cells = plan_cells(TINY, methods=["random", "hydra"], structures=["unstructured", "unstructured"],
+                       sparsities={"unstructured": [0.9, 0.5, 0.9, 0.5000000001]}, seeds=[1, 0, 1],
+                       archs=["small_cnn"], datasets=["digits"])
+    keys = [c.key for c in cells]
+    assert len(keys) == len(set(keys)) == 2 * (1 + 2 * 2)
+    assert [c.seed for c in cells if c.method == "dense"] == [1, 0]
+    assert [(c.method, c.sparsity) for c in cells if c.seed == 1][1:] == \
+        [("random", 0.9), ("hydra", 0.9), ("random", 0.5), ("hydra", 0.5)]
+
+
+def test_leaderboard_mean_std_over_seeds_kendall_tau_and_spread():
+    recs = []
+    for seed, aas in ((0, {"hydra": 0.5, "rst": 0.4, "harp": 0.3}), (1, {"hydra": 0.5, "rst": 0.3, "harp": 0.4})):
+        recs.append(_record("dense", 0.0, structure="none", seed=seed))
+        recs[-1]["role"] = "dense reference, trained with every method's total epoch budget"
+        recs[-1]["latency"]["cpu"].update(speedup=1.0, phase="exclusive", threads=1)
+        for m, aa in aas.items():
+            r = _record(m, 0.9, aa=aa, seed=seed)
+            r["latency"]["cpu"].update(speedup_q25=1.8, speedup_q75=2.2 + seed, phase="exclusive", threads=1)
+            recs.append(r)
+    md = to_markdown(recs)
+    assert "How to read this" in md and "custom AutoAttack subset" in md
+    assert "one exclusive phase" in md and "dense reference" in md
+    # 3 methods: (hydra, rst) and (hydra, harp) agree, (rst, harp) swap: tau = (2 - 1) / 3
+    assert "Kendall tau +0.33 over 3 methods" in md
+    table = [l for l in md.splitlines() if l.startswith("| rst ")][0].split("|")
+    assert table[3].strip() == "2" and table[7].strip() == "35.0 ± 7.1" and table[6].strip() == "90.0 ± 0.0"
+    assert table[12].strip() == "1.80-3.20"  # widest IQR over the seeds
+    hydra = [l for l in md.splitlines() if l.startswith("| hydra ")][0].split("|")
+    assert hydra[7].strip() == "50.0 ± 0.0"
+    rows = list(csv.DictReader(io.StringIO(to_csv(recs))))
+    assert len(rows) == 8
+    r = next(r for r in rows if r["method"] == "rst" and r["seed"] == "1")
+    assert float(r["cpu_speedup_q75"]) == pytest.approx(3.2) and r["latency_phase"] == "exclusive"
+    html_text = to_html(recs)
+    assert "How to read this" in html_text and "Kendall tau" in html_text
+
+
+def test_interleaved_medians_clock_cpu_time_ignores_time_not_spent_computing():
+    import time as _time
+
+    from apb_sparse.bench import interleaved_medians
+
+    fns = {"sleep": lambda: _time.sleep(0.01)}
+    wall = interleaved_medians(fns, rounds=3, warmup=0)
+    cpu = interleaved_medians(fns, rounds=3, warmup=0, clock=_time.process_time)
+    assert wall["sleep"]["median_s"] >= 0.009
+    assert cpu["sleep"]["median_s"] < 0.005  # the process was descheduled, not working

@@ -14,9 +14,12 @@ from apb_sparse.models import get_model
 
 
 def _error(capsys, argv):
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    assert e.value.code == 2
+    """stderr of a command that must fail with exit code 2 (argparse's SystemExit or main's return)."""
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code
+    assert code == 2
     return capsys.readouterr().err
 
 
@@ -142,3 +145,152 @@ def test_eval_checkpoint_from_another_tool_without_normalisation_buffers(tmp_pat
     assert torch.equal(raw.normalize.mean.flatten(), torch.zeros(1))
     with pytest.raises(ValueError, match="normalize.mean"):
         load_dense_model(path, "small_cnn", model_kwargs={"width": 4})
+
+
+# ------------------------------------------------------------------ bad files: one line, no traceback
+
+
+def _one_line_error(capsys, argv, code=2):
+    """The command fails with ``code`` and exactly one stderr line ``apb: error: ...``."""
+    rc = main(argv)
+    err = capsys.readouterr().err
+    assert rc == code, err
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("apb: error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def apb_checkpoint(tmp_path_factory):
+    """A small_cnn sparsified to 80 % and saved with save_checkpoint (records its dataset)."""
+    from apb_sparse.bench.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    model = get_model("small_cnn", num_classes=10, in_channels=1, width=4)
+    sparse = apb_sparse.sparsify(apb_sparse.apply_masks(model, apb_sparse.magnitude_masks(model, 0.8)),
+                                 path="unstructured")
+    path = tmp_path_factory.mktemp("apb") / "good.safetensors"
+    save_checkpoint(sparse, path, arch="small_cnn", num_classes=10, in_channels=1, model_kwargs={"width": 4},
+                    extra={"dataset": "digits"})
+    return path
+
+
+def _tampered(good, tmp_path, kind):
+    """A broken copy of ``good``: the ways a file from the internet or a full disk goes wrong."""
+    import os
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    data = good.read_bytes()
+    out = tmp_path / f"{kind}.safetensors"
+    if kind == "truncated":
+        out.write_bytes(data[: len(data) // 2])
+        return out
+    if kind == "random":
+        out.write_bytes(os.urandom(2000))
+        return out
+    if kind == "huge_header":
+        out.write_bytes((10 ** 15).to_bytes(8, "little") + b"{}")
+        return out
+    if kind == "random_pt":
+        out = out.with_suffix(".pt")
+        out.write_bytes(os.urandom(2000))
+        return out
+    with safe_open(str(good), "pt") as f:
+        config = json.loads(f.metadata()["apb_sparse_config"])
+    state = load_file(str(good))
+    if kind == "no_arch":
+        del config["arch"]
+    elif kind == "bad_json":
+        config = "{not json"
+    elif kind == "bad_num_classes":
+        config["num_classes"] = -3
+    elif kind == "unknown_arch":
+        config["arch"] = "no_such_net"
+    elif kind == "col_idx":
+        key = next(k for k in state if k.endswith("col_idx"))
+        state[key] = state[key] + 10_000
+    elif kind == "row_ptr":
+        key = next(k for k in state if k.endswith("row_ptr"))
+        state[key] = state[key].flip(0).contiguous()
+    elif kind == "values_length":
+        key = next(k for k in state if k.endswith("values"))
+        state[key] = torch.cat([state[key], state[key]])
+    blob = config if isinstance(config, str) else json.dumps(config)
+    save_file(state, str(out), metadata={"apb_sparse_config": blob})
+    return out
+
+
+BROKEN = ["truncated", "random", "huge_header", "random_pt", "no_arch", "bad_json", "bad_num_classes",
+          "unknown_arch", "col_idx", "row_ptr", "values_length"]
+
+
+@pytest.mark.parametrize("kind", BROKEN)
+def test_broken_checkpoints_give_one_error_line_naming_the_file(apb_checkpoint, tmp_path, capsys, kind):
+    bad = _tampered(apb_checkpoint, tmp_path, kind)
+    for argv in (["eval", "--checkpoint", str(bad), *EVAL_FAST],
+                 ["bench", "latency", "--checkpoint", str(bad), "--batch", "1", "--rounds", "1"]):
+        if kind == "random_pt" and argv[0] == "bench":
+            continue  # bench latency reads apb_sparse checkpoints only (covered by the other kinds)
+        line = _one_line_error(capsys, argv)
+        assert bad.name in line and "--checkpoint" in line
+        assert "--arch and --dataset are required" not in line  # the file is broken, not the arguments
+
+
+def test_good_checkpoint_still_loads(apb_checkpoint, capsys):
+    assert main(["bench", "latency", "--checkpoint", str(apb_checkpoint), "--batch", "1", "--rounds", "1"]) == 0
+    assert "speedup" in capsys.readouterr().out
+
+
+def test_unwritable_outputs_are_refused_before_any_work(apb_checkpoint, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    cases = [
+        (["eval", "--checkpoint", str(apb_checkpoint), *EVAL_FAST, "--out", str(blocker / "r.json")], "--out"),
+        (["eval", "--checkpoint", str(apb_checkpoint), *EVAL_FAST, "--save-sparse", str(blocker / "s.safetensors")],
+         "--save-sparse"),
+        (["eval", "--checkpoint", str(apb_checkpoint), *EVAL_FAST, "--save-sparse", str(tmp_path / "s.pt")],
+         "--save-sparse"),
+        (["eval", "--checkpoint", str(apb_checkpoint), *EVAL_FAST, "--out", str(tmp_path)], "--out"),
+        (["bench", "latency", "--checkpoint", str(apb_checkpoint), "--out", str(blocker / "l.json")], "--out"),
+        (["prune", "--method", "lwm_local", "--sparsity", "0.5", "--out", str(blocker / "p.safetensors")], "--out"),
+    ]
+    for argv, flag in cases:
+        line = _one_line_error(capsys, argv)
+        assert flag in line
+    out = capsys.readouterr().out
+    assert "clean" not in out and "speedup" not in out  # failed before evaluating or timing
+
+
+def test_prune_with_broken_base_fails_before_training(apb_checkpoint, tmp_path, capsys):
+    bad = _tampered(apb_checkpoint, tmp_path, "truncated")
+    line = _one_line_error(capsys, ["prune", "--method", "lwm_local", "--sparsity", "0.5", "--base", str(bad),
+                                    "--out", str(tmp_path / "p.safetensors")])
+    assert "--base" in line and bad.name in line
+
+
+def test_unexpected_failures_are_one_line_with_exit_1(monkeypatch, capsys):
+    import apb_sparse.cli as cli
+
+    def boom(args, parser):
+        raise RuntimeError("something\nbroke")
+
+    monkeypatch.setattr(cli, "_cmd_taxonomy", boom)
+    line = _one_line_error(capsys, ["taxonomy"], code=1)
+    assert "RuntimeError: something broke" in line and "APB_DEBUG" in line
+    monkeypatch.setenv("APB_DEBUG", "1")
+    with pytest.raises(RuntimeError):
+        main(["taxonomy"])
+
+
+def test_run_repeated_grid_values_are_reported_and_local_executor_takes_no_workers(capsys):
+    err = _error(capsys, ["run", "--sparsities", "0.5", "0.5", "--seeds", "0", "0", "--executor", "local",
+                          "--workers", "2"])
+    assert "--sparsities repeats [0.5]" in err and "--seeds repeats [0]" in err
+    assert "--workers" in err and "--executor ray" in err
+    err = _error(capsys, ["run", "--executor", "local", "--gpus-per-cell", "1"])
+    assert "--gpus-per-cell" in err
+    err = _error(capsys, ["run", "--cpus-per-cell", "0"])
+    assert "--cpus-per-cell" in err

@@ -268,10 +268,16 @@ class TestBadInputs:
             ops.masked_conv2d(self.x, self.w, self.m.double())
 
     def test_input_dtype(self):
-        with pytest.raises(TypeError, match="input"):
+        with pytest.raises(TypeError, match="weight dtype torch.float32 does not match the input dtype"):
             ops.masked_conv2d(self.x.half(), self.w, self.m)
         with pytest.raises(TypeError, match="input"):
             ops.masked_conv2d(self.x.long(), self.w, self.m)
+        # float16 / bfloat16 are computed in float32 and cast back
+        for dtype in (torch.float16, torch.bfloat16):
+            got = ops.masked_conv2d(self.x.to(dtype), self.w.to(dtype), self.m.to(dtype))
+            assert got.dtype == dtype
+            want = F.conv2d(self.x.to(dtype).float(), self.w.to(dtype).float()).to(dtype)
+            torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)
 
     def test_non_4d_input(self):
         with pytest.raises(ValueError, match="input must be 4-D"):
@@ -359,3 +365,116 @@ def test_batch_chunks_with_partial_last_chunk(threads, stride):
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
     finally:
         torch.set_num_threads(prev)
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 12: sizes that overflowed, zero-size operands, NaN through the fused ReLU, double backward.
+
+@pytest.mark.parametrize("stride", [(7, 1), (100, 3), (2**32, 2**32), (2**62, 1)])
+def test_stride_beyond_the_input_matches_reference(stride):
+    # stride_h * stride_w overflowed to 0 for 2**32 (a zero-length table was written).
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 6, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 3, 3, 2, dtype=torch.float64)
+    m = (torch.rand_like(w) > 0.5).double()
+    want = F.conv2d(x, w * m, None, stride, 1)
+    g = torch.randn_like(want)
+    (gwant,) = torch.autograd.grad(want, x, g)
+    v, rp, ci = ops.pack_csr(w, m)
+    for got in (ops.masked_conv2d(x, w, m, None, stride, 1), ops.sparse_conv2d(x, v, rp, ci, w.shape, None, stride, 1)):
+        torch.testing.assert_close(got, want)
+        (gx,) = torch.autograd.grad(got, x, g)
+        torch.testing.assert_close(gx, gwant)
+
+
+def test_no_input_channels_and_no_output_channels():
+    x = torch.randn(2, 0, 5, 5)
+    w = torch.randn(3, 0, 3, 3)
+    b = torch.tensor([1.0, -2.0, 3.0])
+    v, rp, ci = ops.pack_csr(w)
+    want = b.view(1, 3, 1, 1).expand(2, 3, 3, 3)
+    torch.testing.assert_close(ops.sparse_conv2d(x, v, rp, ci, w.shape, b), want)
+    torch.testing.assert_close(ops.masked_conv2d(x, w, torch.ones_like(w), b), want)
+    r = torch.randn(2, 3, 3, 3)
+    torch.testing.assert_close(ops.sparse_conv2d(x, v, rp, ci, w.shape, b, residual=r, relu=True),
+                               torch.relu(want + r))
+    # No output channels: empty output, zero input gradient.
+    x = torch.randn(2, 4, 5, 5, requires_grad=True)
+    w = torch.randn(0, 4, 3, 3)
+    v, rp, ci = ops.pack_csr(w)
+    out = ops.sparse_conv2d(x, v, rp, ci, w.shape)
+    assert out.shape == (2, 0, 3, 3)
+    out.sum().backward()
+    torch.testing.assert_close(x.grad, torch.zeros_like(x))
+    gi = torch.ops.apb_sparse.masked_conv2d_backward_input(torch.randn(2, 0, 3, 3), w, w, [2, 4, 5, 5], [1, 1],
+                                                           [0, 0], [1, 1], 1)
+    torch.testing.assert_close(gi, torch.zeros(2, 4, 5, 5))
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_fused_relu_propagates_non_finite_like_torch(value):
+    # The fused epilogue computed y > 0 ? y : 0, which maps NaN to 0 (torch.relu keeps NaN).
+    torch.manual_seed(0)
+    w = torch.randn(8, 4, 3, 3)
+    v, rp, ci = ops.pack_csr(w)
+    for portable in (False, True):
+        previous = ops.use_portable_kernel(portable)
+        try:
+            for hw in (8, 5, 2):  # output-row tiles, strips, tap-major layout
+                x = torch.randn(2, 4, hw, hw)
+                x[0, 0, hw // 2, hw // 2] = value
+                want = torch.relu(F.conv2d(x, w, None, 1, 1))
+                got = ops.sparse_conv2d(x, v, rp, ci, w.shape, None, 1, 1, relu=True)
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, equal_nan=True)
+                assert torch.isnan(got).any() == torch.isnan(want).any()
+        finally:
+            ops.use_portable_kernel(previous)
+
+
+def test_gradgradcheck():
+    # create_graph=True used to run the sparse backward ops, which have no derivatives of their
+    # own (torch only warned): second derivatives were silently wrong.
+    torch.manual_seed(0)
+    d = dict(dtype=torch.float64)
+    x = torch.randn(2, 2, 4, 4, **d, requires_grad=True)
+    w = torch.randn(2, 2, 2, 3, **d, requires_grad=True)
+    m = (torch.rand(2, 2, 2, 3) > 0.5).double().requires_grad_(True)
+    b = torch.randn(2, **d, requires_grad=True)
+    check = dict(fast_mode=True)  # full Jacobians cost minutes on a loaded 2-core machine
+    assert torch.autograd.gradgradcheck(lambda x, w, m, b: ops.masked_conv2d(x, w, m, b, 2, 1), (x, w, m, b),
+                                        **check)
+    v, rp, ci = ops.pack_csr(w.detach(), m.detach())
+    v.requires_grad_(True)
+    r = torch.randn(2, 2, 3, 2, **d, requires_grad=True)
+    assert torch.autograd.gradgradcheck(
+        lambda x, v, b, r: ops.sparse_conv2d(x, v, rp, ci, w.shape, b, 2, 1, residual=r), (x, v, b, r), **check)
+    lw = torch.randn(4, 5, **d) * (torch.rand(4, 5) > 0.4)
+    lv, lrp, lci = ops.pack_csr(lw)
+    lv.requires_grad_(True)
+    xl = torch.randn(3, 5, **d, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda x, v: ops.sparse_linear(x, v, lrp, lci, 5, None), (xl, lv), **check)
+
+
+def test_gradgradcheck_detects_wrong_second_derivatives():
+    # The check above can fail: a first-order-only backward (the previous behaviour) is caught.
+    x = torch.randn(1, 1, 4, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(1, 1, 3, 3, dtype=torch.float64)
+    v, rp, ci = ops.pack_csr(w)
+
+    class FirstOrderOnly(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, t):
+            ctx.save_for_backward(t)
+            return ops.sparse_conv2d(t, v, rp, ci, w.shape) ** 2
+
+        @staticmethod
+        def backward(ctx, g):
+            (t,) = ctx.saved_tensors
+            with torch.no_grad():  # detached: its own derivative is lost
+                y = ops.sparse_conv2d(t, v, rp, ci, w.shape)
+                return torch.ops.apb_sparse.sparse_conv2d_backward_input(2 * y * g, v, rp, ci, list(w.shape),
+                                                                         list(t.shape), [1, 1], [0, 0], [1, 1], 1)
+
+    assert torch.autograd.gradcheck(FirstOrderOnly.apply, (x,))  # first order is right
+    with pytest.raises(Exception):
+        torch.autograd.gradgradcheck(FirstOrderOnly.apply, (x,), fast_mode=True)

@@ -11,6 +11,10 @@ Bring-your-own checkpoints (``read_state_dict`` / ``load_dense_model``): a plain
 dense tensors (pruned weights are zeros), as ``.safetensors`` or as a ``torch.save`` file read
 with ``torch.load(weights_only=True)``, which refuses arbitrary pickled objects. Loading is
 strict: a missing or unexpected key is an error, never silently random weights.
+
+Files are untrusted input: a truncated, corrupted or tampered file (bad header, metadata that is
+not our JSON config, CSR buffers that do not describe the layer's weight) raises
+:class:`CheckpointError`, a ``ValueError`` whose one-line message names the file and the problem.
 """
 from __future__ import annotations
 
@@ -24,12 +28,27 @@ from torch import Tensor, nn
 
 from .results import atomic_write_bytes, atomic_write_text
 
-__all__ = ["FORMAT", "save_checkpoint", "load_checkpoint", "read_state_dict", "load_dense_model",
-           "state_dict_bytes", "infer_io", "save_state_dict", "is_apb_checkpoint"]
+__all__ = ["FORMAT", "CheckpointError", "save_checkpoint", "load_checkpoint", "read_state_dict",
+           "load_dense_model", "state_dict_bytes", "infer_io", "save_state_dict", "is_apb_checkpoint"]
 
 FORMAT = "apb_sparse.checkpoint/1"
 PathLike = Union[str, os.PathLike]
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "network", "weights")
+# Far above any image classifier here; a tampered config asking for more would only exhaust memory.
+_MAX_IO = 1 << 20
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used: unreadable, not in the expected format, or not
+    fitting the model it describes.  The message names the file."""
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    # torch.load's weights_only refusal is a paragraph of advice to unpickle; keep its cause.
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1].split(" Check the documentation", 1)[0].strip()
+    return text
 
 
 def _plain_tensors(state: Mapping[str, Tensor]) -> Dict[str, Tensor]:
@@ -85,17 +104,60 @@ def _read_metadata(path: Path) -> Optional[Dict[str, str]]:
         return None
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        return f.metadata()
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata()
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read: {_one_line(e)}") from None
+    except Exception as e:  # SafetensorError (bad header), and whatever a crafted file triggers
+        raise CheckpointError(f"{path}: not a valid safetensors file (truncated or corrupted?): "
+                              f"{_one_line(e)}") from None
 
 
-def is_apb_checkpoint(path: PathLike) -> bool:
-    """True for a file written by :func:`save_checkpoint`."""
+def is_apb_checkpoint(path: PathLike, *, strict: bool = False) -> bool:
+    """True for a file written by :func:`save_checkpoint`.
+
+    Args:
+        strict: raise :class:`CheckpointError` for a ``.safetensors`` file that cannot be parsed
+            (instead of answering False, which would send it down the plain-state-dict path).
+    """
     try:
         meta = _read_metadata(Path(path)) or {}
-    except Exception:
+    except CheckpointError:
+        if strict:
+            raise
         return False
     return "apb_sparse_config" in meta
+
+
+def _parse_config(path: Path, blob: str) -> Dict[str, Any]:
+    """The JSON config of one of our checkpoints, every field checked."""
+    try:
+        config = json.loads(blob)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: the apb_sparse_config metadata is not valid JSON: {_one_line(e)}") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: the apb_sparse_config metadata must be a JSON object, got "
+                              f"{type(config).__name__}")
+    if config.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: unsupported checkpoint format {config.get('format')!r}, expected {FORMAT!r}")
+    missing = [k for k in ("arch", "num_classes", "in_channels") if k not in config]
+    if missing:
+        raise CheckpointError(f"{path}: the checkpoint config has no {', '.join(repr(k) for k in missing)} "
+                              "(needed to rebuild the model)")
+    if not isinstance(config["arch"], str):
+        raise CheckpointError(f"{path}: config 'arch' must be a string, got {config['arch']!r}")
+    for k in ("num_classes", "in_channels"):
+        v = config[k]
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= _MAX_IO:
+            raise CheckpointError(f"{path}: config {k!r} must be an integer in [1, {_MAX_IO}], got {v!r}")
+    if not isinstance(config.get("model_kwargs", {}), dict):
+        raise CheckpointError(f"{path}: config 'model_kwargs' must be a JSON object, got "
+                              f"{config['model_kwargs']!r}")
+    paths = config.get("paths") or {}
+    if not isinstance(paths, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in paths.items()):
+        raise CheckpointError(f"{path}: config 'paths' must map layer names to path names")
+    return config
 
 
 def load_checkpoint(path: PathLike, *, device: Union[str, torch.device] = "cpu") -> Tuple[nn.Module, Dict[str, Any]]:
@@ -105,7 +167,9 @@ def load_checkpoint(path: PathLike, *, device: Union[str, torch.device] = "cpu")
         ``(model, config)``; the model is in eval mode on ``device``.
 
     Raises:
-        ValueError: not one of our checkpoints, or the weights do not fit the rebuilt model.
+        FileNotFoundError: no such file.
+        CheckpointError: (a ``ValueError``) not one of our checkpoints, unreadable, a config that
+            does not describe a model, or weights that do not fit the rebuilt model.
     """
     from .. import sparsify
     from ..models import get_model
@@ -115,16 +179,18 @@ def load_checkpoint(path: PathLike, *, device: Union[str, torch.device] = "cpu")
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
     meta = _read_metadata(path) or {}
     if "apb_sparse_config" not in meta:
-        raise ValueError(f"{path} is not an apb_sparse checkpoint (no 'apb_sparse_config' metadata); "
-                         "for a plain state dict use `apb eval --checkpoint FILE --arch ... --dataset ...`")
-    config = json.loads(meta["apb_sparse_config"])
-    if config.get("format") != FORMAT:
-        raise ValueError(f"{path}: unsupported checkpoint format {config.get('format')!r}, expected {FORMAT!r}")
-    model = get_model(config["arch"], num_classes=config["num_classes"], in_channels=config["in_channels"],
-                      **config.get("model_kwargs", {}))
-    if config.get("paths"):
-        model = sparsify(model, path=config["paths"], inplace=True)
-    state = read_state_dict(path)
+        raise CheckpointError(f"{path} is not an apb_sparse checkpoint (no 'apb_sparse_config' metadata); "
+                              "for a plain state dict use `apb eval --checkpoint FILE --arch ... --dataset ...`")
+    config = _parse_config(path, meta["apb_sparse_config"])
+    state = read_state_dict(path)  # before building: a broken file should not cost a model build
+    try:
+        model = get_model(config["arch"], num_classes=config["num_classes"], in_channels=config["in_channels"],
+                          **config.get("model_kwargs", {}))
+        if config.get("paths"):
+            model = sparsify(model, path=config["paths"], inplace=True)
+    except (ValueError, TypeError, KeyError) as e:
+        raise CheckpointError(f"{path}: its config does not describe a model that can be built "
+                              f"(arch {config['arch']!r}): {_one_line(e)}") from None
     _strict_load(model, state, path)
     return model.to(device).eval(), config
 
@@ -147,13 +213,23 @@ def read_state_dict(path: PathLike) -> Dict[str, Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        state: Any = load_file(str(path))
+        _read_metadata(path)  # a bad header gets its own message
+        try:
+            state: Any = load_file(str(path))
+        except OSError as e:
+            raise CheckpointError(f"{path}: cannot be read: {_one_line(e)}") from None
+        except Exception as e:  # SafetensorError: tensor data out of the file's bounds, bad dtypes
+            raise CheckpointError(f"{path}: not a valid safetensors file (truncated or corrupted?): "
+                                  f"{_one_line(e)}") from None
     else:
         try:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
+        except OSError as e:
+            raise CheckpointError(f"{path}: cannot be read: {_one_line(e)}") from None
         except Exception as e:  # pickle.UnpicklingError and friends: name the cause, keep it safe
-            raise ValueError(f"{path}: cannot be read with torch.load(weights_only=True) (it may hold "
-                             f"pickled Python objects, which are never unpickled here): {e}") from None
+            raise CheckpointError(f"{path}: cannot be read with torch.load(weights_only=True) (truncated, not "
+                                  "a torch.save file, or it holds pickled Python objects, which are never "
+                                  f"unpickled here): {_one_line(e)}") from None
     for _ in range(3):
         if isinstance(state, Mapping) and not all(isinstance(v, Tensor) for v in state.values()):
             inner = next((state[k] for k in _WRAPPER_KEYS if k in state and isinstance(state[k], Mapping)), None)
@@ -161,11 +237,11 @@ def read_state_dict(path: PathLike) -> Dict[str, Tensor]:
                 break
             state = inner
     if not isinstance(state, Mapping) or not state:
-        raise ValueError(f"{path}: expected a state dict (name -> tensor), got {type(state).__name__}")
+        raise CheckpointError(f"{path}: expected a state dict (name -> tensor), got {type(state).__name__}")
     tensors = {k: v for k, v in state.items() if isinstance(v, Tensor)}
     if len(tensors) != len(state):
         others = sorted(k for k, v in state.items() if not isinstance(v, Tensor))[:5]
-        raise ValueError(f"{path}: the state dict holds non-tensor entries {others}")
+        raise CheckpointError(f"{path}: the state dict holds non-tensor entries {others}")
     if tensors and all(k.startswith("module.") for k in tensors):
         tensors = {k[len("module."):]: v for k, v in tensors.items()}
     return tensors
@@ -188,14 +264,41 @@ def _strict_load(model: nn.Module, state: Mapping[str, Tensor], path: PathLike) 
     missing = sorted(expected - set(state))
     unexpected = sorted(set(state) - expected)
     if missing or unexpected:
-        raise ValueError(f"{path}: the checkpoint does not fit the model: missing keys {missing[:8]}"
+        raise CheckpointError(f"{path}: the checkpoint does not fit the model: missing keys {missing[:8]}"
                          f"{' ...' if len(missing) > 8 else ''}, unexpected keys {unexpected[:8]}"
                          f"{' ...' if len(unexpected) > 8 else ''} (loading is strict: a missing key "
                          "would leave random weights)")
     try:
         model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise ValueError(f"{path}: the checkpoint does not fit the model: {e}") from None
+    except (RuntimeError, ValueError, TypeError) as e:  # shape mismatches; layers refusing corrupt buffers
+        raise CheckpointError(f"{path}: the checkpoint does not fit the model: {_one_line(e)}") from None
+    _check_sparse_buffers(model, path)
+
+
+def _check_sparse_buffers(model: nn.Module, path: PathLike) -> None:
+    """Refuse CSR buffers that do not describe their layer's weight (a tampered file loads them
+    with valid shapes; the kernels would read out of bounds or compute garbage)."""
+    from .. import ops
+    from ..nn.sparse import ChannelSparseConv2d, SparseConv2d, SparseLinear
+
+    check = getattr(ops, "check_csr", None)
+    for name, layer in model.named_modules():
+        try:
+            if isinstance(layer, (SparseConv2d, SparseLinear)) and check is not None:
+                check(layer.values, layer.row_ptr, layer.col_idx, layer.weight_shape,
+                      names=(f"{name}.values", f"{name}.row_ptr", f"{name}.col_idx"))
+            elif isinstance(layer, ChannelSparseConv2d):
+                for attr, size in (("out_index", layer.out_channels), ("in_index", layer.in_channels)):
+                    idx = getattr(layer, attr)
+                    if idx.dim() != 1 or (idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= size)) or \
+                            idx.unique().numel() != idx.numel():
+                        raise ValueError(f"{name}.{attr} must hold distinct channel indices in [0, {size})")
+                expected = (layer.out_index.numel(), layer.in_index.numel(), *layer.kernel_size)
+                if tuple(layer.weight.shape) != expected:
+                    raise ValueError(f"{name}.weight has shape {tuple(layer.weight.shape)}, expected {expected} "
+                                     "(kept output filters, kept input channels, kernel)")
+        except (ValueError, TypeError) as e:
+            raise CheckpointError(f"{path}: corrupted sparse layer {name!r}: {_one_line(e)}") from None
 
 
 NORMALIZE_KEYS = ("normalize.mean", "normalize.std")
@@ -203,7 +306,8 @@ NORMALIZE_KEYS = ("normalize.mean", "normalize.std")
 
 def load_dense_model(path: PathLike, arch: str, *, num_classes: Optional[int] = None,
                      in_channels: Optional[int] = None, model_kwargs: Optional[Dict[str, Any]] = None,
-                     normalization: Optional[Tuple[Any, Any]] = None) -> nn.Module:
+                     normalization: Optional[Tuple[Any, Any]] = None,
+                     state: Optional[Mapping[str, Tensor]] = None) -> nn.Module:
     """Build ``arch`` and strictly load a dense (with zeros) state dict from ``path`` into it.
 
     ``num_classes`` / ``in_channels`` default to what the state dict's shapes say.
@@ -213,15 +317,17 @@ def load_dense_model(path: PathLike, arch: str, *, num_classes: Optional[int] = 
             ``normalize.mean`` / ``normalize.std`` buffers (their normalisation lived outside the
             model): the model then normalises with these statistics.  Ignored when the state dict
             has the buffers; without it such a checkpoint is refused (strict loading).
+        state: the state dict already read from ``path`` by :func:`read_state_dict` (so that a
+            caller checking the file first does not read it twice); ``path`` then only names it.
     """
     from ..models import get_model
 
-    state = dict(read_state_dict(path))
+    state = dict(read_state_dict(path) if state is None else state)
     g_in, g_cls = infer_io(state)
     in_channels = in_channels or g_in
     num_classes = num_classes or g_cls
     if in_channels is None or num_classes is None:
-        raise ValueError(f"{path}: cannot tell in_channels / num_classes from the state dict; pass them")
+        raise CheckpointError(f"{path}: cannot tell in_channels / num_classes from the state dict; pass them")
     kwargs = dict(model_kwargs or {})
     supplied = normalization is not None and not any(k in state for k in NORMALIZE_KEYS)
     if supplied:

@@ -6,8 +6,8 @@ structures, seeds) without changing the preset's identity. Whatever is overridde
 every result's ``config``.
 
 * ``quick`` (default): sklearn digits (8x8, ships with scikit-learn), ``small_cnn`` at width 16,
-  Linf eps 0.1, three unstructured sparsities. Sized to finish in under 10 minutes on a 2-core CPU
-  with every registered method. Robust accuracy is a *cheaper custom AutoAttack subset*
+  Linf eps 0.1, three unstructured sparsities (50/90/95 %), two seeds. Sized to finish in under 10
+  minutes on a 2-core CPU with every registered method and the Ray executor (both cores). Robust accuracy is a *cheaper custom AutoAttack subset*
   (APGD-CE with one restart, then APGD-T on a few target classes, both with fewer iterations) on
   the first few hundred test images, not AutoAttack "standard".
 * ``fmnist``: Fashion-MNIST, ``small_cnn`` width 16 on a 10k training subset, same custom
@@ -55,12 +55,19 @@ class Preset:
         curve_max: the security curve covers eps in [0, curve_max].
         check_samples, square_queries: gradient-masking checks: images and Square's budget.
         latency_batch: batch size of the leaderboard's latency columns.
-        latency_rounds: interleaved timing rounds (medians reported).
+        latency_rounds: interleaved timing rounds of the exclusive timing phase (medians and
+            interquartile ranges reported).
+        latency_min_time: seconds each model is called for in one round (steady-state latency).
+        latency_threads: torch CPU threads of the timing phase (None: ``threads``, else torch's).
         eval_batch: attack batch size.
         device: "auto" (CUDA when available), "cpu" or "cuda" for training and attacks.
         threads: torch CPU threads (None: torch's default). The quick preset uses 1: its tiny
             model gains nothing from intra-op parallelism, and on a shared 2-core machine a second
             OpenMP thread waiting for a busy core made training ~10x slower in our trials.
+        protocol: version of what ``apb run`` measures, part of the identity so that an output folder
+            written by another version is refused rather than mixed. 1: the "dense" row was the
+            pipeline-A base model, latency timed inside each cell; 2: the dense row is a dense model
+            trained with every method's total epoch budget, latency timed in one exclusive phase.
     """
 
     name: str
@@ -90,9 +97,12 @@ class Preset:
     square_queries: int = 500
     latency_batch: int = 32
     latency_rounds: int = 10
+    latency_min_time: float = 0.05
+    latency_threads: Optional[int] = None
     eval_batch: int = 250
     device: str = "auto"
     threads: Optional[int] = None
+    protocol: int = 2
 
     def with_overrides(self, **changes) -> "Preset":
         """A copy with some fields changed (None values are ignored)."""
@@ -110,7 +120,8 @@ class Preset:
         the latency settings."""
         d = self.to_dict()
         for k in ("name", "description", "methods", "sparsities", "structures", "seeds", "archs",
-                  "datasets", "latency_batch", "latency_rounds", "device", "eval_batch", "threads"):
+                  "datasets", "latency_batch", "latency_rounds", "latency_min_time", "latency_threads",
+                  "device", "eval_batch", "threads"):
             d.pop(k)
         return d
 
@@ -133,15 +144,19 @@ PRESETS: Dict[str, Preset] = {
     "quick": Preset(
         name="quick",
         description="sklearn digits, small_cnn (width 16, 61k weights), every method at 3 "
-                    "unstructured sparsities (50/80/90 %); <= 10 min on a 2-core CPU",
+                    "unstructured sparsities (50/90/95 %), 2 seeds; <= 10 min on a 2-core CPU with Ray",
         datasets=("digits",), archs=("small_cnn",), model_kwargs={"width": 16},
-        sparsities={"unstructured": (0.5, 0.8, 0.9), "filter": (0.5,)},
-        structures=("unstructured",),
+        sparsities={"unstructured": (0.5, 0.9, 0.95), "filter": (0.5,)},
+        structures=("unstructured",), seeds=(0, 1),
         base_epochs=5, prune_epochs=1, finetune_epochs=2,
         recipe=dict(mode="pgd", steps=3, batch_size=128, lr=0.05, finetune_lr=0.02),
         eps=0.1, attack="quick", aa_samples=200, aa_iters=25, aa_targets=3,
         fmn_samples=100, fmn_steps=40, curve_max=0.3, check_samples=32, square_queries=100,
-        latency_batch=64, latency_rounds=7, eval_batch=256, device="cpu", threads=1),
+        # Latency: one thread (on a loaded 2-core machine a second OpenMP thread waiting for a busy
+        # core made the dense baseline up to 7x slower and noisy), and a batch large enough that
+        # the sparse kernels have work to do (8x8 inputs leave 4x4 / 2x2 maps in the deep layers).
+        latency_batch=256, latency_rounds=11, latency_min_time=0.03, latency_threads=1,
+        eval_batch=256, device="cpu", threads=1),
     "fmnist": Preset(
         name="fmnist",
         description="Fashion-MNIST (10k training subset), small_cnn (width 16), every method at 3 "

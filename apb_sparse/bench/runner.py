@@ -1,23 +1,26 @@
-"""The benchmark behind ``apb run``: one dense adversarial base model, every method at every
-sparsity, robustness and measured speed of each pruned model, resumable.
+"""The benchmark behind ``apb run``: every method at every sparsity and seed, robustness and
+measured speed of each pruned model, next to a dense reference trained with the same budget;
+resumable, on one process or on a Ray cluster.
 
-For each (dataset, arch, seed):
+A *cell* is (method, arch, dataset, structure, sparsity, seed). For each cell not yet in
+``OUT/results.jsonl``, an executor (``local``: this process; ``ray``: a Ray task on any worker,
+see :mod:`apb_sparse.bench.executors`) runs :func:`run_cell`:
 
-1. the dense base model is adversarially trained once with the preset's recipe and cached in
-   ``OUT/base/`` (a rerun loads it); it is evaluated like every pruned model (the "dense" row);
-2. for each (structure, sparsity, method) not yet in ``OUT/results.jsonl``: the method prunes
-   (pipeline A starts from the base model, pipelines B/D from the same initialisation with the
-   same total epoch budget), then :func:`evaluate_model`:
+* the method prunes: pipeline A starts from the dense base model of (dataset, arch, seed), trained
+  once before the cells that need it and shared through ``OUT/base/``; pipelines B/D start from
+  the same initialisation with the same total epoch budget. The "dense" cell is the dense
+  reference: adversarially trained from that initialisation for the same total budget;
+* :func:`evaluate_model`: sparsity actually reached (``sparsity_report``) and the per-layer sparse
+  paths; clean and robust accuracy (AutoAttack standard, or the preset's cheaper custom subset);
+  minimum-norm FMN distances -> median distance and security curve, with the gradient-masking
+  checks of ``apb_sparse.robustness.evaluate``; agreement of ``apb_sparse.sparsify``'s model with
+  the dense-with-zeros model; state-dict sizes;
+* the sparse checkpoint (nonzeros only) goes to ``OUT/checkpoints/``, the cell's log to
+  ``OUT/logs/``, and the record back to the driver, which alone appends it to the JSONL file.
 
-   * sparsity actually reached (``sparsity_report``) and the per-layer sparse paths;
-   * clean and robust accuracy (AutoAttack standard, or the preset's cheaper custom subset);
-   * minimum-norm FMN distances -> median distance and security curve, with the
-     gradient-masking checks of ``apb_sparse.robustness.evaluate``;
-   * ``apb_sparse.sparsify`` -> agreement of the sparse model with the dense-with-zeros model,
-     latency dense vs sparse (interleaved medians, CPU and CUDA when present), state-dict sizes;
-
-   the record is appended to the JSONL file and the checkpoint saved (nonzeros only);
-3. the leaderboard (Markdown, CSV, HTML) and plots are rewritten.
+Latency is measured afterwards, by the driver, in one exclusive phase when no cell runs
+(:func:`time_deployed`): all deployed models of the run interleaved with one dense baseline per
+(dataset, arch). Then the leaderboard (Markdown, CSV, HTML) and plots are written.
 
 Attacks run on the dense-with-zeros model (``densify``): it computes the same function as the
 sparse one (checked on the attacked images) and uses the vendor kernels for the many backward
@@ -31,6 +34,8 @@ import json
 import logging
 import math
 import os
+import socket
+import statistics
 import sys
 import time
 import traceback
@@ -47,7 +52,7 @@ from .results import ResultsStore, atomic_write_text, cell_id, cell_key
 
 __all__ = ["resolve_device", "load_data", "build_model", "make_recipe", "get_base_model",
            "quick_autoattack", "robustness", "measure_latency", "evaluate_model", "Cell",
-           "plan_cells", "run_benchmark", "RunSummary"]
+           "plan_cells", "run_benchmark", "RunSummary", "run_cell", "train_base", "time_deployed"]
 
 DENSE = "dense"
 
@@ -382,23 +387,40 @@ class Cell:
         return cell_id(self.key)
 
 
+def _unique(values: Sequence) -> List:
+    out: List = []
+    for v in values:
+        if v not in out:
+            out.append(v)
+    return out
+
+
 def plan_cells(preset: Preset, *, methods: Sequence[str], structures: Sequence[str],
                sparsities: Dict[str, Sequence[float]], seeds: Sequence[int], archs: Sequence[str],
                datasets: Sequence[str]) -> List[Cell]:
     """Every cell of the grid, dense rows first, sparsity-major (an interrupted run still has
-    every method at the lower sparsities). Methods that do not support a structure are left out."""
+    every method at the lower sparsities). Methods that do not support a structure are left out.
+    Repeated values (``--sparsities 0.5 0.5``, ``--seeds 0 0``) name one cell: the grid is
+    deduplicated, keeping the first occurrence's order."""
     from .. import methods as registry
 
     cells: List[Cell] = []
-    for dataset in datasets:
-        for arch in archs:
-            for seed in seeds:
-                cells.append(Cell(DENSE, arch, dataset, "none", 0.0, seed))
-                for structure in structures:
+    seen = set()
+
+    def add(cell: Cell) -> None:
+        if cell.key not in seen:
+            seen.add(cell.key)
+            cells.append(cell)
+
+    for dataset in _unique(datasets):
+        for arch in _unique(archs):
+            for seed in _unique([int(s) for s in seeds]):
+                add(Cell(DENSE, arch, dataset, "none", 0.0, seed))
+                for structure in _unique(structures):
                     for s in sparsities.get(structure, ()):
                         for m in methods:
                             if structure in registry.get(m).structures:
-                                cells.append(Cell(m.lower(), arch, dataset, structure, float(s), seed))
+                                add(Cell(m.lower(), arch, dataset, structure, float(s), seed))
     return cells
 
 
@@ -410,6 +432,9 @@ class RunSummary:
     failed: List[Tuple[Tuple, str]] = field(default_factory=list)
     seconds: float = 0.0
     files: Dict[str, str] = field(default_factory=dict)
+    executor: str = "local"
+    timed: int = 0
+    timing_seconds: float = 0.0
 
 
 def _method_tags(name: str) -> Optional[Dict[str, Any]]:
@@ -437,24 +462,345 @@ def _check_run_config(out_dir: Path, preset: Preset) -> None:
                                             "identity": identity}, indent=1, default=str))
 
 
+# ----------------------------------------------------------------------------------- tasks
+# The two task functions below are what an executor runs (in this process, or in a Ray worker on
+# any node). They take only picklable arguments, read their inputs from the run folder (which on a
+# cluster must be shared storage) and return JSON-able results; they never write results.jsonl.
+
+_DATA_CACHE: Dict[Tuple, Any] = {}
+
+
+def _cached_data(dataset: str, preset: Preset, data_dir: Optional[str]):
+    key = (dataset, preset.train_subset, data_dir)
+    if key not in _DATA_CACHE:
+        _DATA_CACHE.clear()  # one dataset at a time per worker process
+        _DATA_CACHE[key] = load_data(dataset, preset, data_dir)
+    return _DATA_CACHE[key]
+
+
+@contextlib.contextmanager
+def _task_context(preset: Preset, log_path: Optional[Path]):
+    """Threads and denormal flushing as the preset says; stdout, stderr and logging into the
+    cell's log file (so concurrent cells never interleave on the driver's terminal)."""
+    old_threads = torch.get_num_threads()
+    if preset.threads:
+        torch.set_num_threads(preset.threads)
+    torch.set_flush_denormal(True)
+    if log_path is None:
+        try:
+            yield
+        finally:
+            torch.set_num_threads(old_threads)
+        return
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "a", buffering=1) as f:
+        handler = logging.StreamHandler(f)
+        root = logging.getLogger()
+        root.addHandler(handler)
+        f.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} host={socket.gethostname()} pid={os.getpid()} "
+                f"threads={torch.get_num_threads()}\n")
+        try:
+            with contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+                yield
+        except BaseException:
+            f.write(traceback.format_exc())
+            raise
+        finally:
+            root.removeHandler(handler)
+            torch.set_num_threads(old_threads)
+
+
+def train_base(preset: Preset, arch: str, dataset: str, seed: int, out_dir: str,
+               data_dir: Optional[str] = None, device: str = "cpu") -> Dict[str, Any]:
+    """Task: the dense base model of pipeline-A methods for (dataset, arch, seed), trained once
+    and saved in ``OUT/base/`` (loaded there if it exists). Returns its info (epochs, seconds)."""
+    out = Path(out_dir)
+    log_path = out / "logs" / f"base-{dataset}-{arch}-seed{seed}.log"
+    with _task_context(preset, log_path):
+        data = _cached_data(dataset, preset, data_dir)
+        _, info = get_base_model(preset, arch, dataset, data, seed, out, device=resolve_device(device),
+                                 progress=False, log=print)
+        return {"path": str(_base_path(out, preset, arch, dataset, seed)),
+                "train_seconds": info.get("train_seconds"), "epochs": info.get("epochs")}
+
+
+def run_cell(preset: Preset, cell: Cell, out_dir: str, data_dir: Optional[str] = None, device: str = "cpu",
+             config: Optional[Dict[str, Any]] = None, env: Optional[Dict[str, Any]] = None,
+             log_to_file: bool = True) -> Dict[str, Any]:
+    """Task: prune (or, for the dense reference, train) one cell, evaluate its robustness,
+    convert it with ``apb_sparse.sparsify``, save its checkpoint; return its result record.
+
+    Latency is not measured here (concurrent cells would disturb it): the driver times every
+    deployed model of the run in one exclusive phase afterwards (:func:`time_deployed`).
+
+    The dense reference (method "dense") is adversarially trained from the cell's initialisation
+    for the recipe's *total* epoch budget, the budget of every method (pipeline A: base + prune +
+    finetune; B/D: the same total from scratch).
+    """
+    from .. import methods as registry
+    from ..train import train
+
+    out = Path(out_dir)
+    dev = resolve_device(device)
+    log_path = out / "logs" / f"{cell.id}.log" if log_to_file else None
+    with _task_context(preset, log_path):
+        print(f"cell {cell.id} on {dev}")
+        t0, c0 = time.perf_counter(), time.process_time()
+        data = _cached_data(cell.dataset, preset, data_dir)
+        input_shape = tuple(int(s) for s in data.input_shape)
+        recipe = make_recipe(preset, cell.arch, cell.dataset, cell.seed, progress=False)
+        prune_log: Dict[str, Any] = {}
+        extra: Dict[str, Any] = {}
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cell.seed)
+            if cell.method == DENSE:
+                model = build_model(preset, cell.arch, data, cell.seed).to(dev)
+                epochs = recipe.total_epochs
+                print(f"[dense] adversarially training the dense reference: {epochs} epochs "
+                      f"(= every method's budget) {recipe.mode.upper()} {preset.norm} eps={preset.eps:.4g}")
+                tlog = train(model, data, recipe.train_config(epochs, lr=recipe.lr), progress=False)
+                model.eval()
+                prune_seconds = time.perf_counter() - t0
+                extra = {"role": "dense reference, trained with every method's total epoch budget",
+                         "epochs": epochs, "train_log": tlog.to_dict()}
+            else:
+                cls = registry.get(cell.method)
+                if cls.tags.pipeline == "A":
+                    base_file = _base_path(out, preset, cell.arch, cell.dataset, cell.seed)
+                    if not base_file.is_file():
+                        raise RuntimeError(f"dense base model {base_file} missing (it is trained before the "
+                                           "pipeline-A cells; on a cluster the run folder must be shared storage)")
+                    base, _ = load_checkpoint(base_file)
+                    res = cls().prune(base.to(dev), data, sparsity=cell.sparsity, structure=cell.structure,
+                                      recipe=recipe, pretrained=True)
+                else:
+                    init = build_model(preset, cell.arch, data, cell.seed).to(dev)
+                    res = cls().prune(init, data, sparsity=cell.sparsity, structure=cell.structure,
+                                      recipe=recipe, pretrained=False)
+                model = res.model
+                prune_seconds = res.log.get("seconds", time.perf_counter() - t0)
+                prune_log = {k: res.log.get(k) for k in ("target_sparsity", "sparsity", "sparsity_all",
+                                                        "hparams", "seconds")}
+                prune_log["phases"] = [{k: v for k, v in p.items() if k != "train_log"}
+                                       for p in res.log.get("phases", [])]
+        t1 = time.perf_counter()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cell.seed)
+            # Per-layer paths by the analytic cost model here: measuring them would be disturbed by
+            # the concurrent cells; the timing phase re-chooses them by measurement.
+            from .. import densify, sparsify
+            deployed = sparsify(densify(model).cpu().eval())
+            measured, sparse_model = evaluate_model(model, data, preset, seed=cell.seed, device=dev,
+                                                    input_shape=input_shape, latency=False,
+                                                    sparse_model=deployed)
+        flags = measured.pop("flags")
+        if cell.method != DENSE and abs(prune_log.get("sparsity", cell.sparsity) - cell.sparsity) > 0.005:
+            flags.append("sparsity!=target")
+        ckpt = out / "checkpoints" / f"{cell.id}.safetensors"
+        save_checkpoint(sparse_model, ckpt, arch=cell.arch, num_classes=int(data.num_classes),
+                        in_channels=int(data.input_shape[0]), model_kwargs=preset.model_kwargs,
+                        extra={"method": cell.method, "structure": cell.structure, "sparsity": cell.sparsity,
+                               "seed": cell.seed, "dataset": cell.dataset})
+        record = {"method": cell.method, "arch": cell.arch, "dataset": cell.dataset, "structure": cell.structure,
+                  "sparsity": cell.sparsity, "seed": cell.seed, "tags": _method_tags(cell.method),
+                  "input_shape": list(input_shape), **extra, **measured, "flags": flags, "prune": prune_log,
+                  "seconds": {"prune": prune_seconds, "evaluate": time.perf_counter() - t1,
+                              "cell": time.perf_counter() - t0,
+                              # CPU seconds of the worker process: on a shared machine, what the
+                              # cell would take alone (one thread)
+                              "cpu": time.process_time() - c0},
+                  "checkpoint": str(ckpt.relative_to(out)), "device": str(dev), "worker": {"host": socket.gethostname(),
+                                                                        "pid": os.getpid()},
+                  "config": config or {}, "environment": env or {}}
+        print(f"done in {record['seconds']['cell']:.1f} s (prune/train {prune_seconds:.1f} s): clean "
+              f"{record['clean_accuracy']:.4f}, robust {record['robust_accuracy']:.4f}, sparsity "
+              f"{record['measured_sparsity']:.4f}, flags {flags}")
+        return record
+
+
+# ----------------------------------------------------------------------------------- timing
+def time_deployed(records: Sequence[Dict[str, Any]], out_dir, preset: Preset, *,
+                  log: Callable[[str], None] = print) -> Dict[Tuple, Dict[str, Any]]:
+    """The exclusive timing phase: every deployed model of the run, interleaved, on this machine.
+
+    Runs on the driver when no cell is training. For each (dataset, arch) one dense baseline
+    (the dense reference's weights) is timed in every round, deployed like the sparse models
+    (BatchNorm folded, ReLU fused: the speedup is what the sparsity buys) and as eager torch
+    (``speedup_vs_eager``), next to each cell's deployment model:
+    ``sparsify(model, path=<the checkpoint's per-layer paths>, fuse=True)`` (BatchNorm folded,
+    ReLU fused). Each round calls every model for ``preset.latency_min_time``
+    seconds; ``preset.latency_rounds`` rounds. The speedup of a cell is the folded dense median over
+    its median; its spread is the interquartile range (and min / max) of the per-round ratios
+    (dense and sparse from the same round).
+
+    Returns:
+        cell key -> ``{"cpu": {...}}`` (and ``"cuda"`` when a GPU is present), to be stored as the
+        records' ``latency``.
+    """
+    from .. import densify, sparsify
+    from . import interleaved_medians
+
+    out_dir = Path(out_dir)
+    threads = preset.latency_threads or preset.threads
+    old_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    torch.set_flush_denormal(True)
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    result: Dict[Tuple, Dict[str, Any]] = {}
+    try:
+        # Build the deployed models once, on CPU; check each against its dense-with-zeros model.
+        models: Dict[str, Tuple[nn.Module, Tuple]] = {}
+        inputs: Dict[Tuple[str, str], Tensor] = {}
+        baselines: Dict[Tuple[str, str], nn.Module] = {}
+        checks: Dict[str, Dict[str, Any]] = {}
+        for r in sorted(records, key=lambda r: (r["method"] != DENSE, r["seed"])):
+            ckpt = out_dir / r.get("checkpoint", "")
+            if not r.get("checkpoint") or not ckpt.is_file():
+                continue
+            model, cfg = load_checkpoint(ckpt)
+            dz = densify(model).eval()
+            da = (r["dataset"], r["arch"])
+            if da not in inputs:
+                shape = _input_shape_of(dz, cfg, r)
+                gen = torch.Generator().manual_seed(0)
+                inputs[da] = torch.rand((preset.latency_batch, *shape), generator=gen)
+                # The dense reference's weights (or, without one, any cell's: zeros do not change
+                # the time of a dense kernel) as the baseline.
+                baselines[da] = dz
+            x = inputs[da]
+            # The per-layer paths saved with the checkpoint (chosen by the analytic cost model):
+            # measuring them here instead ("calibrate") proved worse on a loaded machine, where
+            # three noisy rounds per layer sent half of the 95 %-sparse layers to the dense path.
+            deployed = sparsify(dz, path=cfg.get("paths") or "auto", fuse=True).eval()
+            with torch.inference_mode():
+                ref, got = dz(x), deployed(x)
+            diff = float((got - ref).abs().max())
+            cid = cell_id(cell_key(r))
+            checks[cid] = {"max_abs_diff": diff, "outputs_match": diff <= 1e-3 * max(1.0, float(ref.abs().max())),
+                           "paths": {n: c.path for n, c in getattr(deployed, "apb_sparse_choices", {}).items()}}
+            models[cid] = (deployed, da, cell_key(r))
+        if not models:
+            return result
+        for dev in devices:
+            sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+            fns: Dict[str, Callable[[], Any]] = {}
+            xs = {da: x.to(dev) for da, x in inputs.items()}
+            for da, base in baselines.items():
+                b = copy.deepcopy(base).to(dev).eval()
+                bf = sparsify(base, path="dense", fuse=True).to(dev).eval()
+                fns[f"dense:{da}"] = (lambda b=b, x=xs[da]: b(x))
+                fns[f"dense-fused:{da}"] = (lambda b=bf, x=xs[da]: b(x))
+            for cid, (m, da, _) in models.items():
+                md = m.to(dev) if dev.type == "cuda" else m
+                fns[cid] = (lambda m=md, x=xs[da]: m(x))
+            # One CPU thread: time the process's CPU time, which on a machine shared with other
+            # jobs leaves out the time slices given to them (and equals the wall time on an idle
+            # one); with more threads or on a GPU only the wall clock says what a user waits.
+            cpu_clock = dev.type == "cpu" and torch.get_num_threads() == 1
+            clock = time.process_time if cpu_clock else time.perf_counter
+            t0 = time.perf_counter()
+            try:
+                t = interleaved_medians(fns, rounds=preset.latency_rounds, warmup=1,
+                                        min_time=preset.latency_min_time, sync=sync, clock=clock)
+            except Exception as e:  # e.g. CUDA kernels not built: say so, keep the CPU numbers
+                if dev.type == "cpu":
+                    raise
+                for cid, (_, _, key) in models.items():
+                    result.setdefault(key, {})[dev.type] = {"error": f"{type(e).__name__}: {e}"}
+                continue
+            seconds = time.perf_counter() - t0
+            log(f"[timing] {len(models)} deployed model(s) + {len(baselines)} dense baseline(s) on {dev}: "
+                f"{preset.latency_rounds} interleaved rounds in {seconds:.1f} s")
+            for cid, (_, da, key) in models.items():
+                d_times, df_times, s_times = t[f"dense:{da}"]["times_s"], t[f"dense-fused:{da}"]["times_s"], t[cid]["times_s"]
+                # The baseline is the dense model deployed the same way (BatchNorm folded, ReLU
+                # fused): the speedup is what the sparsity buys; eager torch is the second baseline.
+                ratios = [d / s for d, s in zip(df_times, s_times)]
+                ratios_e = [d / s for d, s in zip(d_times, s_times)]
+                d_med, df_med, s_med = (statistics.median(v) for v in (d_times, df_times, s_times))
+                result.setdefault(key, {})[dev.type] = {
+                    "device": str(dev), "batch": preset.latency_batch, "rounds": preset.latency_rounds,
+                    "threads": torch.get_num_threads() if dev.type == "cpu" else None,
+                    "phase": "exclusive", "models_timed": len(models),
+                    "clock": "process CPU time" if cpu_clock else "wall clock",
+                    "baseline": "dense model, BatchNorm folded and ReLU fused (sparsify(dense, path='dense', fuse=True))",
+                    "dense_ms": df_med * 1e3, "dense_eager_ms": d_med * 1e3, "sparse_ms": s_med * 1e3,
+                    "speedup": df_med / s_med, "speedup_vs_eager": d_med / s_med,
+                    "speedup_q25": _quantile(ratios, 0.25), "speedup_q75": _quantile(ratios, 0.75),
+                    "speedup_min": min(ratios), "speedup_max": max(ratios),
+                    "speedup_vs_eager_q25": _quantile(ratios_e, 0.25), "speedup_vs_eager_q75": _quantile(ratios_e, 0.75),
+                    "sparse_ms_q25": _quantile(s_times, 0.25) * 1e3, "sparse_ms_q75": _quantile(s_times, 0.75) * 1e3,
+                    "dense_times_ms": [v * 1e3 for v in df_times], "dense_eager_times_ms": [v * 1e3 for v in d_times],
+                    "sparse_times_ms": [v * 1e3 for v in s_times],
+                    **checks[cid],
+                }
+            for m, _, _ in models.values():
+                m.cpu()
+    finally:
+        torch.set_num_threads(old_threads)
+    return result
+
+
+def _quantile(values: Sequence[float], q: float) -> float:
+    """Linear-interpolation quantile (numpy's default) of a non-empty list."""
+    v = sorted(values)
+    pos = q * (len(v) - 1)
+    lo = int(math.floor(pos))
+    hi = min(lo + 1, len(v) - 1)
+    return v[lo] + (v[hi] - v[lo]) * (pos - lo)
+
+
+def _input_shape_of(model: nn.Module, cfg: Dict[str, Any], record: Dict[str, Any]) -> Tuple[int, ...]:
+    shape = record.get("input_shape")
+    if shape:
+        return tuple(int(s) for s in shape)
+    return tuple(int(s) for s in _DATASET_SHAPES.get(record["dataset"], (cfg["in_channels"], 32, 32)))
+
+
+_DATASET_SHAPES = {"digits": (1, 8, 8), "fashion-mnist": (1, 28, 28), "mnist": (1, 28, 28),
+                   "cifar10": (3, 32, 32), "svhn": (3, 32, 32)}
+
+
+# ----------------------------------------------------------------------------------- the driver
 def run_benchmark(preset: Preset, out_dir, *, methods: Sequence[str], structures: Sequence[str],
                   sparsities: Dict[str, Sequence[float]], seeds: Sequence[int], archs: Sequence[str],
                   datasets: Sequence[str], data_dir: Optional[str] = None, device: str = "auto",
                   progress: bool = True, latency: bool = True, plots: bool = True,
-                  log: Callable[[str], None] = print) -> RunSummary:
-    """Run (or resume) the benchmark grid and write results, checkpoints and the leaderboard."""
+                  log: Callable[[str], None] = print, executor: Any = "local",
+                  workers: Optional[int] = None, ray_address: Optional[str] = None,
+                  cpus_per_cell: float = 1.0, gpus_per_cell: float = 0.0, max_retries: int = 3) -> RunSummary:
+    """Run (or resume) the benchmark grid and write results, checkpoints and the leaderboard.
+
+    Args:
+        executor: "local" (cells one after another in this process), "ray" (cells as Ray tasks,
+            ``workers`` at a time), "auto" (Ray when installed on a multi-core machine), or an
+            :class:`~apb_sparse.bench.executors.Executor` instance (left running).
+        workers, ray_address, cpus_per_cell, gpus_per_cell, max_retries: see
+            :class:`~apb_sparse.bench.executors.RayExecutor`.
+
+    Phases: (1) the dense base model of every (dataset, arch, seed) with pipeline-A cells is trained
+    once (concurrently across seeds) and saved in ``OUT/base/``; (2) the cells run, each
+    pipeline-A cell as soon as its base is on disk, and the driver appends each returned record
+    to ``OUT/results.jsonl`` (fsync); (3) the driver times every deployed model of the grid in one
+    exclusive interleaved pass (:func:`time_deployed`) and appends the records again with their
+    latency (the last record of a cell wins); (4) the leaderboard is written.
+    A cell that raises is recorded in ``OUT/failed.jsonl`` and ``OUT/errors.log`` (and runs again
+    on resume); Ctrl-C keeps every finished cell.
+    """
     from tqdm.auto import tqdm
 
     from .. import methods as registry
-    from .. import sparsify
     from . import environment
+    from .executors import Executor, Task, make_executor
     from .leaderboard import write_leaderboard
 
     t_start = time.perf_counter()
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     _check_run_config(out_dir, preset)
-    dev = resolve_device(device)
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
     if preset.threads:
         torch.set_num_threads(preset.threads)
     torch.set_flush_denormal(True)
@@ -468,104 +814,150 @@ def run_benchmark(preset: Preset, out_dir, *, methods: Sequence[str], structures
                        archs=archs, datasets=datasets)
     todo = [c for c in cells if c.key not in done]
     summary = RunSummary(out_dir, skipped=[c.key for c in cells if c.key in done])
-    env = environment()
-    env["device"] = str(dev)
-    config = {"preset": preset.to_dict(), "identity_hash": preset.identity_hash(), "device": str(dev),
-              "methods": list(methods), "structures": list(structures),
-              "sparsities": {k: list(v) for k, v in sparsities.items()}, "seeds": list(seeds),
-              "argv": sys.argv}
-    log(f"apb run --preset {preset.name}: {len(cells)} cells, {len(summary.skipped)} already in "
-        f"{store.path}, {len(todo)} to run on {dev} ({torch.get_num_threads()} CPU threads)")
 
-    groups: Dict[Tuple[str, str, int], List[Cell]] = {}
-    for c in todo:
-        groups.setdefault((c.dataset, c.arch, c.seed), []).append(c)
-    bar = tqdm(total=len(todo), desc="cells", disable=not progress, dynamic_ncols=True)
-    _run_groups(groups, preset, out_dir, store, summary, bar, config=config, env=env, dev=dev,
-                data_dir=data_dir, progress=progress, latency=latency, log=log)
-    bar.close()
+    own_executor = not isinstance(executor, Executor)
+    ex = make_executor(executor, workers=workers, address=ray_address, cpus_per_cell=cpus_per_cell,
+                       gpus_per_cell=gpus_per_cell, max_retries=max_retries) if own_executor else executor
+    summary.executor = ex.name
+    # The local executor trains here: check the device now. Ray tasks resolve it where they run
+    # (a CPU-only driver may drive GPU workers); each record says which device it used.
+    dev = resolve_device(device) if ex.name == "local" else device
+    say = (lambda s: tqdm.write(s)) if progress else log
+    try:
+        env = environment()
+        env["device"] = str(dev)  # for Ray: as requested; the record's "device" is what the task used
+        config = {"preset": preset.to_dict(), "identity_hash": preset.identity_hash(), "device": str(dev),
+                  "methods": list(methods), "structures": list(structures),
+                  "sparsities": {k: list(v) for k, v in sparsities.items()}, "seeds": list(seeds),
+                  "argv": sys.argv, "executor": ex.name, "workers": ex.workers}
+        log(f"apb run --preset {preset.name}: {len(cells)} cells, {len(summary.skipped)} already in "
+            f"{store.path}, {len(todo)} to run on {dev}; {ex.describe()}; per-cell logs in {out_dir / 'logs'}")
+
+        _run_cells(todo, preset, out_dir, store, summary, ex, config=config, env=env, dev=dev,
+                   data_dir=data_dir, progress=progress, say=say)
+
+        if latency:
+            latest = store.latest()
+            planned = [latest[c.key] for c in cells if c.key in latest]
+            if planned and (summary.ran or any("latency" not in r for r in planned)):
+                t0 = time.perf_counter()
+                timings = time_deployed(planned, out_dir, preset, log=say)
+                for r in planned:
+                    lat = timings.get(cell_key(r))
+                    if lat is None:
+                        continue
+                    r = dict(r, latency=lat, flags=[f for f in r.get("flags", []) if f != "latency-output-mismatch"]
+                             + ([] if lat["cpu"].get("outputs_match", True) else ["latency-output-mismatch"]))
+                    store.append(r)
+                summary.timed = len(timings)
+                summary.timing_seconds = time.perf_counter() - t0
+    except KeyboardInterrupt:
+        ex.cancel_all()
+        raise
+    finally:
+        if own_executor:
+            ex.shutdown()
     summary.files = write_leaderboard(store.records(), out_dir, plots=plots)
     summary.seconds = time.perf_counter() - t_start
     return summary
 
 
-def _run_groups(groups, preset, out_dir, store, summary, bar, *, config, env, dev, data_dir, progress, latency, log):
+def _run_cells(todo: List[Cell], preset, out_dir: Path, store: ResultsStore, summary: RunSummary, ex, *,
+               config, env, dev, data_dir, progress, say) -> None:
+    """Phases 1 and 2: base models, then cells (a pipeline-A cell once its base is on disk)."""
     from tqdm.auto import tqdm
 
     from .. import methods as registry
+    from .executors import Task
     from .leaderboard import write_leaderboard
 
-    for (dataset, arch, seed), group in groups.items():
-        data = load_data(dataset, preset, data_dir)
-        input_shape = tuple(int(s) for s in data.input_shape)
-        base, base_info = get_base_model(preset, arch, dataset, data, seed, out_dir, device=dev,
-                                         progress=progress, log=lambda s: tqdm.write(s) if progress else log(s))
-        recipe = make_recipe(preset, arch, dataset, seed, progress=progress)
-        for cell in group:
-            bar.set_description(f"{cell.method} {cell.structure[:2]} s={cell.sparsity:g}")
-            t0 = time.perf_counter()
-            try:
-                prune_log: Dict[str, Any] = {}
-                if cell.method == DENSE:
-                    model = base
-                    prune_seconds = base_info.get("train_seconds", 0.0)
+    def needs_base(c: Cell) -> bool:
+        return c.method != DENSE and registry.get(c.method).tags.pipeline == "A"
+
+    bases_needed = []
+    for c in todo:
+        g = (c.dataset, c.arch, c.seed)
+        if needs_base(c) and g not in bases_needed:
+            bases_needed.append(g)
+    base_ready = {g for g in bases_needed
+                  if _base_path(out_dir, preset, g[1], g[0], g[2]).is_file()
+                  and _base_path(out_dir, preset, g[1], g[0], g[2]).with_suffix(".json").is_file()}
+    base_failed: Dict[Tuple, str] = {}
+    queue: List[Task] = [Task(("base", g), train_base, (preset, g[1], g[0], g[2], str(out_dir), data_dir, str(dev)),
+                              f"base {g[0]}/{g[1]} seed {g[2]}") for g in bases_needed if g not in base_ready]
+    queue += [Task(("cell", c), run_cell, (preset, c, str(out_dir), data_dir, str(dev), config, env),
+                   f"{c.method} {c.structure[:2]} s={c.sparsity:g} seed {c.seed}") for c in todo]
+    bar = tqdm(total=len(todo), desc="cells", disable=not progress, dynamic_ncols=True, unit="cell")
+
+    def ready(task: Task) -> bool:
+        kind, obj = task.key
+        if kind == "base":
+            return True
+        g = (obj.dataset, obj.arch, obj.seed)
+        return not needs_base(obj) or g in base_ready or g in base_failed
+
+    def fail(cell: Cell, err: str, tb: str) -> None:
+        summary.failed.append((cell.key, err))
+        with open(out_dir / "errors.log", "a") as f:
+            f.write(f"== {cell.id} ({time.strftime('%Y-%m-%d %H:%M:%S')}) ==\n{tb or err}\n")
+        rec = {"method": cell.method, "arch": cell.arch, "dataset": cell.dataset, "structure": cell.structure,
+               "sparsity": cell.sparsity, "seed": cell.seed, "error": err, "time_utc": env.get("time_utc")}
+        ResultsStore(out_dir / "failed.jsonl").append(rec)
+        say(f"FAILED {cell.id}: {err} (traceback in {out_dir / 'errors.log'}, log in {out_dir / 'logs' / (cell.id + '.log')})")
+
+    def postfix() -> None:
+        bar.set_postfix_str(f"running {ex.running()}, failed {len(summary.failed)}")
+
+    try:
+        while queue or ex.running():
+            while ex.running() < ex.workers:
+                nxt = next((t for t in queue if ready(t)), None)
+                if nxt is None:
+                    break
+                queue.remove(nxt)
+                kind, obj = nxt.key
+                if kind == "cell" and needs_base(obj) and (obj.dataset, obj.arch, obj.seed) in base_failed:
+                    fail(obj, f"dense base model failed: {base_failed[(obj.dataset, obj.arch, obj.seed)]}", "")
+                    bar.update(1)
+                    continue
+                ex.submit(nxt)
+                postfix()
+            if not ex.running():
+                if queue:  # pragma: no cover - every task becomes ready once the bases are done
+                    raise RuntimeError(f"no runnable task among {[t.label for t in queue]}")
+                break
+            outcome = ex.next_done()
+            kind, obj = outcome.task.key
+            if kind == "base":
+                if outcome.error:
+                    base_failed[obj] = outcome.error
+                    with open(out_dir / "errors.log", "a") as f:
+                        f.write(f"== base {obj} ==\n{outcome.traceback or outcome.error}\n")
+                    say(f"FAILED dense base {obj}: {outcome.error}")
                 else:
-                    cls = registry.get(cell.method)
-                    with torch.random.fork_rng(devices=[]):
-                        torch.manual_seed(seed)
-                        if cls.tags.pipeline == "A":
-                            res = cls().prune(base, data, sparsity=cell.sparsity, structure=cell.structure,
-                                              recipe=recipe, pretrained=True)
-                        else:
-                            init = build_model(preset, arch, data, seed).to(dev)
-                            res = cls().prune(init, data, sparsity=cell.sparsity, structure=cell.structure,
-                                              recipe=recipe, pretrained=False)
-                    model = res.model
-                    prune_seconds = res.log.get("seconds", time.perf_counter() - t0)
-                    prune_log = {k: res.log.get(k) for k in ("target_sparsity", "sparsity", "sparsity_all",
-                                                            "hparams", "seconds")}
-                    prune_log["phases"] = [{k: v for k, v in p.items() if k != "train_log"}
-                                           for p in res.log.get("phases", [])]
-                t1 = time.perf_counter()
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(seed)
-                    measured, sparse_model = evaluate_model(model, data, preset, seed=seed, device=dev,
-                                                            input_shape=input_shape, latency=latency)
-                flags = measured.pop("flags")
-                if cell.method != DENSE and abs(prune_log.get("sparsity", cell.sparsity) - cell.sparsity) > 0.005:
-                    flags.append("sparsity!=target")
-                ckpt = out_dir / "checkpoints" / f"{cell.id}.safetensors"
-                save_checkpoint(sparse_model, ckpt, arch=arch, num_classes=int(data.num_classes),
-                                in_channels=int(data.input_shape[0]), model_kwargs=preset.model_kwargs,
-                                extra={"method": cell.method, "structure": cell.structure,
-                                       "sparsity": cell.sparsity, "seed": seed, "dataset": dataset})
-                record = {"method": cell.method, "arch": arch, "dataset": dataset, "structure": cell.structure,
-                          "sparsity": cell.sparsity, "seed": seed, "tags": _method_tags(cell.method),
-                          **measured, "flags": flags, "prune": prune_log,
-                          "seconds": {"prune": prune_seconds, "evaluate": time.perf_counter() - t1,
-                                      "cell": time.perf_counter() - t0},
-                          "checkpoint": str(ckpt.relative_to(out_dir)), "config": config, "environment": env}
+                    base_ready.add(obj)
+                    say(f"[base] {obj[0]}/{obj[1]} seed {obj[2]}: ready ({outcome.value.get('epochs')} epochs, "
+                        f"{outcome.value.get('train_seconds') or 0:.1f} s)")
+                postfix()
+                continue
+            cell = obj
+            if outcome.error:
+                fail(cell, outcome.error, outcome.traceback)
+            else:
+                record = outcome.value
+                record["config"] = config  # the driver's view (executor, workers) for every record
                 store.append(record)
                 summary.ran.append(cell.key)
-                lat = record.get("latency", {}).get("cpu", {})
-                msg = (f"{cell.method:<11} {cell.structure:<12} s={cell.sparsity:<5g} clean "
+                msg = (f"{cell.method:<11} {cell.structure:<12} s={cell.sparsity:<5g} seed {cell.seed}  clean "
                        f"{100 * record['clean_accuracy']:5.1f}%  AA {100 * record['robust_accuracy']:5.1f}%  "
-                       f"d_med {record['min_norm']['median_distance']:.3f}  "
-                       f"speedup {lat.get('speedup', float('nan')):4.2f}x  ({record['seconds']['cell']:.1f} s)"
-                       f"{'  [' + ' '.join(flags) + ']' if flags else ''}")
-                tqdm.write(msg) if progress else log(msg)
-            except KeyboardInterrupt:
-                bar.close()
-                raise
-            except Exception as e:  # one broken method must not cost the others their results
-                err = f"{type(e).__name__}: {e}"
-                summary.failed.append((cell.key, err))
-                tb = traceback.format_exc()
-                with open(out_dir / "errors.log", "a") as f:
-                    f.write(f"== {cell.id} ==\n{tb}\n")
-                (tqdm.write if progress else log)(f"FAILED {cell.id}: {err} (traceback in {out_dir / 'errors.log'})")
+                       f"d_med {record['min_norm']['median_distance']:.3f}  ({record['seconds']['cell']:.1f} s)"
+                       f"{'  [' + ' '.join(record['flags']) + ']' if record['flags'] else ''}")
+                say(msg)
+                try:
+                    write_leaderboard(store.records(), out_dir, plots=False)
+                except Exception as e:  # pragma: no cover - never lose the run to a report bug
+                    say(f"leaderboard not written: {e}")
             bar.update(1)
-            try:
-                write_leaderboard(store.records(), out_dir, plots=False)
-            except Exception as e:  # pragma: no cover - never lose the run to a report bug
-                (tqdm.write if progress else log)(f"leaderboard not written: {e}")
+            postfix()
+    finally:
+        bar.close()

@@ -9,7 +9,8 @@ import torch
 
 
 def interleaved_medians(fns: Mapping[str, Callable[[], object]], *, rounds: int = 10, warmup: int = 2,
-                        min_time: float = 0.0, sync: Callable[[], None] = lambda: None) -> Dict[str, dict]:
+                        min_time: float = 0.0, sync: Callable[[], None] = lambda: None,
+                        clock: Callable[[], float] = time.perf_counter) -> Dict[str, dict]:
     """Time each callable once per round, in the same order every round, and summarise.
 
     Interleaving spreads slow drifts of the machine (other processes, frequency) over all variants
@@ -22,6 +23,10 @@ def interleaved_medians(fns: Mapping[str, Callable[[], object]], *, rounds: int 
         min_time: repeat a callable within a round until this many seconds passed (for very fast
             calls); the per-call time is reported.
         sync: called before reading the clock (e.g. ``torch.cuda.synchronize``).
+        clock: seconds now: ``time.perf_counter`` (wall clock, default) or ``time.process_time``
+            (CPU time of this process: on a machine shared with other jobs, a single-threaded
+            model's CPU time excludes the slices the scheduler gave to others; meaningless for
+            multi-threaded or GPU work, where it sums threads or misses the device).
 
     Returns:
         name -> ``{"median_s", "min_s", "max_s", "rounds", "times_s"}``.
@@ -36,12 +41,12 @@ def interleaved_medians(fns: Mapping[str, Callable[[], object]], *, rounds: int 
         for _ in range(rounds):
             for name, fn in fns.items():
                 sync()
-                n, t0 = 0, time.perf_counter()
+                n, t0 = 0, clock()
                 while True:
                     fn()
                     n += 1
                     sync()
-                    elapsed = time.perf_counter() - t0
+                    elapsed = clock() - t0
                     if elapsed >= min_time:
                         break
                 times[name].append(elapsed / n)

@@ -2,7 +2,9 @@
 
 ``available()`` lists the registered names, ``get(name)`` returns the class; every class carries
 its taxonomy as ``tags`` (see :class:`TaxonomyTags`) and implements
-``prune(model, data, *, sparsity, structure="unstructured", recipe, pretrained=False)``.
+``prune(model, data, *, sparsity, structure="unstructured", recipe, pretrained=False)``, plus
+``notes`` (where it departs from the authors' code) and ``code_url``. What each method computes
+compared with its authors' code, and every scale-down for the CPU presets: docs/methods.md.
 
 Example::
 

@@ -61,7 +61,8 @@ __all__ = [
     "available", "STRUCTURES", "normalize_structure", "prunable_layers", "largest_remainder",
     "topk_mask", "local_masks", "global_masks", "unit_masks_local", "unit_masks_global",
     "expand_filter_mask", "filter_norms", "magnitude_scores", "apply_masks", "measured_sparsity",
-    "following_batchnorms", "zero_pruned_channels_", "ste_topk", "cached_ste_topk", "chain_steps", "reinitialize_",
+    "following_batchnorms", "zero_pruned_channels_", "ste_topk", "cached_ste_topk",
+    "topk_mask_cached", "chain_steps", "reinitialize_",
 ]
 
 # ----------------------------------------------------------------------------------- recipe
@@ -506,24 +507,41 @@ def ste_topk(scores: Tensor, k: int) -> Tensor:
     return _STETopK.apply(scores, int(k))
 
 
+def topk_mask_cached(cache: Dict[str, Any], scores: Tensor, k: int) -> Tensor:
+    """``topk_mask(|scores|, k)`` (in ``scores``' dtype), recomputed only when the values or ``k`` changed.
+
+    ``cache`` is a dict owned by the caller (one per scores tensor). Change is detected by comparing
+    ``scores`` with a snapshot taken when the mask was computed (one elementwise pass, cheaper than
+    the sort), never by the tensor's version counter: fused optimisers
+    (``torch.optim.SGD(fused=True)``, ``Adam(fused=True)``) and ``.data`` writes update a tensor
+    without bumping ``_version``, and a version-keyed cache would then silently freeze the mask.
+    """
+    s = scores.detach()
+    snap = cache.get("snapshot")
+    fresh = (snap is not None and cache.get("k") == k and snap.shape == s.shape
+             and snap.dtype == s.dtype and snap.device == s.device and torch.equal(snap, s))
+    if not fresh:
+        cache["mask"] = topk_mask(s.abs(), k).to(s.dtype)
+        cache["snapshot"] = s.clone()
+        cache["k"] = k
+    return cache["mask"]
+
+
 def cached_ste_topk(scores: Tensor, k_fn: Callable[[], int]) -> Callable[[nn.Module], Tensor]:
     """A ``mask_fn`` for ``scores``: straight-through top-k of ``|scores|``, recomputed lazily.
 
-    The sort only reruns when ``scores`` changed in place (its ``_version``, bumped by every
-    optimiser step) or the budget ``k_fn()`` changed, so the many forwards of a PGD attack reuse
-    one mask. The returned tensor equals the 0/1 mask exactly and its gradient reaches
-    ``scores`` as ``d|s|/ds * grad`` (HYDRA / edge-popup's straight-through estimator).
+    The sort only reruns when the values of ``scores`` or the budget ``k_fn()`` changed (see
+    :func:`topk_mask_cached`), so the many forwards of a PGD attack reuse one mask, and a score
+    update by any path (plain, foreach or fused optimiser, ``.data`` write) moves the mask. The
+    returned tensor equals the 0/1 mask exactly and its gradient reaches ``scores`` as
+    ``d|s|/ds * grad`` (HYDRA / edge-popup's straight-through estimator).
     """
     cache: Dict[str, Any] = {}
 
     def mask_fn(_layer: nn.Module) -> Tensor:
-        k = int(k_fn())
-        key = (scores._version, k)
-        if cache.get("key") != key:
-            cache["mask"] = topk_mask(scores.detach().abs(), k).to(scores.dtype)
-            cache["key"] = key
+        mask = topk_mask_cached(cache, scores, int(k_fn()))
         a = scores.abs()
-        return cache["mask"] + (a - a.detach())
+        return mask + (a - a.detach())
     return mask_fn
 
 
@@ -601,6 +619,11 @@ class PruneContext:
     @property
     def structured(self) -> bool:
         return self.structure == "filter"
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimiser steps in one epoch of this call's data at ``recipe.batch_size``."""
+        return max(1, math.ceil(len(self.data.train) / self.recipe.batch_size))
 
     def example_input(self, n: int = 2) -> Tensor:
         shape = tuple(getattr(self.data, "input_shape", (3, 32, 32)))
@@ -696,6 +719,11 @@ class PruningMethod:
     tags: ClassVar[TaxonomyTags]
     structures: ClassVar[Tuple[str, ...]] = ("unstructured",)
     paper: ClassVar[str] = ""
+    #: Where this implementation departs from the authors' code (one line, for the leaderboard's
+    #: notes column; empty when it follows it). Details: docs/methods.md.
+    notes: ClassVar[str] = ""
+    #: Authors' public code.
+    code_url: ClassVar[str] = ""
 
     def __init__(self, *, min_keep: int = 1, **hparams):
         if not isinstance(min_keep, int) or min_keep < 0:

@@ -1,23 +1,30 @@
 """HYDRA: learn per-weight importance scores under the robust loss, then finetune.
 
 Paper: V. Sehwag, S. Wang, P. Mittal, S. Jana, "HYDRA: Pruning Adversarially Robust Neural
-Networks", NeurIPS 2020.
+Networks", NeurIPS 2020. Authors' code: https://github.com/inspire-group/hydra. What follows the
+authors and what does not, with every scale-down: docs/methods.md (section HYDRA).
 
 Algorithm (pipeline A, AT/AT, one-shot, local, least-importance-score):
   1. adversarially pretrain the dense network (skipped for a ``pretrained`` model);
-  2. freeze every weight and BatchNorm parameter; give each prunable weight a real score
+  2. freeze every conv / linear weight and bias; give each prunable weight a real score
      initialised as ``s = sqrt(6 / fan_in) * w / max|w|`` (HYDRA's scaled-magnitude init, so the
      first mask is the magnitude mask); the layer computes with ``w * topk(|s|)`` where the top-k is
      per layer at the target density and its gradient passes straight through to ``s``; train the
-     scores with the robust loss (SGD, ``lr = recipe.lr`` like HYDRA's 0.1, weight decay 1e-4)
-     for ``prune_epochs``;
+     scores *and the BatchNorm affine parameters* (HYDRA's ``freeze_vars`` leaves BatchNorm
+     trainable unless ``--freeze-bn``, off by default; its optimiser takes all parameters that
+     still require gradients) with the robust loss (SGD, ``lr = recipe.lr`` like HYDRA's 0.1,
+     weight decay 1e-4) for ``prune_epochs``; BatchNorm running statistics update too (train
+     mode);
   3. fix the mask to the final top-k of |s| and finetune the kept weights adversarially for
      ``finetune_epochs`` at ``recipe.finetune_lr`` (HYDRA: 0.01).
 
-Choices: the robust loss is the recipe's mode for every phase (HYDRA used TRADES; pass
-``Recipe(mode="trades")`` to match). BatchNorm running statistics keep updating while scores are
-trained (the layers are in train mode, as in HYDRA's code path). Structured pruning is not part of
-HYDRA and not offered.
+Minimum algorithmic steps: one score-learning epoch (``prune_epochs >= 1``; every preset has it);
+with ``prune_epochs=0`` the mask is the initial score mask, i.e. layer-wise magnitude pruning.
+
+Differences from the authors, and why: the robust loss is the recipe's mode in every phase
+(HYDRA used TRADES; pass ``Recipe(mode="trades")`` to match) and the learning rate follows the
+recipe's scheduler (HYDRA: cosine, the same by default), so all methods share one recipe.
+Structured pruning is not part of HYDRA and not offered.
 """
 from __future__ import annotations
 
@@ -30,7 +37,7 @@ from torch import Tensor, nn
 from .base import (PruneContext, PruningMethod, TaxonomyTags, largest_remainder, register,
                    cached_ste_topk, topk_mask)
 
-__all__ = ["HYDRA", "ScoreMasks"]
+__all__ = ["HYDRA", "ScoreMasks", "freeze_model", "hydra_init", "batchnorm_parameters", "local_keep"]
 
 
 class ScoreMasks:
@@ -79,9 +86,23 @@ def local_keep(layers: Sequence[nn.Module], sparsity: float, min_keep: int) -> L
     return largest_remainder([(1.0 - sparsity) * n for n in sizes], total, lo, sizes)
 
 
-def freeze_model(model: nn.Module) -> List[nn.Parameter]:
-    """Turn off requires_grad on every parameter; returns those that had it on."""
-    frozen = [p for p in model.parameters() if p.requires_grad]
+def batchnorm_parameters(model: nn.Module) -> List[nn.Parameter]:
+    """The affine parameters (weight, bias) of every BatchNorm layer of ``model``."""
+    return [p for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            for p in (m.weight, m.bias) if p is not None]
+
+
+def freeze_model(model: nn.Module, *, keep_batchnorm: bool = False) -> List[nn.Parameter]:
+    """Turn off requires_grad on every parameter; returns those that had it on.
+
+    Args:
+        model: the network.
+        keep_batchnorm: leave BatchNorm affine parameters trainable (HYDRA's code: its
+            ``freeze_vars`` skips BatchNorm unless ``--freeze-bn``, which is off by default).
+            Default False: freeze everything (RST's non-affine BatchNorm, HARP).
+    """
+    keep = {id(p) for p in batchnorm_parameters(model)} if keep_batchnorm else set()
+    frozen = [p for p in model.parameters() if p.requires_grad and id(p) not in keep]
     for p in frozen:
         p.requires_grad_(False)
     return frozen
@@ -108,16 +129,19 @@ class HYDRA(PruningMethod):
 
     name = "hydra"
     paper = "Sehwag et al., HYDRA: Pruning Adversarially Robust Neural Networks, NeurIPS 2020"
+    code_url = "https://github.com/inspire-group/hydra"
+    notes = "recipe loss (HYDRA: TRADES) and recipe LR schedule in every phase"
     tags = TaxonomyTags("A", ("AT(TRADES)", "AT(TRADES)"), "1S", ("US",), None, ("L",), "LIS")
     structures = ("unstructured",)
 
     def __init__(self, *, score_init: str = "hydra", score_lr=None, score_weight_decay: float = 1e-4,
-                 min_keep: int = 1):
+                 train_bn: bool = True, min_keep: int = 1):
         if score_init not in ("hydra", "kaiming"):
             raise ValueError(f"score_init must be 'hydra' or 'kaiming', got {score_init!r}")
         super().__init__(min_keep=min_keep, score_init=score_init, score_lr=score_lr,
-                         score_weight_decay=score_weight_decay)
+                         score_weight_decay=score_weight_decay, train_bn=train_bn)
         self.score_init, self.score_lr, self.score_weight_decay = score_init, score_lr, score_weight_decay
+        self.train_bn = bool(train_bn)
 
     def _init_scores(self, layers):
         if self.score_init == "hydra":
@@ -134,10 +158,13 @@ class HYDRA(PruningMethod):
         sm = ScoreMasks(ctx.layers, self._init_scores(ctx.layers),
                         local_keep(ctx.layers, ctx.sparsity, self.min_keep))
         first = sm.masks()
-        frozen = freeze_model(ctx.model)
+        frozen = freeze_model(ctx.model, keep_batchnorm=self.train_bn)
+        bn = batchnorm_parameters(ctx.model) if self.train_bn else []
         sm.install()
         try:
-            ctx.train("prune (scores)", ctx.recipe.prune_epochs, params=sm.scores,
+            # HYDRA's optimiser holds every parameter that still has requires_grad: the scores
+            # and the BatchNorm affine parameters, with one learning rate and weight decay.
+            ctx.train("prune (scores)", ctx.recipe.prune_epochs, params=list(sm.scores) + bn,
                       lr=self.score_lr if self.score_lr is not None else ctx.recipe.lr,
                       config_overrides={"weight_decay": self.score_weight_decay})
         finally:

@@ -1,19 +1,27 @@
 """Li20: boosting tickets — FGSM-trained magnitude ticket, rewound and trained with PGD.
 
 Paper: B. Li, S. Wang, Y. Jia, Y. Lu, Z. Zhong, L. Carin, S. Jana, "Towards Practical Lottery
-Ticket Hypothesis for Adversarial Training", arXiv 2003.05733 (2020).
+Ticket Hypothesis for Adversarial Training", arXiv 2003.05733 (2020). Authors' code:
+https://github.com/boosting-ticket/ticket_robust. What is followed and what differs:
+``docs/methods.md`` (Li20).
 
 Algorithm (pipeline B, FGSM / AT, one-shot, global, LWM):
   1. from a random initialisation W0, train the dense network with cheap FGSM adversarial
      training for ``prune_epochs``;
-  2. prune once: global lowest-magnitude mask at the target sparsity ("boosting ticket");
+  2. prune once: normalise every layer's ``|w|`` by its mean ``|w|``, then one global
+     lowest-magnitude threshold on the normalised values at the target sparsity (the authors'
+     ``weight_prune``, "normalization (important)"; every conv and linear layer, the last one
+     included) — the "boosting ticket";
   3. rewind the kept weights to W0 (lottery-ticket rewinding) and train the ticket with PGD
      adversarial training for ``pretrain_epochs + finetune_epochs`` at ``recipe.lr``.
 
 Choices: FGSM with a random start (train.py's "fgsm" mode) at the recipe's eps; one-shot rather
-than iterative magnitude pruning (the paper's point is that one cheap round finds a ticket that
-converges fast); rewinding to initialisation (not to an early iterate); BatchNorm parameters and
-running statistics are rewound too.
+than iterative magnitude pruning (the authors' ``n_pruning_steps`` default 1: one cheap round
+finds a ticket that converges fast); rewinding to initialisation (the authors' ``--init``, not
+to an early iterate); BatchNorm parameters and running statistics are rewound too. The exact
+global top-k replaces the authors' ``np.percentile`` threshold (equal values may differ by a few
+weights). Minimum steps: one FGSM step before the mask is drawn (``prune_epochs >= 1``; with 0
+the mask is drawn at initialisation).
 """
 from __future__ import annotations
 
@@ -23,7 +31,17 @@ import torch
 
 from .base import PruneContext, PruningMethod, TaxonomyTags, register
 
-__all__ = ["Li20"]
+__all__ = ["Li20", "mean_normalized_magnitude"]
+
+
+def mean_normalized_magnitude(layers) -> list:
+    """``|w| / mean|w|`` per layer (a layer of zeros keeps its zeros), Li20's pruning score."""
+    out = []
+    for l in layers:
+        a = l.weight.detach().abs()
+        m = a.mean()
+        out.append(a / m if float(m) > 0 else a)
+    return out
 
 
 @register
@@ -40,6 +58,8 @@ class Li20(PruningMethod):
     paper = "Li et al., Towards Practical Lottery Ticket Hypothesis for Adversarial Training, arXiv 2020"
     tags = TaxonomyTags("B", ("FGSM", "AT(PGD)"), "1S", ("US",), None, ("G",), "LWM")
     structures = ("unstructured",)
+    notes = "exact global top-k instead of a percentile threshold; recipe LR schedule"
+    code_url = "https://github.com/boosting-ticket/ticket_robust"
 
     def __init__(self, *, search_mode: str = "fgsm", rewind: bool = True, min_keep: int = 1):
         super().__init__(min_keep=min_keep, search_mode=search_mode, rewind=rewind)
@@ -48,7 +68,7 @@ class Li20(PruningMethod):
     def _run(self, ctx: PruneContext) -> None:
         init_state = copy.deepcopy(ctx.model.state_dict())
         ctx.train("ticket search", ctx.recipe.prune_epochs, mode=self.search_mode, lr=ctx.recipe.lr)
-        masks = ctx.unit_scores_to_masks([l.weight.detach().abs() for l in ctx.layers], local=False)
+        masks = ctx.unit_scores_to_masks(mean_normalized_magnitude(ctx.layers), local=False)
         if self.rewind:
             ctx.model.load_state_dict(init_state)
         ctx.set_masks(masks)

@@ -14,7 +14,8 @@ filters ranked by their L1 norm (Li et al., "Pruning Filters for Efficient ConvN
 the same fraction per conv layer; the filter's BatchNorm channel is zeroed with it.
 
 Reference point in the survey: Sehwag et al. 2019 ("Towards compact and robust deep neural
-networks") is the adversarial LWM baseline; these are its one-shot versions.
+networks") is the adversarial LWM baseline; these are its one-shot versions. Details and the
+other methods' fidelity notes: docs/methods.md.
 """
 from __future__ import annotations
 

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
+from . import _conv
 
 __all__ = ["MaskedConv2d", "MaskedLinear", "MaskedLayer", "masked_layers", "to_masked"]
 
@@ -43,15 +44,26 @@ class _MaskMixin:
 
     @torch.no_grad()
     def set_mask(self, mask: Tensor) -> None:
-        """Replace the mask (0/1 tensor shaped like ``weight``) and zero the pruned weights."""
+        """Replace the mask (0/1 tensor shaped like ``weight``) and zero the pruned weights.
+
+        Only binary masks are accepted: a soft (real-valued) mask belongs in a ``mask_fn``, which
+        the forward pass multiplies in without changing the stored weights.
+        """
         mask = _check_mask(mask, self.weight)
+        if bool(((mask != 0) & (mask != 1)).any()):
+            bad = mask[(mask != 0) & (mask != 1)].flatten()[0].item()
+            raise ValueError(f"mask must hold only 0 and 1 (got {bad!r}); install a mask_fn for soft masks")
         self.weight_mask.copy_(mask.to(self.weight_mask.dtype))
         self.apply_mask_()
 
     @torch.no_grad()
     def apply_mask_(self) -> None:
-        """Zero the stored weights where the mask is 0, so pruned weights are exactly zero."""
-        self.weight.mul_(self.weight_mask)
+        """Zero the stored weights where the mask is 0, so pruned weights are exactly zero.
+
+        Kept weights are left as they are (whatever the mask's nonzero value), so calling it twice,
+        or on a mask edited in place, never scales the weights.
+        """
+        self.weight.masked_fill_(self.weight_mask == 0, 0)
 
     @property
     def sparsity(self) -> float:
@@ -79,16 +91,17 @@ def _check_mask(mask: Tensor, weight: Tensor) -> Tensor:
 class MaskedConv2d(_MaskMixin, nn.Conv2d):
     """``nn.Conv2d`` computing with ``weight * mask`` (training layer of every pruning method).
 
-    Args: as ``nn.Conv2d`` plus ``mask`` (optional tensor shaped like the weight; default all ones).
-    Only ``padding_mode="zeros"`` is supported.
+    Args: as ``nn.Conv2d`` (every padding and ``padding_mode``, unbatched 3-D inputs) plus
+    ``mask`` (optional tensor shaped like the weight; default all ones).
+
+    Below :data:`DENSE_KERNEL_DENSITY` kept weights the sparse kernel computes with the kept
+    weights only; above it ``F.conv2d`` computes with ``weight * mask``.  The two agree for finite
+    inputs; a non-finite input value at a pruned tap reaches the output only on the dense path
+    (``0 * nan = nan``).
     """
 
     def __init__(self, *args, mask: Optional[Tensor] = None, **kwargs):
         super().__init__(*args, **kwargs)
-        if self.padding_mode != "zeros":
-            raise ValueError(f"padding_mode={self.padding_mode!r} is not supported, expected 'zeros'")
-        if isinstance(self.padding, str):
-            raise ValueError(f"padding={self.padding!r}: pass explicit integers")
         self._init_mask(mask)
 
     @classmethod
@@ -112,7 +125,8 @@ class MaskedConv2d(_MaskMixin, nn.Conv2d):
         """A plain ``nn.Conv2d`` holding ``weight * mask``."""
         conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, stride=self.stride,
                          padding=self.padding, dilation=self.dilation, groups=self.groups,
-                         bias=self.bias is not None, device=self.weight.device, dtype=self.weight.dtype)
+                         bias=self.bias is not None, padding_mode=self.padding_mode,
+                         device=self.weight.device, dtype=self.weight.dtype)
         with torch.no_grad():
             conv.weight.copy_(self.weight * self.get_mask())
             if self.bias is not None:
@@ -122,11 +136,16 @@ class MaskedConv2d(_MaskMixin, nn.Conv2d):
 
     def forward(self, input: Tensor) -> Tensor:
         weight, mask = self._effective()
-        if ops.available() and _density(mask) < DENSE_KERNEL_DENSITY:
-            return ops.masked_conv2d(input, weight, mask, self.bias, self.stride, self.padding,
-                                     self.dilation, self.groups)
-        return F.conv2d(input, weight * mask, self.bias, self.stride, self.padding,
-                        self.dilation, self.groups)
+        if ops.available() and isinstance(input, Tensor) and input.dim() in (3, 4) \
+                and _density(mask) < DENSE_KERNEL_DENSITY:
+            x, unbatched = _conv.batched(input, "MaskedConv2d")
+            # Computed per call: nn.Conv2d's attributes are public and may be changed after
+            # construction (a few dozen microseconds, small next to a training step).
+            plan = _conv.padding_plan(self.kernel_size, self.stride, self.padding, self.dilation, self.padding_mode)
+            out = ops.masked_conv2d(plan.apply(x), weight, mask, self.bias, self.stride, plan.kernel,
+                                    self.dilation, self.groups)
+            return out.squeeze(0) if unbatched else out
+        return self._conv_forward(input, weight * mask, self.bias)
 
 
 class MaskedLinear(_MaskMixin, nn.Linear):

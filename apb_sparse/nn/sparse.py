@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
+from . import _conv
 
 __all__ = ["SparseConv2d", "SparseLinear", "ChannelSparseConv2d"]
 
@@ -27,6 +28,21 @@ def _layer_mask_weight(layer: nn.Module, mask: Optional[Tensor]) -> Tensor:
     return weight
 
 
+def _check_index(name: str, index: Tensor, size: int) -> None:
+    """``index`` must be a 1-D integer tensor of distinct, increasing channel numbers in [0, size)."""
+    if not isinstance(index, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(index).__name__}")
+    if index.dim() != 1 or index.is_floating_point() or index.is_complex() or index.dtype == torch.bool:
+        raise ValueError(f"{name} must be a 1-D integer tensor, got {index.dtype} of shape {tuple(index.shape)}")
+    if index.numel() == 0:
+        return
+    i = index.to(torch.int64)
+    if int(i.min()) < 0 or int(i.max()) >= size:
+        raise ValueError(f"{name} has entries outside [0, {size})")
+    if index.numel() > 1 and bool((i[1:] <= i[:-1]).any()):
+        raise ValueError(f"{name} must be strictly increasing (each kept channel once)")
+
+
 class _CsrMixin:
     """Shared CSR storage: ``values``, ``row_ptr``, ``col_idx`` buffers whose sizes follow the
     number of nonzeros, so load_state_dict accepts any nonzero count."""
@@ -43,15 +59,26 @@ class _CsrMixin:
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        for name in ("values", "row_ptr", "col_idx"):
-            key = prefix + name
-            if key in state_dict:
-                src = state_dict[key]
+        keys = [prefix + name for name in ("values", "row_ptr", "col_idx")]
+        present = [k in state_dict for k in keys]
+        if any(present) and not all(present):
+            # A partial CSR cannot be checked against the rest; load_state_dict reports the
+            # missing keys (strict) and nothing is replaced.
+            error_msgs.append(f"{prefix}: values, row_ptr and col_idx must be loaded together, got only "
+                              f"{[k for k, p in zip(keys, present) if p]}")
+            return
+        if all(present):
+            src = [state_dict[k] for k in keys]
+            try:
+                # Validated before anything is copied: a tampered row_ptr would otherwise change
+                # the layer's output width, and a bad col_idx read out of bounds.
+                ops.check_csr(*src, self.weight_shape, names=keys)
+            except (TypeError, ValueError) as exc:
+                error_msgs.append(str(exc))
+                return
+            for name, t in zip(("values", "row_ptr", "col_idx"), src):
                 cur = getattr(self, name)
-                if src.dtype != cur.dtype and name != "values":
-                    error_msgs.append(f"{key}: expected dtype {cur.dtype}, got {src.dtype}")
-                    continue
-                setattr(self, name, torch.empty(src.shape, dtype=cur.dtype, device=cur.device))
+                setattr(self, name, torch.empty(t.shape, dtype=cur.dtype, device=cur.device))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 
@@ -80,13 +107,19 @@ class SparseConv2d(_CsrMixin, nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: Tuple[int, int],
                  stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups: int = 1, bias: bool = True,
-                 *, weight: Optional[Tensor] = None, device=None, dtype=None):
+                 *, weight: Optional[Tensor] = None, padding_mode: str = "zeros", device=None, dtype=None):
         super().__init__()
         self.in_channels, self.out_channels, self.groups = int(in_channels), int(out_channels), int(groups)
+        if self.in_channels < 0 or self.out_channels < 0 or self.groups < 1:
+            raise ValueError(f"in_channels ({in_channels}) and out_channels ({out_channels}) must be >= 0 and "
+                             f"groups ({groups}) >= 1")
         self.kernel_size = tuple(ops._pair("kernel_size", kernel_size, 1))
         self.stride = tuple(ops._pair("stride", stride, 1))
-        self.padding = tuple(ops._pair("padding", padding, 0))
+        self.padding = _conv.normalize_padding(padding)
         self.dilation = tuple(ops._pair("dilation", dilation, 1))
+        self.padding_mode = padding_mode
+        # Non-zero modes, "same" and "valid" become an explicit F.pad before the kernel.
+        self._plan = _conv.padding_plan(self.kernel_size, self.stride, self.padding, self.dilation, padding_mode)
         if self.in_channels % self.groups or self.out_channels % self.groups:
             raise ValueError(f"in_channels ({in_channels}) and out_channels ({out_channels}) must be divisible "
                              f"by groups ({groups})")
@@ -99,7 +132,7 @@ class SparseConv2d(_CsrMixin, nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_channels, device=weight.device, dtype=weight.dtype)) if bias else None
         # Set by apb_sparse.fuse: apply ReLU in the kernel's epilogue.
         self.fused_relu = False
-        self._args = (list(self.weight_shape), list(self.stride), list(self.padding), list(self.dilation))
+        self._args = (list(self.weight_shape), list(self.stride), list(self._plan.kernel), list(self.dilation))
 
     @property
     def weight_shape(self) -> Tuple[int, int, int, int]:
@@ -110,12 +143,10 @@ class SparseConv2d(_CsrMixin, nn.Module):
         """From an ``nn.Conv2d`` (or MaskedConv2d): keeps the nonzeros of ``weight * mask``."""
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
-        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-            raise ValueError(f"conv: only zero padding with explicit sizes is supported, got padding="
-                             f"{conv.padding!r}, padding_mode={conv.padding_mode!r}")
         weight = _layer_mask_weight(conv, mask)
         layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                    conv.dilation, conv.groups, conv.bias is not None, weight=weight)
+                    conv.dilation, conv.groups, conv.bias is not None, weight=weight,
+                    padding_mode=conv.padding_mode)
         if conv.bias is not None:
             with torch.no_grad():
                 layer.bias.copy_(conv.bias)
@@ -124,8 +155,8 @@ class SparseConv2d(_CsrMixin, nn.Module):
     def to_dense(self) -> nn.Conv2d:
         """An equivalent ``nn.Conv2d``."""
         conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
-                         self.dilation, self.groups, self.bias is not None, device=self.values.device,
-                         dtype=self.values.dtype)
+                         self.dilation, self.groups, self.bias is not None, self.padding_mode,
+                         device=self.values.device, dtype=self.values.dtype)
         with torch.no_grad():
             conv.weight.copy_(ops.unpack_csr(self.values, self.row_ptr, self.col_idx, self.weight_shape))
             if self.bias is not None:
@@ -133,20 +164,32 @@ class SparseConv2d(_CsrMixin, nn.Module):
         return conv
 
     def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
-        """``conv(input)``, or ``relu(conv(input) + residual)`` style fusions set up by apb_sparse.fuse."""
-        if not isinstance(input, Tensor) or input.dim() != 4:
-            raise ValueError(f"input must be a 4-D tensor (N, C, H, W), got "
-                             f"{tuple(input.shape) if isinstance(input, Tensor) else type(input).__name__}")
+        """``conv(input)``, or ``relu(conv(input) + residual)`` style fusions set up by apb_sparse.fuse.
+
+        ``input``: ``(N, C, H, W)`` or unbatched ``(C, H, W)``; float16 / bfloat16 inputs are
+        computed in float32.  Only the stored nonzeros are computed: a non-finite input value
+        reaches only the outputs whose nonzero taps read it.
+        """
+        x, unbatched = _conv.batched(input, "SparseConv2d")
+        if unbatched and isinstance(residual, Tensor):
+            residual = residual.unsqueeze(0)
+        x = self._plan.apply(x)
         weight_shape, stride, padding, dilation = self._args
-        # The op itself validates every argument; calling it directly keeps per-layer Python
-        # overhead low, which matters at batch 1 where a sparse layer takes tens of microseconds.
-        return torch.ops.apb_sparse.sparse_conv2d(input, self.values, self.row_ptr, self.col_idx, weight_shape,
-                                                  self.bias, stride, padding, dilation, self.groups, residual,
-                                                  self.fused_relu)
+        if x.dtype in ops.KERNEL_DTYPES:
+            # The op itself validates every argument; calling it directly keeps per-layer Python
+            # overhead low, which matters at batch 1 where a sparse layer takes tens of microseconds.
+            out = torch.ops.apb_sparse.sparse_conv2d(x, self.values, self.row_ptr, self.col_idx, weight_shape,
+                                                     self.bias, stride, padding, dilation, self.groups, residual,
+                                                     self.fused_relu)
+        else:
+            out = ops.sparse_conv2d(x, self.values, self.row_ptr, self.col_idx, weight_shape, self.bias, stride,
+                                    padding, dilation, self.groups, residual, self.fused_relu)
+        return out.squeeze(0) if unbatched else out
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
                 f"padding={self.padding}, groups={self.groups}, nnz={self.nnz}, sparsity={self.sparsity:.3f}"
+                + (f", padding_mode={self.padding_mode!r}" if self.padding_mode != "zeros" else "")
                 + (", fused_relu=True" if self.fused_relu else ""))
 
 
@@ -159,6 +202,8 @@ class SparseLinear(_CsrMixin, nn.Module):
                  weight: Optional[Tensor] = None, device=None, dtype=None):
         super().__init__()
         self.in_features, self.out_features = int(in_features), int(out_features)
+        if self.in_features < 0 or self.out_features < 0:
+            raise ValueError(f"in_features ({in_features}) and out_features ({out_features}) must be >= 0")
         if weight is None:
             weight = torch.zeros(self.weight_shape, device=device, dtype=dtype or torch.get_default_dtype())
         elif tuple(weight.shape) != self.weight_shape:
@@ -211,30 +256,52 @@ class ChannelSparseConv2d(nn.Module):
     path = "structured"
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=(1, 1), padding=(0, 0),
-                 dilation=(1, 1), bias: bool = True, *, out_index: Tensor, in_index: Tensor, weight: Tensor):
+                 dilation=(1, 1), bias: bool = True, *, out_index: Tensor, in_index: Tensor, weight: Tensor,
+                 padding_mode: str = "zeros"):
         super().__init__()
         self.in_channels, self.out_channels = int(in_channels), int(out_channels)
         self.kernel_size = tuple(ops._pair("kernel_size", kernel_size, 1))
         self.stride = tuple(ops._pair("stride", stride, 1))
-        self.padding = tuple(ops._pair("padding", padding, 0))
+        self.padding = _conv.normalize_padding(padding)
         self.dilation = tuple(ops._pair("dilation", dilation, 1))
+        self.padding_mode = padding_mode
+        self._plan = _conv.padding_plan(self.kernel_size, self.stride, self.padding, self.dilation, padding_mode)
         self.groups = 1
         expected = (out_index.numel(), in_index.numel(), *self.kernel_size)
         if tuple(weight.shape) != expected:
             raise ValueError(f"weight has shape {tuple(weight.shape)}, expected {expected}")
+        _check_index("out_index", out_index, self.out_channels)
+        _check_index("in_index", in_index, self.in_channels)
         self.register_buffer("out_index", out_index.to(torch.int64).contiguous())
         self.register_buffer("in_index", in_index.to(torch.int64).contiguous())
         self.weight = nn.Parameter(weight.detach().clone())
         self.bias = nn.Parameter(torch.zeros(out_channels, dtype=weight.dtype, device=weight.device)) if bias else None
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # The kept-channel counts may differ from this instance's: adopt the stored shapes.
-        for name in ("out_index", "in_index"):
-            if prefix + name in state_dict:
-                setattr(self, name, torch.empty_like(state_dict[prefix + name], device=getattr(self, name).device))
-        if prefix + "weight" in state_dict:
-            self.weight = nn.Parameter(torch.empty_like(state_dict[prefix + "weight"], device=self.weight.device))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # The kept-channel counts may differ from this instance's: adopt the stored shapes, once
+        # they are checked against each other and against the layer's channel counts.
+        keys = {name: prefix + name for name in ("out_index", "in_index", "weight")}
+        if all(k in state_dict for k in keys.values()):
+            out_index, in_index, weight = (state_dict[keys[n]] for n in ("out_index", "in_index", "weight"))
+            try:
+                _check_index(keys["out_index"], out_index, self.out_channels)
+                _check_index(keys["in_index"], in_index, self.in_channels)
+                expected = (out_index.numel(), in_index.numel(), *self.kernel_size)
+                if tuple(weight.shape) != expected:
+                    raise ValueError(f"{keys['weight']} has shape {tuple(weight.shape)}, expected {expected} "
+                                     f"(kept output channels, kept input channels, kernel size)")
+            except (TypeError, ValueError) as exc:
+                error_msgs.append(str(exc))
+                return
+            for name in ("out_index", "in_index"):
+                setattr(self, name, torch.empty_like(state_dict[keys[name]], device=getattr(self, name).device))
+            self.weight = nn.Parameter(torch.empty_like(weight, device=self.weight.device))
+        elif any(k in state_dict for k in keys.values()):
+            error_msgs.append(f"{prefix}: out_index, in_index and weight must be loaded together")
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     @property
     def weight_shape(self) -> Tuple[int, int, int, int]:
@@ -262,7 +329,8 @@ class ChannelSparseConv2d(nn.Module):
         in_index = nz.transpose(0, 1).flatten(1).any(1).nonzero().flatten()
         block = weight.index_select(0, out_index).index_select(1, in_index)
         layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-                    conv.bias is not None, out_index=out_index, in_index=in_index, weight=block)
+                    conv.bias is not None, out_index=out_index, in_index=in_index, weight=block,
+                    padding_mode=conv.padding_mode)
         if conv.bias is not None:
             with torch.no_grad():
                 layer.bias.copy_(conv.bias)
@@ -271,7 +339,8 @@ class ChannelSparseConv2d(nn.Module):
     def to_dense(self) -> nn.Conv2d:
         """An equivalent ``nn.Conv2d``."""
         conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
-                         self.dilation, 1, self.bias is not None, device=self.weight.device, dtype=self.weight.dtype)
+                         self.dilation, 1, self.bias is not None, self.padding_mode, device=self.weight.device,
+                         dtype=self.weight.dtype)
         with torch.no_grad():
             conv.weight.zero_()
             conv.weight[self.out_index[:, None], self.in_index[None, :]] = self.weight
@@ -280,21 +349,29 @@ class ChannelSparseConv2d(nn.Module):
         return conv
 
     def forward(self, input: Tensor) -> Tensor:
-        if input.dim() != 4:
-            raise ValueError(f"input must be 4-D (N, C, H, W), got shape {tuple(input.shape)}")
-        x = input.index_select(1, self.in_index) if self.in_index.numel() < self.in_channels else input
+        """``input``: ``(N, C, H, W)`` or unbatched ``(C, H, W)``."""
+        x, unbatched = _conv.batched(input, "ChannelSparseConv2d")
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f"ChannelSparseConv2d: input has {x.shape[1]} channels, expected {self.in_channels}")
+        x = self._plan.apply(x)
+        padding = self._plan.kernel
         if self.in_index.numel() == 0 or self.out_index.numel() == 0:
-            n, _, oh, ow = ops.conv_output_size(input.shape, self.weight_shape, self.stride, self.padding,
-                                                self.dilation)
-            y = input.new_zeros((n, self.out_index.numel(), oh, ow))
+            n, _, oh, ow = ops.conv_output_size(x.shape, self.weight_shape, self.stride, padding, self.dilation)
+            y = x.new_zeros((n, self.out_index.numel(), oh, ow))
+            # Keep the output in the input's autograd graph (zero gradient): attacks and
+            # gradient-based evaluations need d(output)/d(input) even through a fully pruned layer.
+            # An empty slice's sum is exactly 0, even for non-finite inputs.
+            y = y + x.reshape(-1)[:0].sum()
         else:
-            y = F.conv2d(x, self.weight, None, self.stride, self.padding, self.dilation)
+            if self.in_index.numel() < self.in_channels:
+                x = x.index_select(1, self.in_index)
+            y = F.conv2d(x, self.weight, None, self.stride, padding, self.dilation)
         if self.out_index.numel() < self.out_channels:
             out = y.new_zeros((y.shape[0], self.out_channels, y.shape[2], y.shape[3]))
             y = out.index_copy(1, self.out_index, y)
         if self.bias is not None:
             y = y + self.bias.view(1, -1, 1, 1)
-        return y
+        return y.squeeze(0) if unbatched else y
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "

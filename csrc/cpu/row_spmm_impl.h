@@ -112,7 +112,7 @@ inline void tile(const Row<T>& row, const int64_t* tap, int64_t stride, int64_t 
   alignas(32) T buf[NV * W];
   const bool clamp = relu && row.res == nullptr;
   for (int v = 0; v < NV; ++v) {
-    if (clamp) acc[0][v] = acc[0][v] > V{} ? acc[0][v] : V{};
+    if (clamp) acc[0][v] = acc[0][v] < V{} ? V{} : acc[0][v];  // NaN stays NaN, as torch.relu
     std::memcpy(buf + v * W, &acc[0][v], sizeof(V));
   }
   store_runs(row, buf, tile_index, relu);
@@ -142,7 +142,7 @@ inline void tile_rows(const Row<T>& row, const int64_t* tap, int64_t src, int64_
       V y = acc[i][v] + init;
       const int64_t o = i * VPR * W + v * W;
       if (res) y += loadu<V, T>(res + o);
-      if (relu) y = y > V{} ? y : V{};
+      if (relu) y = y < V{} ? V{} : y;  // NaN stays NaN
       std::memcpy(d + o, &y, sizeof(V));
     }
 }

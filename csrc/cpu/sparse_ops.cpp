@@ -31,6 +31,11 @@ using kernel::RowSpmmArgs;
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
+/// Largest spatial size, kernel size, padding and dilation accepted (so that products of two stay
+/// in int64), and largest working set of a convolution in elements.
+constexpr int64_t kMaxDim = (int64_t(1) << 31) - 1;
+constexpr int64_t kMaxElements = int64_t(1) << 48;
+
 /// Convolution geometry in "grid" coordinates.  The padded input (Hp x Wp) is split into
 /// sh*sw stride phases; phase (a, b) holds padded pixels (i*sh + a, j*sw + b) at grid (i, j) of
 /// an Hq x Wq plane.  Output (n, oh, ow) lives at grid position p = n*Hq*Wq + oh*Wq + ow, and
@@ -54,20 +59,55 @@ struct ConvGeom {
     TORCH_CHECK(groups > 0, "groups must be positive, got ", groups);
     N = input_size[0]; C = input_size[1]; H = input_size[2]; W = input_size[3];
     O = weight_size[0]; Cg = weight_size[1]; KH = weight_size[2]; KW = weight_size[3];
-    TORCH_CHECK(O >= 0 && Cg > 0 && KH > 0 && KW > 0, "weight_size must be positive, got ", weight_size);
+    TORCH_CHECK(N >= 0 && C >= 0 && H >= 0 && W >= 0, "input size must be non-negative, got ", input_size);
+    // Cg == 0 (no input channels) is valid: the output is the bias; the op entries handle it.
+    TORCH_CHECK(O >= 0 && Cg >= 0 && KH > 0 && KW > 0,
+                "weight_size must be non-negative with a positive kernel size, got ", weight_size);
     G = groups;
+    // Every term below stays far from int64 overflow once each factor is below 2^31.
+    TORCH_CHECK(H <= kMaxDim && W <= kMaxDim, "input height and width must be at most 2^31 - 1, got ", input_size);
+    TORCH_CHECK(KH <= kMaxDim && KW <= kMaxDim && O <= kMaxDim && Cg <= kMaxDim,
+                "weight_size entries must be at most 2^31 - 1, got ", weight_size);
+    TORCH_CHECK(padding[0] <= kMaxDim && padding[1] <= kMaxDim, "padding must be at most 2^31 - 1, got ", padding);
+    TORCH_CHECK(dilation[0] <= kMaxDim && dilation[1] <= kMaxDim, "dilation must be at most 2^31 - 1, got ",
+                dilation);
+    TORCH_CHECK(G <= kMaxDim, "groups must be at most 2^31 - 1, got ", groups);
     TORCH_CHECK(C == Cg * G, "input has ", C, " channels, expected weight_size[1] * groups = ", Cg * G);
     TORCH_CHECK(O % G == 0, "weight_size[0] (", O, ") must be divisible by groups (", G, ")");
     Og = O / G;
-    sh = stride[0]; sw = stride[1]; ph = padding[0]; pw = padding[1]; dh = dilation[0]; dw = dilation[1];
+    ph = padding[0]; pw = padding[1]; dh = dilation[0]; dw = dilation[1];
     Hp = H + 2 * ph; Wp = W + 2 * pw;
+    TORCH_CHECK(Hp >= dh * (KH - 1) + 1 && Wp >= dw * (KW - 1) + 1,
+                "input (", H, "x", W, ") with padding ", padding, " is smaller than the dilated kernel (dilation ",
+                dilation, ", kernel ", KH, "x", KW, ")");
+    // A stride at least the padded size gives one output row (column) that reads the same pixels
+    // whatever the stride: use the padded size, so that the stride-phase grid (S = sh * sw planes)
+    // stays as small as the padded input (a stride of 2^32 would otherwise overflow S).
+    sh = std::min<int64_t>(stride[0], Hp); sw = std::min<int64_t>(stride[1], Wp);
     OH = (Hp - dh * (KH - 1) - 1) / sh + 1;
     OW = (Wp - dw * (KW - 1) - 1) / sw + 1;
-    TORCH_CHECK(Hp >= dh * (KH - 1) + 1 && Wp >= dw * (KW - 1) + 1,
-                "input (", H, "x", W, ") with padding ", padding, " is smaller than the dilated kernel");
     Hq = (Hp + sh - 1) / sh; Wq = (Wp + sw - 1) / sw;
-    S = sh * sw;
-    plane = N * Hq * Wq;
+    TORCH_CHECK(KH * KW <= kMaxDim && taps() <= kMaxDim, "weight_size ", weight_size,
+                " has more than 2^31 - 1 taps per filter");
+    // Working sets: the phase grid (C * S planes of N * Hq * Wq), the tap-major layout (C * kH * kW
+    // strips of N * OH * OW) and the transposed grad_output (O rows of about N * Hq * Wq).  Bounded
+    // so that no size computed from them overflows.
+    S = checked_mul(sh, sw);
+    const int64_t per_image = checked_mul(checked_mul(S, Hq), Wq);
+    const int64_t n1 = std::max<int64_t>(N, 1), c1 = std::max<int64_t>(C, 1);
+    plane = checked_mul(N, checked_mul(Hq, Wq));
+    checked_mul(c1, checked_mul(per_image, n1));
+    checked_mul(checked_mul(c1, KH * KW), checked_mul(n1, checked_mul(OH, OW)));
+    checked_mul(std::max<int64_t>(O, 1), checked_mul(n1, per_image));
+    checked_mul(checked_mul(n1, O), checked_mul(OH, OW));
+  }
+  /// a * b, refusing products above kMaxElements: the input size, padding and stride of the
+  /// convolution make its working set too large.
+  int64_t checked_mul(int64_t a, int64_t b) const {
+    TORCH_CHECK(a == 0 || b <= kMaxElements / a, "convolution too large: input (", N, ", ", C, ", ", H, ", ", W,
+                ") with padding (", ph, ", ", pw, ") and stride (", sh, ", ", sw, ") needs more than 2^48 ",
+                "elements of working memory");
+    return a * b;
   }
   int64_t taps() const { return Cg * KH * KW; }
   /// Stride phase read by tap (kh, kw).
@@ -275,7 +315,9 @@ void check_csr(const Tensor& values, const Tensor& row_ptr, const Tensor& col_id
   TORCH_CHECK(values.device() == input.device() && row_ptr.device() == input.device() &&
                   col_idx.device() == input.device(),
               "values, row_ptr and col_idx must be on the input's device ", input.device());
-  TORCH_CHECK(row_ptr.numel() == rows + 1, "row_ptr has ", row_ptr.numel(), " entries, expected ", rows + 1);
+  TORCH_CHECK(rows >= 0 && row_ptr.numel() == rows + 1, "row_ptr has ", row_ptr.numel(), " entries, expected ",
+              rows + 1, " (one more than the number of rows, at least 1)");
+  TORCH_CHECK(values.numel() <= kMaxDim, "values has ", values.numel(), " entries, more than int32 row_ptr can index");
   TORCH_CHECK(col_idx.numel() == values.numel(), "col_idx has ", col_idx.numel(), " entries but values has ",
               values.numel());
   const Tensor rp = row_ptr.contiguous(), ci = col_idx.contiguous();
@@ -662,6 +704,29 @@ void check_bias(const std::optional<Tensor>& bias, const Tensor& input, int64_t 
   TORCH_CHECK(bias->device() == input.device(), "bias must be on the input's device ", input.device());
 }
 
+/// Output of a convolution without input channels (weight_size[1] == 0): relu(bias + residual)
+/// at every position (the kernels assume at least one tap per filter).
+template <typename T>
+Tensor no_tap_output(const Tensor& input, const ConvGeom& g, const Tensor& bias, const Tensor& residual, bool relu) {
+  Tensor out = at::empty({g.N, g.O, g.OH, g.OW}, input.options());
+  const Tensor b = bias.defined() ? bias.contiguous() : Tensor();
+  const Tensor r = residual.defined() ? residual.contiguous() : Tensor();
+  const T* bp = b.defined() ? b.const_data_ptr<T>() : nullptr;
+  const T* rp = r.defined() ? r.const_data_ptr<T>() : nullptr;
+  T* y = out.mutable_data_ptr<T>();
+  const int64_t OHW = g.OH * g.OW;
+  for (int64_t n = 0; n < g.N; ++n)
+    for (int64_t o = 0; o < g.O; ++o) {
+      const int64_t base = (n * g.O + o) * OHW;
+      for (int64_t q = 0; q < OHW; ++q) {
+        T v = bp ? bp[o] : T(0);
+        if (rp) v += rp[base + q];
+        y[base + q] = (relu && v < T(0)) ? T(0) : v;  // NaN stays NaN, as torch.relu
+      }
+    }
+  return out;
+}
+
 Tensor sparse_conv2d_cpu(const Tensor& input, const Tensor& values, const Tensor& row_ptr,
                          const Tensor& col_idx, at::IntArrayRef weight_size, const std::optional<Tensor>& bias,
                          at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
@@ -682,6 +747,11 @@ Tensor sparse_conv2d_cpu(const Tensor& input, const Tensor& values, const Tensor
   const Tensor v = values.contiguous(), rp = row_ptr.contiguous(), ci = col_idx.contiguous();
   Tensor out;
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "sparse_conv2d", [&] {
+    if (g.Cg == 0) {
+      out = no_tap_output<scalar_t>(input, g, bias.has_value() ? *bias : Tensor(),
+                                    residual.has_value() ? *residual : Tensor(), relu);
+      return;
+    }
     out = conv_forward<scalar_t>(input, g, rp.const_data_ptr<int32_t>(), ci.const_data_ptr<int32_t>(),
                                  v.const_data_ptr<scalar_t>(), bias.has_value() ? *bias : Tensor(),
                                  residual.has_value() ? *residual : Tensor(), relu);
@@ -731,6 +801,10 @@ Tensor masked_conv2d_cpu(const Tensor& input, const Tensor& weight, const Tensor
   const Tensor w = weight.contiguous(), m = mask.contiguous();
   Tensor out;
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "masked_conv2d", [&] {
+    if (g.Cg == 0) {
+      out = no_tap_output<scalar_t>(input, g, bias.has_value() ? *bias : Tensor(), Tensor(), false);
+      return;
+    }
     std::vector<int32_t> rp, col;
     std::vector<scalar_t> val;
     pack_dense<scalar_t>(w.const_data_ptr<scalar_t>(), m.const_data_ptr<scalar_t>(), g.O, g.taps(), rp, col, val);
@@ -796,6 +870,9 @@ Tensor sparse_linear_cpu(const Tensor& input, const Tensor& values, const Tensor
               "input must be float32 or float64, got ", input.scalar_type());
   TORCH_CHECK(input.size(-1) == in_features, "input has ", input.size(-1), " features, expected in_features = ",
               in_features);
+  TORCH_CHECK(in_features >= 0, "in_features must be non-negative, got ", in_features);
+  TORCH_CHECK(row_ptr.dim() == 1 && row_ptr.numel() >= 1, "row_ptr must be a 1-D tensor of out_features + 1 >= 1 ",
+              "entries, got shape ", row_ptr.sizes());
   const int64_t R = row_ptr.numel() - 1;
   check_csr(values, row_ptr, col_idx, R, in_features, input);
   check_bias(bias, input, R);
@@ -803,7 +880,17 @@ Tensor sparse_linear_cpu(const Tensor& input, const Tensor& values, const Tensor
   out_size.back() = R;
   Tensor out = at::empty(out_size, input.options());
   if (out.numel() == 0) return out;
-  const Tensor x = input.reshape({-1, in_features});
+  const int64_t B = out.numel() / R;  // rows of the input, counted without reshape(-1, 0)
+  if (in_features == 0) {  // no input features: the output is the bias
+    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "sparse_linear", [&] {
+      scalar_t* y = out.mutable_data_ptr<scalar_t>();
+      const Tensor bc = bias.has_value() ? bias->contiguous() : Tensor();
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t r = 0; r < R; ++r) y[b * R + r] = bc.defined() ? bc.const_data_ptr<scalar_t>()[r] : scalar_t(0);
+    });
+    return out;
+  }
+  const Tensor x = input.reshape({B, in_features});
   const Tensor v = values.contiguous(), rp = row_ptr.contiguous(), ci = col_idx.contiguous();
   const Tensor b = bias.has_value() ? bias->contiguous() : Tensor();
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "sparse_linear", [&] {
@@ -817,14 +904,20 @@ Tensor sparse_linear_cpu(const Tensor& input, const Tensor& values, const Tensor
 Tensor sparse_linear_backward_input_cpu(const Tensor& grad_output, const Tensor& values, const Tensor& row_ptr,
                                         const Tensor& col_idx, int64_t in_features) {
   TORCH_CHECK(grad_output.dim() >= 1, "grad_output must have at least 1 dim");
+  TORCH_CHECK(grad_output.scalar_type() == at::kFloat || grad_output.scalar_type() == at::kDouble,
+              "grad_output must be float32 or float64, got ", grad_output.scalar_type());
+  TORCH_CHECK(in_features >= 0, "in_features must be non-negative, got ", in_features);
+  TORCH_CHECK(row_ptr.dim() == 1 && row_ptr.numel() >= 1, "row_ptr must be a 1-D tensor of out_features + 1 >= 1 ",
+              "entries, got shape ", row_ptr.sizes());
   const int64_t R = row_ptr.numel() - 1;
   TORCH_CHECK(grad_output.size(-1) == R, "grad_output has ", grad_output.size(-1), " features, expected ", R);
   check_csr(values, row_ptr, col_idx, R, in_features, grad_output);
   std::vector<int64_t> in_size(grad_output.sizes().begin(), grad_output.sizes().end());
   in_size.back() = in_features;
+  if (R == 0) return at::zeros(in_size, grad_output.options());  // no output features: zero gradient
   Tensor gin = at::empty(in_size, grad_output.options());
   if (gin.numel() == 0) return gin;
-  const Tensor gy = grad_output.reshape({-1, R});
+  const Tensor gy = grad_output.reshape({gin.numel() / in_features, R});
   const Tensor v = values.contiguous(), rp = row_ptr.contiguous(), ci = col_idx.contiguous();
   AT_DISPATCH_FLOATING_TYPES(grad_output.scalar_type(), "sparse_linear_backward_input", [&] {
     // CSC of the weight = CSR of its transpose (rows = input features).
