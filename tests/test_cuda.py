@@ -704,3 +704,72 @@ def test_sparsified_resnet18_cuda_equals_masked_dense(path):
     dense(xr).logsumexp(1).sum().backward()
     sparse(xs).logsumexp(1).sum().backward()
     torch.testing.assert_close(xs.grad, xr.grad, rtol=1e-3, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------
+# benchmarks/latency_cuda.py: the parts that need no GPU
+
+
+def _latency_cuda():
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "latency_cuda.py"
+    spec = importlib.util.spec_from_file_location("latency_cuda", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_latency_cuda_arguments_ratios_and_json(tmp_path):
+    lc = _latency_cuda()
+    a = lc.parse_args([])
+    assert a.archs == ["resnet18", "vgg16"] and a.batches == [1, 128] and a.rounds == 15
+    assert a.variants == list(lc.VARIANTS) and a.out.endswith("latency_cuda.json")
+    assert lc.parse_args(["--quick"]).archs == ["resnet18"]
+    for bad in (["--masks", "ch@0.5"], ["--masks", "us@1.5"], ["--rounds", "0"], ["--variants", "ours_fp32"]):
+        with pytest.raises(SystemExit):
+            lc.parse_args(bad)
+    r = lc.ratios({"dense_tf32": 2.0, "dense_bf16_cl": 1.0, "ours_fp32": 4.0, "ours_bf16": 0.5})
+    assert r["vs_dense_tf32"] == {"dense_bf16_cl": 2.0, "ours_fp32": 0.5, "ours_bf16": 4.0}
+    assert r["vs_dense_bf16_cl"] == {"dense_tf32": 0.5, "ours_fp32": 0.25, "ours_bf16": 2.0}
+    assert lc.max_error(torch.tensor([1.0, 3.0]), torch.tensor([1.0, 2.0])) == pytest.approx(0.5)
+    built = {"report": apb_sparse.sparsity_report(torch.nn.Linear(4, 4)), "paths": {"dense": 1}}
+    timing = {v: {"median_ms": t, "times_ms": [t, t], "reps": 3} for v, t in
+              (("dense_tf32", 2.0), ("dense_bf16_cl", 1.0), ("ours_fp32", 4.0), ("ours_bf16", 0.5))}
+    row = lc.make_row("resnet18", 1, "us@0.9", built, timing, {v: 0.0 for v in timing}, graphs=True)
+    data = {"environment": {"gpu": "none"}, "variants": list(lc.VARIANTS), "results": [row]}
+    out = lc.write_json(data, str(tmp_path / "sub" / "latency_cuda.json"))
+    import json
+    back = json.load(open(out))
+    assert back["results"][0]["speedup"]["vs_dense_bf16_cl"]["ours_bf16"] == 2.0
+    table = lc.markdown_table(data)
+    assert "| resnet18 | 1 | us@0.9 |" in table and "0.50x" in table and "2.00x" in table
+
+
+def test_latency_cuda_builds_the_variants_on_cpu():
+    if not ops.available():
+        pytest.skip("extension not built")
+    lc = _latency_cuda()
+    built = lc.build_variants("resnet18", "us@0.9", "cpu")
+    assert set(lc.VARIANTS) <= set(built)
+    assert next(built["dense_bf16_cl"]["model"].parameters()).dtype == torch.bfloat16
+    assert built["dense_bf16_cl"]["memory_format"] == torch.channels_last
+    assert all(v.dtype == torch.bfloat16 for v in built["ours_bf16"]["model"].buffers() if v.is_floating_point())
+    assert any(isinstance(m, apb_sparse.nn.SparseConv2d) for m in built["ours_fp32"]["model"].modules())
+    assert not any(isinstance(m, apb_sparse.nn.SparseConv2d) for m in built["dense_tf32"]["model"].modules())
+    assert built["report"].sparsity == pytest.approx(0.9, abs=0.02)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = built["exact"]["model"](x)
+        assert lc.max_error(built["ours_fp32"]["model"](x), ref) < lc.TOLERANCE["ours_fp32"]
+        assert lc.max_error(built["dense_tf32"]["model"](x), ref) == 0.0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_latency_cuda_without_a_gpu_exits_with_a_clear_message(capsys, tmp_path):
+    lc = _latency_cuda()
+    assert lc.main(["--quick", "--out", str(tmp_path / "x.json")]) == 2
+    err = capsys.readouterr().err
+    assert "needs a CUDA GPU" in err
+    assert not (tmp_path / "x.json").exists()
