@@ -58,8 +58,12 @@ with_cuda = with_cuda and cuda_home is not None
 if with_cuda:
     # Must be set before torch.utils.cpp_extension is imported: it reads CUDA_HOME at import.
     os.environ["CUDA_HOME"] = cuda_home
-    # Without a visible GPU torch's arch helper fails on an empty list: default to Hopper (sm_90).
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
+    # Without a visible GPU torch's arch helper fails on an empty list, so a default is needed.
+    # sm_80 (A100, and by binary compatibility A10 / L4 / L40 / RTX 30xx-40xx) and sm_90
+    # (H100 / H200) as native code, plus sm_90 PTX that the driver JIT-compiles for newer GPUs
+    # (Blackwell and later), so no GPU fails with "no kernel image".  A GPU session that builds
+    # for its own GPU only sets TORCH_CUDA_ARCH_LIST itself (e.g. "9.0").
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
 
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 

@@ -100,7 +100,8 @@ def _upcast(input: Tensor, **tensors: Optional[Tensor]):
 
     Half-precision tensors must all share the input's dtype, as the kernels require of float32 ones.
     """
-    if input.dtype not in UPCAST_DTYPES:
+    # bfloat16 on CUDA is computed natively by the CUDA kernels (float accumulation).
+    if input.dtype not in UPCAST_DTYPES or (input.dtype == torch.bfloat16 and input.is_cuda):
         return input, tensors
     out = {}
     for name, t in tensors.items():
@@ -232,9 +233,31 @@ def check_csr(values: Tensor, row_ptr: Tensor, col_idx: Tensor, shape: Sequence[
             raise ValueError(f"{nc} repeats a column within a row (each weight must be stored once)")
 
 
-def _csr_rows(row_ptr: Tensor) -> Tensor:
+def _csr_rows(row_ptr: Tensor, nnz: int) -> Tensor:
     counts = (row_ptr[1:] - row_ptr[:-1]).to(torch.int64)
-    return torch.repeat_interleave(torch.arange(counts.numel(), device=row_ptr.device), counts)
+    # output_size from metadata: without it repeat_interleave reads the total back to the host (a
+    # device sync, which also breaks CUDA-graph capture).
+    return torch.repeat_interleave(torch.arange(counts.numel(), device=row_ptr.device), counts, output_size=nnz)
+
+
+# Elements per temporary of the sampled product below (64 MB in float32).
+_SAMPLED_CHUNK_ELEMENTS = 1 << 24
+
+
+def _sampled_product(g2: Tensor, x2: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+    """``out[j] = sum_b g2[b, rows[j]] * x2[b, cols[j]]``: the entries of ``g2.T @ x2`` at the
+    nonzeros only, in chunks of nonzeros so that the ``batch x chunk`` temporaries stay below
+    ``_SAMPLED_CHUNK_ELEMENTS`` whatever the batch and nnz (one shot would need two ``batch x nnz``
+    tensors: 3 GB each at batch 512 and 1.6 M nonzeros).  Low-precision inputs accumulate in
+    float32."""
+    acc = torch.float32 if g2.dtype in (torch.float16, torch.bfloat16) else g2.dtype
+    nnz = rows.numel()
+    step = max(1, _SAMPLED_CHUNK_ELEMENTS // max(1, g2.shape[0]))
+    parts = [(g2[:, rows[s:s + step]].to(acc) * x2[:, cols[s:s + step]].to(acc)).sum(0).to(g2.dtype)
+             for s in range(0, nnz, step)]
+    if not parts:
+        return g2.new_zeros(0)
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -428,7 +451,7 @@ if _C is not None:
             gv = torch.zeros_like(values)
         elif ctx.needs_input_grad[1]:
             geff = torch.nn.grad.conv2d_weight(input, weight_size, grad, stride, padding, dilation, groups)
-            gv = geff.reshape(weight_size[0], -1)[_csr_rows(row_ptr), col_idx.to(torch.int64)]
+            gv = geff.reshape(weight_size[0], -1)[_csr_rows(row_ptr, col_idx.numel()), col_idx.to(torch.int64)]
         if ctx.needs_input_grad[5] and ctx.has_bias:
             gb = grad.sum((0, 2, 3))
         if len(ctx.needs_input_grad) > 10 and ctx.needs_input_grad[10]:
@@ -458,7 +481,7 @@ if _C is not None:
         if ctx.needs_input_grad[1]:
             g2 = grad.reshape(batch, out_features)
             x2 = input.reshape(batch, ctx.in_features)
-            gv = (g2[:, _csr_rows(row_ptr)] * x2[:, col_idx.to(torch.int64)]).sum(0)
+            gv = _sampled_product(g2, x2, _csr_rows(row_ptr, col_idx.numel()), col_idx.to(torch.int64))
         if ctx.needs_input_grad[5] and ctx.has_bias:
             gb = grad.reshape(batch, out_features).sum(0)
         return gx, gv, None, None, None, gb

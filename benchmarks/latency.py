@@ -8,6 +8,7 @@ the same run.  Writes a table to stdout and JSON (with the environment) to --out
     python benchmarks/latency.py --quick          # ResNet-18 only, fewer rounds
     python benchmarks/latency.py                  # ResNet-18 and VGG-16, batch 1 and 32
     python benchmarks/latency.py --per-layer      # per-layer profile (time, useful GFLOP/s)
+    python benchmarks/latency.py --device cuda    # the GPU benchmark: benchmarks/latency_cuda.py
 """
 from __future__ import annotations
 
@@ -214,6 +215,12 @@ def per_layer(args) -> dict:
 
 
 def main(argv: List[str] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--device=cuda" in argv or any(a == "--device" and b == "cuda" for a, b in zip(argv, argv[1:])):
+        # The CUDA benchmark (cuDNN TF32 / bf16 channels_last vs ours, CUDA graphs) is its own module.
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import latency_cuda
+        return latency_cuda.main(argv)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="ResNet-18 only, fewer masks and rounds")
     p.add_argument("--archs", nargs="+", default=None, help="architectures (default resnet18 vgg16)")

@@ -1,4 +1,4 @@
-"""Dataset loaders: digits split, loader seeding, idx staging, clear missing-data errors."""
+"""Dataset loaders: digits split, loader seeding, idx staging, clear missing-data errors, synthetic-cifar10."""
 import gzip
 import struct
 
@@ -94,3 +94,45 @@ def test_fashion_mnist_from_the_debian_package(tmp_path, monkeypatch):
     x, y = d.tensors("test", 500)
     assert x.shape == (500, 1, 28, 28) and 0 <= float(x.min()) and float(x.max()) <= 1
     assert set(y.tolist()) == set(range(10))
+
+
+def _nearest_mean_accuracy(x, y, xt, yt):
+    means = torch.stack([x[y == c].mean(0) for c in range(10)])
+    pred = torch.cdist(xt.flatten(1), means.flatten(1)).argmin(1)
+    return float((pred == yt).float().mean())
+
+
+def test_synthetic_cifar10_is_cifar_shaped_labelled_and_learnable():
+    b = get_dataset("synthetic-cifar10", train_subset=1000)
+    assert b.name == "synthetic-cifar10" and b.synthetic and "synthetic" in repr(b)
+    assert b.num_classes == 10 and b.input_shape == (3, 32, 32)
+    assert (len(b.train), len(b.test)) == (1000, ds_mod.SYNTHETIC_SIZES[1])
+    assert ds_mod._ALIASES["synthetic_cifar10"] == "synthetic-cifar10"
+    assert "synthetic-cifar10" in ds_mod.available_datasets()
+    assert not get_dataset("digits").synthetic
+    x, y = b.tensors("train")
+    xt, yt = b.tensors("test")
+    assert x.shape == (1000, 3, 32, 32) and x.dtype == torch.float32
+    assert x.min() >= 0 and x.max() <= 1
+    assert torch.bincount(y, minlength=10).min() >= 60  # balanced classes (the full split exactly)
+    assert torch.bincount(yt, minlength=10).tolist() == [ds_mod.SYNTHETIC_SIZES[1] // 10] * 10
+    assert len(b.mean) == 3 and all(0.3 < m < 0.7 for m in b.mean) and all(0.05 < s < 0.4 for s in b.std)
+    # A learnable signal: a nearest-class-mean classifier is far above chance ...
+    assert _nearest_mean_accuracy(x, y, xt, yt) > 0.8
+    # ... and only because labels carry it (shuffled labels give chance).
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    assert _nearest_mean_accuracy(x, y[perm], xt, yt) < 0.3
+    # The loader works as for the real datasets.
+    xb, yb = next(iter(b.loader("train", batch_size=16)))
+    assert xb.shape == (16, 3, 32, 32) and yb.dtype == torch.long
+
+
+def test_synthetic_cifar10_is_deterministic_in_its_seed():
+    a = ds_mod._synthetic_cifar10(seed=3, sizes=(50, 20))
+    b = ds_mod._synthetic_cifar10(seed=3, sizes=(50, 20))
+    c = ds_mod._synthetic_cifar10(seed=4, sizes=(50, 20))
+    assert torch.equal(a.tensors("train")[0], b.tensors("train")[0])
+    assert torch.equal(a.tensors("test")[1], b.tensors("test")[1])
+    assert not torch.equal(a.tensors("train")[0], c.tensors("train")[0])
+    # train and test are different draws
+    assert not torch.equal(a.tensors("train")[0][:20], a.tensors("test")[0])

@@ -1,7 +1,9 @@
 """Dataset loaders returning [0, 1] image tensors and integer labels.
 
 Only ``digits`` ships with a dependency (scikit-learn); the others are read with torchvision from a
-data directory. Nothing is downloaded unless ``download=True``.
+data directory. Nothing is downloaded unless ``download=True``.  ``synthetic-cifar10`` is generated
+(random CIFAR-shaped images with a learnable class signal), for smoke tests of the CIFAR pipeline
+on machines without the data; its name says "synthetic" wherever results name their dataset.
 """
 from __future__ import annotations
 
@@ -18,11 +20,15 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 __all__ = ["DatasetBundle", "DatasetNotFoundError", "get_dataset", "available_datasets",
-           "default_data_dir", "DEBIAN_FASHION_MNIST_DIR", "DIGITS_SPLIT_SEED"]
+           "default_data_dir", "DEBIAN_FASHION_MNIST_DIR", "DIGITS_SPLIT_SEED", "SYNTHETIC_SEED",
+           "SYNTHETIC_SIZES"]
 
 DEBIAN_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 DIGITS_SPLIT_SEED = 0
 DIGITS_TEST_FRACTION = 0.2
+# synthetic-cifar10: generator seed and (train, test) sizes.
+SYNTHETIC_SEED = 0
+SYNTHETIC_SIZES = (5000, 1000)
 _IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
               "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
@@ -49,6 +55,8 @@ class DatasetBundle:
         input_shape: ``(C, H, W)``.
         mean, std: per-channel statistics of the training images, to pass to
             ``get_model(..., mean=bundle.mean, std=bundle.std)``.
+        synthetic: True for generated data (``synthetic-cifar10``): results on it say nothing
+            about any real dataset.
     """
 
     name: str
@@ -58,6 +66,7 @@ class DatasetBundle:
     input_shape: Tuple[int, int, int]
     mean: Tuple[float, ...] = field(default=())
     std: Tuple[float, ...] = field(default=())
+    synthetic: bool = False
 
     def split(self, split: str) -> Dataset:
         if split not in ("train", "test"):
@@ -107,7 +116,8 @@ class DatasetBundle:
 
     def __repr__(self) -> str:
         return (f"DatasetBundle(name={self.name!r}, train={len(self.train)}, test={len(self.test)}, "
-                f"num_classes={self.num_classes}, input_shape={self.input_shape})")
+                f"num_classes={self.num_classes}, input_shape={self.input_shape}"
+                f"{', synthetic=True' if self.synthetic else ''})")
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -257,15 +267,51 @@ def _rgb(name: str, data_dir: Optional[Path], download: bool, augment: bool) -> 
     return DatasetBundle(name, train, test, 10, (3, 32, 32), mean, std)
 
 
+# ----------------------------------------------------------------------------- synthetic-cifar10
+def _synthetic_cifar10(seed: int = SYNTHETIC_SEED, sizes: Tuple[int, int] = SYNTHETIC_SIZES) -> DatasetBundle:
+    """CIFAR-10-shaped random data (3 x 32 x 32 in [0, 1], 10 balanced classes) with a learnable
+    signal: each class has a smooth random colour pattern (a 3 x 4 x 4 grid upsampled bilinearly),
+    and an image is its class pattern at a random contrast plus Gaussian pixel noise.  Two class
+    patterns differ by about 0.05 per pixel on average, a few times eps = 8/255, so the class is
+    learnable under Linf attacks too, while a perturbation of size eps still moves images a good
+    part of the way to another class (robust accuracy is not trivially 100 %).  Deterministic in ``seed``; train and test are drawn
+    from the same distribution with disjoint random streams.
+
+    Meant only to exercise the CIFAR code paths (shapes, models, kernels, the pipeline) where
+    CIFAR-10 is not on disk: nothing measured on it transfers to CIFAR-10.
+    """
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(int(seed))
+    protos = F.interpolate(torch.rand(10, 3, 4, 4, generator=gen) - 0.5, size=(32, 32), mode="bilinear",
+                           align_corners=False)
+    protos = protos / protos.flatten(1).abs().amax(1).view(10, 1, 1, 1)  # each pattern spans [-1, 1]
+
+    def draw(n: int) -> Tuple[Tensor, Tensor]:
+        y = torch.arange(n) % 10
+        y = y[torch.randperm(n, generator=gen)]
+        contrast = 0.05 + 0.1 * torch.rand(n, 1, 1, 1, generator=gen)
+        x = 0.5 + contrast * protos[y] + 0.15 * torch.randn(n, 3, 32, 32, generator=gen)
+        return x.clamp_(0.0, 1.0), y
+
+    x_tr, y_tr = draw(int(sizes[0]))
+    x_te, y_te = draw(int(sizes[1]))
+    mean = tuple(float(m) for m in x_tr.mean((0, 2, 3)))
+    std = tuple(float(s) for s in x_tr.std((0, 2, 3)))
+    return DatasetBundle("synthetic-cifar10", TensorDataset(x_tr, y_tr), TensorDataset(x_te, y_te), 10,
+                         (3, 32, 32), mean, std, synthetic=True)
+
+
 # ----------------------------------------------------------------------------- registry
 _ALIASES = {"digits": "digits", "fashion-mnist": "fashion-mnist", "fashion_mnist": "fashion-mnist",
             "fashionmnist": "fashion-mnist", "fmnist": "fashion-mnist", "mnist": "mnist",
-            "cifar10": "cifar10", "cifar-10": "cifar10", "svhn": "svhn"}
+            "cifar10": "cifar10", "cifar-10": "cifar10", "svhn": "svhn",
+            "synthetic-cifar10": "synthetic-cifar10", "synthetic_cifar10": "synthetic-cifar10"}
 
 
 def available_datasets() -> list[str]:
     """Canonical names accepted by :func:`get_dataset`."""
-    return ["digits", "fashion-mnist", "mnist", "cifar10", "svhn"]
+    return ["digits", "fashion-mnist", "mnist", "cifar10", "svhn", "synthetic-cifar10"]
 
 
 def get_dataset(name: str, data_dir: Union[str, os.PathLike, None] = None, download: bool = False,
@@ -274,7 +320,9 @@ def get_dataset(name: str, data_dir: Union[str, os.PathLike, None] = None, downl
 
     Args:
         name: "digits" (sklearn 8x8, fixed stratified 80/20 split, seed ``DIGITS_SPLIT_SEED``),
-            "fashion-mnist", "mnist", "cifar10" or "svhn".
+            "fashion-mnist", "mnist", "cifar10", "svhn", or "synthetic-cifar10" (generated
+            CIFAR-shaped data with a learnable signal, ``SYNTHETIC_SIZES`` train / test images,
+            seed ``SYNTHETIC_SEED``: for smoke tests without CIFAR-10, never for results).
         data_dir: folder holding the data (torchvision layout, or the four idx files directly for
             the MNIST family). Default: ``default_data_dir()``; for fashion-mnist also Debian's
             ``/usr/share/datasets/fashion-mnist``.
@@ -296,6 +344,8 @@ def get_dataset(name: str, data_dir: Union[str, os.PathLike, None] = None, downl
     ddir = Path(data_dir).expanduser() if data_dir is not None else None
     if key == "digits":
         bundle = _digits()
+    elif key == "synthetic-cifar10":
+        bundle = _synthetic_cifar10()
     elif key in ("fashion-mnist", "mnist"):
         bundle = _mnist_like(key, ddir, download)
     else:
