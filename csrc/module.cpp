@@ -2,6 +2,8 @@
 // ops with the dispatcher.  It also exposes a few build facts and the kernel ISA switch.
 #include <Python.h>
 
+#include <cstring>
+
 #include "cpu/row_spmm.h"
 
 namespace {
@@ -20,7 +22,65 @@ PyObject* set_row_tiles(PyObject*, PyObject* arg) {
   return PyBool_FromLong(apb_sparse::kernel::set_row_tiles(enable != 0));
 }
 
+PyObject* set_channel_blocking(PyObject*, PyObject* arg) {
+  const int enable = PyObject_IsTrue(arg);
+  if (enable < 0) return nullptr;
+  return PyBool_FromLong(apb_sparse::kernel::set_channel_blocking(enable != 0));
+}
+
+PyObject* cpu_isa(PyObject*, PyObject*) {
+  return PyUnicode_FromString(apb_sparse::kernel::isa_name(apb_sparse::kernel::active_isa()));
+}
+
+PyObject* supported_isas(PyObject*, PyObject*) {
+  using namespace apb_sparse::kernel;
+  PyObject* list = PyList_New(0);
+  if (list == nullptr) return nullptr;
+  for (int i = kGeneric; i <= best_isa(); ++i) {
+    PyObject* name = PyUnicode_FromString(isa_name(Isa(i)));
+    if (name == nullptr || PyList_Append(list, name) < 0) {
+      Py_XDECREF(name);
+      Py_DECREF(list);
+      return nullptr;
+    }
+    Py_DECREF(name);
+  }
+  return list;
+}
+
+/// Caps the kernel ISA at the one named ("generic", "avx2", "avx512"); returns the previous cap's
+/// name.  Naming an ISA this CPU lacks is a ValueError (a test forcing it would silently test
+/// another path).
+PyObject* set_max_isa(PyObject*, PyObject* arg) {
+  using namespace apb_sparse::kernel;
+  const char* name = PyUnicode_Check(arg) ? PyUnicode_AsUTF8(arg) : nullptr;
+  if (name == nullptr) {
+    PyErr_SetString(PyExc_TypeError, "isa must be a str: 'generic', 'avx2' or 'avx512'");
+    return nullptr;
+  }
+  int isa = -1;
+  for (int i = kGeneric; i <= kAvx512; ++i)
+    if (std::strcmp(name, isa_name(Isa(i))) == 0) isa = i;
+  if (isa < 0) {
+    PyErr_Format(PyExc_ValueError, "isa must be 'generic', 'avx2' or 'avx512', got '%s'", name);
+    return nullptr;
+  }
+  if (isa > best_isa()) {
+    PyErr_Format(PyExc_ValueError, "isa '%s' is not supported by this CPU (best: '%s')", name,
+                 isa_name(best_isa()));
+    return nullptr;
+  }
+  return PyUnicode_FromString(isa_name(set_max_isa(Isa(isa))));
+}
+
 PyMethodDef methods[] = {
+    {"_set_channel_blocking", set_channel_blocking, METH_O,
+     "Enable (True) or disable (False) input-channel (L1) blocking of forward convolutions; returns the previous "
+     "setting."},
+    {"_cpu_isa", cpu_isa, METH_NOARGS, "Name of the ISA the CPU kernel uses now ('generic', 'avx2', 'avx512')."},
+    {"_supported_isas", supported_isas, METH_NOARGS, "ISAs of the CPU kernel this machine can run, lowest first."},
+    {"_set_max_isa", set_max_isa, METH_O,
+     "Cap the CPU kernel's ISA ('generic', 'avx2', 'avx512'); returns the previous cap. Tests force each path."},
     {"_set_row_tiles", set_row_tiles, METH_O,
      "Enable (True) or disable (False) the output-row tiles of forward convolutions; returns the previous setting."},
     {"_set_force_generic", set_force_generic, METH_O,

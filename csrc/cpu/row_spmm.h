@@ -13,8 +13,8 @@
 // one vector load + one FMA per nonzero and vector: no im2col, no index arithmetic per position,
 // and no per-call work proportional to the number of nonzeros (the table has one entry per tap).
 //
-// This header includes no torch headers on purpose: it is compiled twice, once for AVX2+FMA and
-// once for the baseline ISA, and the two objects must not share inline torch code.
+// This header includes no torch headers on purpose: it is compiled three times (AVX-512, AVX2+FMA
+// and the baseline ISA), and the objects must not share inline torch code.
 #pragma once
 
 #include <cstdint>
@@ -63,6 +63,19 @@ struct RowSpmmArgs {
   /// When > 0, tap c's strip starts at c * tap_stride (tap[] is then not read): the strip layout
   /// of equally spaced strips (tap-major convolution inputs).
   int64_t tap_stride = 0;
+  /// Input-channel (L1) blocking.  When tap_chunk > 0, every row's nonzeros are split into
+  /// chunks by tap index, [k * tap_chunk, (k + 1) * tap_chunk), and for each cache block of
+  /// positions a block of rows runs chunk 0 over all its rows, then chunk 1, and so on: the strips
+  /// of one chunk are read by every row of the block while they sit in L1, instead of each row
+  /// sweeping the whole input from L2.  Partial sums between chunks go through a small per-thread
+  /// buffer.  The split points come from a binary search over each row's columns; columns that are
+  /// not sorted are still all used exactly once (only the locality suffers).  Callers size the
+  /// position block (`block`) and tap_chunk so that the chunk's strips fit in L1.
+  int64_t tap_chunk = 0;
+  int64_t tap_chunks = 0;  ///< number of chunks: ceil(taps / tap_chunk).
+  /// Rows per row block of the channel-blocked loops (their partial sums, chunk_rows x block
+  /// positions, are kept per thread); 0 = as many as fit in 8 KiB.
+  int64_t chunk_rows = 0;
 };
 
 /// Vector width (elements) of the tiles, identical in both builds so that `length` rounding is
@@ -73,15 +86,34 @@ constexpr int64_t vector_width() { return 32 / sizeof(T); }
 template <typename T>
 constexpr int64_t tile_width() { return 8 * vector_width<T>(); }
 
+void row_spmm_avx512(const RowSpmmArgs<float>& a, int64_t r0, int64_t r1, int64_t p0, int64_t p1);
+void row_spmm_avx512(const RowSpmmArgs<double>& a, int64_t r0, int64_t r1, int64_t p0, int64_t p1);
 void row_spmm_avx2(const RowSpmmArgs<float>& a, int64_t r0, int64_t r1, int64_t p0, int64_t p1);
 void row_spmm_avx2(const RowSpmmArgs<double>& a, int64_t r0, int64_t r1, int64_t p0, int64_t p1);
 void row_spmm_generic(const RowSpmmArgs<float>& a, int64_t r0, int64_t r1, int64_t p0, int64_t p1);
 void row_spmm_generic(const RowSpmmArgs<double>& a, int64_t r0, int64_t r1, int64_t p0, int64_t p1);
 
+/// Instruction sets the kernel is built for, in increasing order.  kGeneric is the portable
+/// build (baseline ISA; it uses the same two-vector accumulator layout as kAvx512, so the code
+/// shape of the AVX-512 build is exercised on every machine).
+enum Isa : int { kGeneric = 0, kAvx2 = 1, kAvx512 = 2 };
+
 /// True when the CPU supports AVX2 and FMA (checked once).
 bool cpu_has_avx2_fma();
+/// True when the CPU (and OS) supports AVX-512 F/VL/DQ/BW (checked once).
+bool cpu_has_avx512();
+/// Best ISA the CPU supports.
+Isa best_isa();
+/// ISA the kernel uses now: the best supported one, capped by set_max_isa().
+Isa active_isa();
+/// Caps the ISA used at run time (tests force each path; benchmarks compare them).  A cap above
+/// what the CPU supports uses the best supported ISA.  Returns the ISA active before the call.
+Isa set_max_isa(Isa cap);
+/// Human-readable name of an ISA ("generic", "avx2", "avx512").
+const char* isa_name(Isa isa);
 
-/// Force the portable path (tests compare both paths); returns the previous setting.
+/// Force the portable path (tests compare both paths); returns the previous setting.  Same as
+/// set_max_isa(kGeneric) / set_max_isa(kAvx512).
 bool set_force_generic(bool force);
 bool force_generic();
 
@@ -91,13 +123,18 @@ bool force_generic();
 bool set_row_tiles(bool enable);
 bool row_tiles_enabled();
 
+/// Enable (default) or disable input-channel (L1) blocking of forward convolutions (see
+/// RowSpmmArgs::tap_chunk).  Tests and benchmarks compare both; returns the previous setting.
+bool set_channel_blocking(bool enable);
+bool channel_blocking_enabled();
+
 /// Runs rows [r0, r1) over positions [p0, p1) with the best ISA available.
 template <typename T>
 inline void row_spmm(const RowSpmmArgs<T>& a, int64_t r0, int64_t r1, int64_t p0, int64_t p1) {
-  if (!force_generic() && cpu_has_avx2_fma()) {
-    row_spmm_avx2(a, r0, r1, p0, p1);
-  } else {
-    row_spmm_generic(a, r0, r1, p0, p1);
+  switch (active_isa()) {
+    case kAvx512: return row_spmm_avx512(a, r0, r1, p0, p1);
+    case kAvx2: return row_spmm_avx2(a, r0, r1, p0, p1);
+    default: return row_spmm_generic(a, r0, r1, p0, p1);
   }
 }
 

@@ -1,7 +1,12 @@
 // Portable build of the row-gather kernel (baseline ISA) and the run-time ISA switch.
+//
+// The portable build uses the two-unit (64-byte) accumulators of the AVX-512 build
+// (APB_WIDE_VECTORS): the compiler splits them into the baseline ISA's vectors, and the code shape
+// of the AVX-512 path is then tested on machines without AVX-512.
 #include <atomic>
 
 #define APB_ISA_NAMESPACE generic
+#define APB_WIDE_VECTORS 1
 #include "row_spmm_impl.h"
 
 namespace apb_sparse {
@@ -23,15 +28,57 @@ bool cpu_has_avx2_fma() {
 #endif
 }
 
-static std::atomic<bool> g_force_generic{false};
+bool cpu_has_avx512() {
+#if defined(__x86_64__) || defined(__i386__)
+  // libgcc's CPU model also checks that the OS saves the zmm state (XGETBV), not only CPUID.
+  static const bool has = cpu_has_avx2_fma() && __builtin_cpu_supports("avx512f") &&
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                          __builtin_cpu_supports("avx512bw");
+  return has;
+#else
+  return false;
+#endif
+}
 
-bool set_force_generic(bool force) { return g_force_generic.exchange(force); }
-bool force_generic() { return g_force_generic.load(std::memory_order_relaxed); }
+Isa best_isa() {
+  static const Isa best = cpu_has_avx512() ? kAvx512 : cpu_has_avx2_fma() ? kAvx2 : kGeneric;
+  return best;
+}
+
+static std::atomic<int> g_max_isa{kAvx512};
+
+Isa active_isa() {
+  const int cap = g_max_isa.load(std::memory_order_relaxed);
+  const Isa best = best_isa();
+  return cap < best ? Isa(cap) : best;
+}
+
+Isa set_max_isa(Isa cap) {
+  const Isa prev = active_isa();
+  g_max_isa.store(cap);
+  return prev;
+}
+
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case kAvx512: return "avx512";
+    case kAvx2: return "avx2";
+    default: return "generic";
+  }
+}
+
+bool set_force_generic(bool force) { return set_max_isa(force ? kGeneric : kAvx512) == kGeneric; }
+bool force_generic() { return g_max_isa.load(std::memory_order_relaxed) == kGeneric; }
 
 static std::atomic<bool> g_row_tiles{true};
 
 bool set_row_tiles(bool enable) { return g_row_tiles.exchange(enable); }
 bool row_tiles_enabled() { return g_row_tiles.load(std::memory_order_relaxed); }
+
+static std::atomic<bool> g_channel_blocking{true};
+
+bool set_channel_blocking(bool enable) { return g_channel_blocking.exchange(enable); }
+bool channel_blocking_enabled() { return g_channel_blocking.load(std::memory_order_relaxed); }
 
 }  // namespace kernel
 }  // namespace apb_sparse

@@ -10,11 +10,29 @@ namespace apb_sparse {
 namespace kernel {
 namespace APB_ISA_NAMESPACE {
 
+/// The unit of positions: one 32-byte vector (8 floats, 4 doubles), the same in every build so
+/// that tile shapes and `length` rounding do not depend on the ISA chosen at run time.
 template <typename T>
 struct Vec {
   static constexpr int W = 32 / sizeof(T);
   typedef T type __attribute__((vector_size(32)));
 };
+
+/// Accumulator vectors of B bytes.  Builds with APB_WIDE_VECTORS (AVX-512, and the portable
+/// build so that this code shape is tested everywhere) hold two units per 64-byte vector where a
+/// tile's units are contiguous; the others use one 32-byte vector per unit.
+template <typename T, int B>
+struct VecB {
+  static constexpr int W = B / sizeof(T);
+  typedef T type __attribute__((vector_size(B)));
+};
+#ifdef APB_WIDE_VECTORS
+constexpr bool kWide = true;
+#else
+constexpr bool kWide = false;
+#endif
+/// Bytes of the accumulator vector for runs of n contiguous units.
+constexpr int acc_bytes(int n) { return kWide && n % 2 == 0 ? 64 : 32; }
 
 template <typename V, typename T>
 inline V loadu(const T* p) {
@@ -80,67 +98,87 @@ inline int64_t tap_offset(const int64_t* tap, int64_t stride, int32_t c) {
   return kStride ? int64_t(c) * stride : tap[c];
 }
 
+/// One register tile of NV units (NV * Vec<T>::W consecutive positions starting at p; tile index
+/// p / TW).  acc_in: partial sums of the previous tap chunks (nullptr: start from 0); acc_out:
+/// when set, the partial sums are written there and the epilogue is left to a later chunk.
 template <typename T, int NV, bool kStride>
-inline void tile(const Row<T>& row, const int64_t* tap, int64_t stride, int64_t p, int64_t tile_index, bool relu) {
-  using V = typename Vec<T>::type;
-  constexpr int W = Vec<T>::W;
+inline void tile(const Row<T>& row, const int64_t* tap, int64_t stride, int64_t p, int64_t tile_index, bool relu,
+                 const T* acc_in = nullptr, T* acc_out = nullptr) {
+  using U = VecB<T, acc_bytes(NV)>;
+  using V = typename U::type;
+  constexpr int W = U::W;
+  constexpr int N = NV * Vec<T>::W / W;  // accumulator vectors
   // K independent accumulator sets (nonzero j feeds set j % K): with few vectors per tile a single
   // set would wait on the FMA latency (4-5 cycles) at every nonzero instead of issuing 2 FMAs per
   // cycle.  The sets are summed at the end.
-  constexpr int K = NV >= 6 ? 1 : NV >= 3 ? 2 : 4;
-  V acc[K][NV];
+  constexpr int K = N >= 6 ? 1 : N >= 3 ? 2 : 4;
+  V acc[K][N];
   for (int k = 0; k < K; ++k)
-    for (int v = 0; v < NV; ++v) acc[k][v] = V{};
+    for (int v = 0; v < N; ++v) acc[k][v] = (k == 0 && acc_in) ? loadu<V, T>(acc_in + v * W) : V{};
   const T* src = row.src + p;
   int32_t j = 0;
   for (; j + K <= row.nnz; j += K) {
     for (int k = 0; k < K; ++k) {
       const V w = broadcast<V, T>(row.val[j + k]);
       const T* s = src + tap_offset<kStride>(tap, stride, row.col[j + k]);
-      for (int v = 0; v < NV; ++v) acc[k][v] += w * loadu<V, T>(s + v * W);
+      for (int v = 0; v < N; ++v) acc[k][v] += w * loadu<V, T>(s + v * W);
     }
   }
   for (int k = 0; j < row.nnz; ++j, ++k) {
     const V w = broadcast<V, T>(row.val[j]);
     const T* s = src + tap_offset<kStride>(tap, stride, row.col[j]);
-    for (int v = 0; v < NV; ++v) acc[k][v] += w * loadu<V, T>(s + v * W);
+    for (int v = 0; v < N; ++v) acc[k][v] += w * loadu<V, T>(s + v * W);
   }
   for (int k = 1; k < K; ++k)
-    for (int v = 0; v < NV; ++v) acc[0][v] += acc[k][v];
+    for (int v = 0; v < N; ++v) acc[0][v] += acc[k][v];
+  if (acc_out) {
+    for (int v = 0; v < N; ++v) std::memcpy(acc_out + v * W, &acc[0][v], sizeof(V));
+    return;
+  }
   const V init = broadcast<V, T>(row.init);
-  for (int v = 0; v < NV; ++v) acc[0][v] += init;
-  alignas(32) T buf[NV * W];
+  for (int v = 0; v < N; ++v) acc[0][v] += init;
+  alignas(64) T buf[N * W];
   const bool clamp = relu && row.res == nullptr;
-  for (int v = 0; v < NV; ++v) {
+  for (int v = 0; v < N; ++v) {
     if (clamp) acc[0][v] = acc[0][v] < V{} ? V{} : acc[0][v];  // NaN stays NaN, as torch.relu
     std::memcpy(buf + v * W, &acc[0][v], sizeof(V));
   }
   store_runs(row, buf, tile_index, relu);
 }
 
-/// Output-row mode tile: RPT output rows of VPR vectors each (RPT * VPR = 8 vectors), starting at
-/// grid offset `src` (row pitch `pitch`) and stored at `dst` (row pitch VPR * W).
+/// Output-row mode tile: RPT output rows of VPR units each (RPT * VPR = 8 units), starting at
+/// grid offset `src` (row pitch `pitch`) and stored at `dst` (row pitch VPR * W).  acc_in /
+/// acc_out: as for tile().
 template <typename T, int RPT, int VPR>
-inline void tile_rows(const Row<T>& row, const int64_t* tap, int64_t src, int64_t pitch, int64_t dst, bool relu) {
-  using V = typename Vec<T>::type;
-  constexpr int W = Vec<T>::W;
-  V acc[RPT][VPR];
+inline void tile_rows(const Row<T>& row, const int64_t* tap, int64_t src, int64_t pitch, int64_t dst, bool relu,
+                      const T* acc_in = nullptr, T* acc_out = nullptr) {
+  using U = VecB<T, acc_bytes(VPR)>;
+  using V = typename U::type;
+  constexpr int W = U::W;
+  constexpr int N = VPR * Vec<T>::W / W;  // accumulator vectors per output row
+  constexpr int RW = VPR * Vec<T>::W;     // positions per output row
+  V acc[RPT][N];
   for (int i = 0; i < RPT; ++i)
-    for (int v = 0; v < VPR; ++v) acc[i][v] = V{};
+    for (int v = 0; v < N; ++v) acc[i][v] = acc_in ? loadu<V, T>(acc_in + i * RW + v * W) : V{};
   const T* base = row.src + src;
   for (int32_t j = 0; j < row.nnz; ++j) {
     const V w = broadcast<V, T>(row.val[j]);
     const T* s = base + tap[row.col[j]];
     for (int i = 0; i < RPT; ++i)
-      for (int v = 0; v < VPR; ++v) acc[i][v] += w * loadu<V, T>(s + i * pitch + v * W);
+      for (int v = 0; v < N; ++v) acc[i][v] += w * loadu<V, T>(s + i * pitch + v * W);
+  }
+  if (acc_out) {
+    for (int i = 0; i < RPT; ++i)
+      for (int v = 0; v < N; ++v) std::memcpy(acc_out + i * RW + v * W, &acc[i][v], sizeof(V));
+    return;
   }
   const V init = broadcast<V, T>(row.init);
   T* d = row.dst + dst;
   const T* res = row.res ? row.res + dst : nullptr;
   for (int i = 0; i < RPT; ++i)
-    for (int v = 0; v < VPR; ++v) {
+    for (int v = 0; v < N; ++v) {
       V y = acc[i][v] + init;
-      const int64_t o = i * VPR * W + v * W;
+      const int64_t o = i * RW + v * W;
       if (res) y += loadu<V, T>(res + o);
       if (relu) y = y < V{} ? V{} : y;  // NaN stays NaN
       std::memcpy(d + o, &y, sizeof(V));
@@ -150,11 +188,81 @@ inline void tile_rows(const Row<T>& row, const int64_t* tap, int64_t src, int64_
 /// Tiles per sub-block whose grid and output offsets are computed once and shared by all rows
 /// (the divisions that locate a tile would otherwise run once per row and tile).
 constexpr int64_t kTilesPerSub = 32;
+/// Register tiles of partial sums of one row block of the channel-blocked loops (8 KiB): small
+/// enough to stay in L1 next to the chunk's strips (128 tiles measured slower at 8x8 maps).
+constexpr int64_t kAccTiles = 32;
+
+/// Split points of rows [rb, re) into nk tap chunks of `chunk` taps: split[(r - rb) * (nk + 1) + k]
+/// is the first nonzero of row r in chunk k (binary search for the first column >= k * chunk).
+/// The points are monotone by construction, so every nonzero falls in exactly one chunk even when
+/// a row's columns are not sorted.
+inline void chunk_splits(const int32_t* row_ptr, const int32_t* col, int64_t rb, int64_t re, int64_t chunk,
+                         int64_t nk, int32_t* split) {
+  for (int64_t r = rb; r < re; ++r) {
+    int32_t* sp = split + (r - rb) * (nk + 1);
+    const int32_t jb = row_ptr[r], je = row_ptr[r + 1];
+    sp[0] = jb;
+    sp[nk] = je;
+    int32_t lo = jb;
+    for (int64_t k = 1; k < nk; ++k) {
+      const int64_t c = k * chunk;
+      int32_t x = lo, y = je;
+      while (x < y) {
+        const int32_t m = x + (y - x) / 2;
+        if (col[m] < c) x = m + 1; else y = m;
+      }
+      sp[k] = lo = x;
+    }
+  }
+}
+
+/// Per-thread buffers of the channel-blocked loops, kept between calls.  Raw arrays on purpose:
+/// this header is compiled under several target ISAs, and an inline library template (std::vector)
+/// instantiated here could be emitted with AVX-512 code and then picked by the linker for the
+/// other builds too.
+template <typename T>
+struct ChunkScratch {
+  T* acc = nullptr;
+  int32_t* split = nullptr;
+  int64_t acc_size = 0, split_size = 0;
+  ~ChunkScratch() {
+    delete[] acc;
+    delete[] split;
+  }
+  static ChunkScratch& get(int64_t acc_need, int64_t split_need) {
+    thread_local ChunkScratch s;
+    if (s.acc_size < acc_need) {
+      delete[] s.acc;
+      s.acc = new T[acc_need];
+      s.acc_size = acc_need;
+    }
+    if (s.split_size < split_need) {
+      delete[] s.split;
+      s.split = new int32_t[split_need];
+      s.split_size = split_need;
+    }
+    return s;
+  }
+};
+
+inline int64_t imin(int64_t x, int64_t y) { return x < y ? x : y; }
+inline int64_t imax(int64_t x, int64_t y) { return x > y ? x : y; }
+
+template <typename T>
+inline Row<T> make_row(const RowSpmmArgs<T>& a, int64_t r, int32_t jb, int32_t je, const Run* runs,
+                       const int32_t* idx) {
+  return Row<T>{a.col + jb, a.val + jb, je - jb, a.src + (a.src_base ? a.src_base[r] : 0), a.init ? a.init[r] : T(0),
+                a.dst + a.dst_base[r], a.residual ? a.residual + a.dst_base[r] : nullptr, runs, idx};
+}
 
 template <typename T, int RPT, int VPR>
 void run_rows(const RowSpmmArgs<T>& a, int64_t r0, int64_t r1, int64_t p0, int64_t p1) {
   constexpr int TW = 8 * Vec<T>::W;
   const int64_t block = a.block > 0 ? a.block : TW;
+  const int64_t nk = a.tap_chunk > 0 ? a.tap_chunks : 1;
+  const int64_t sub_tiles = imin(kTilesPerSub, (block + TW - 1) / TW);
+  const int64_t rbn = nk > 1 ? (a.chunk_rows > 0 ? a.chunk_rows : imax(1, kAccTiles / sub_tiles)) : r1 - r0;
+  ChunkScratch<T>* cs = nk > 1 ? &ChunkScratch<T>::get(imax(kAccTiles, rbn * sub_tiles) * TW, rbn * (nk + 1)) : nullptr;
   int64_t soff[kTilesPerSub], doff[kTilesPerSub];
   for (int64_t pb = p0; pb < p1; pb += block) {
     const int64_t pe = pb + block < p1 ? pb + block : p1;
@@ -167,20 +275,102 @@ void run_rows(const RowSpmmArgs<T>& a, int64_t r0, int64_t r1, int64_t p0, int64
         soff[nt] = n * a.src_image + i * a.src_row;
         doff[nt] = n * a.dst_image + i * a.out_w;
       }
-      for (int64_t r = r0; r < r1; ++r) {
-        const int32_t jb = a.row_ptr[r];
-        const Row<T> row{a.col + jb, a.val + jb, a.row_ptr[r + 1] - jb,
-                         a.src + (a.src_base ? a.src_base[r] : 0), a.init ? a.init[r] : T(0),
-                         a.dst + a.dst_base[r], a.residual ? a.residual + a.dst_base[r] : nullptr,
-                         nullptr, nullptr};
-        for (int64_t t = 0; t < nt; ++t) tile_rows<T, RPT, VPR>(row, a.tap, soff[t], a.src_row, doff[t], a.relu);
+      if (nk == 1) {
+        for (int64_t r = r0; r < r1; ++r) {
+          const Row<T> row = make_row(a, r, a.row_ptr[r], a.row_ptr[r + 1], nullptr, nullptr);
+          for (int64_t t = 0; t < nt; ++t) tile_rows<T, RPT, VPR>(row, a.tap, soff[t], a.src_row, doff[t], a.relu);
+        }
+        continue;
+      }
+      // Channel-blocked: rows [rb, re) run tap chunk 0, then chunk 1, ...; partial sums of row r,
+      // tile t live at acc[((r - rb) * nt + t) * TW].
+      for (int64_t rb = r0; rb < r1; rb += rbn) {
+        const int64_t re = imin(rb + rbn, r1);
+        int32_t* split = cs->split;
+        chunk_splits(a.row_ptr, a.col, rb, re, a.tap_chunk, nk, split);
+        for (int64_t k = 0; k < nk; ++k) {
+          for (int64_t r = rb; r < re; ++r) {
+            const int32_t* sp = split + (r - rb) * (nk + 1);
+            const Row<T> row = make_row(a, r, sp[k], sp[k + 1], nullptr, nullptr);
+            T* acc = cs->acc + (r - rb) * nt * TW;
+            for (int64_t t = 0; t < nt; ++t)
+              tile_rows<T, RPT, VPR>(row, a.tap, soff[t], a.src_row, doff[t], a.relu,
+                                     k == 0 ? nullptr : acc + t * TW, k == nk - 1 ? nullptr : acc + t * TW);
+          }
+        }
       }
     }
   }
 }
 
+/// All tiles of one row over positions [pb, pe) of the strip layout.  acc (or nullptr): partial
+/// sums of the tiles, TW per tile; `first` / `last`: this is the row's first / last tap chunk.
 template <typename T, bool kStride>
-void run_strip(const RowSpmmArgs<T>& a, int64_t r0, int64_t r1, int64_t p0, int64_t p1);
+inline void strip_row(const RowSpmmArgs<T>& a, const Row<T>& row, int64_t pb, int64_t pe, T* acc, bool first,
+                      bool last) {
+  constexpr int W = Vec<T>::W;
+  constexpr int TW = 8 * W;
+  const int64_t st = a.tap_stride;
+  int64_t p = pb;
+  const T* ai = nullptr;
+  T* ao = nullptr;
+  auto at = [&](int64_t q) {
+    ai = (acc && !first) ? acc + (q - pb) : nullptr;
+    ao = (acc && !last) ? acc + (q - pb) : nullptr;
+  };
+  for (; p + TW <= pe; p += TW) {
+    at(p);
+    tile<T, 8, kStride>(row, a.tap, st, p, p / TW, a.relu, ai, ao);
+  }
+  const int64_t t = p / TW;
+  at(p);
+  switch ((pe - p) / W) {
+    case 7: tile<T, 7, kStride>(row, a.tap, st, p, t, a.relu, ai, ao); break;
+    case 6: tile<T, 6, kStride>(row, a.tap, st, p, t, a.relu, ai, ao); break;
+    case 5: tile<T, 5, kStride>(row, a.tap, st, p, t, a.relu, ai, ao); break;
+    case 4: tile<T, 4, kStride>(row, a.tap, st, p, t, a.relu, ai, ao); break;
+    case 3: tile<T, 3, kStride>(row, a.tap, st, p, t, a.relu, ai, ao); break;
+    case 2: tile<T, 2, kStride>(row, a.tap, st, p, t, a.relu, ai, ao); break;
+    case 1: tile<T, 1, kStride>(row, a.tap, st, p, t, a.relu, ai, ao); break;
+    default: break;
+  }
+}
+
+template <typename T, bool kStride>
+void run_strip(const RowSpmmArgs<T>& a, int64_t r0, int64_t r1, int64_t p0, int64_t p1) {
+  constexpr int TW = 8 * Vec<T>::W;
+  const int64_t block = a.block > 0 ? a.block : TW;
+  const int64_t nk = a.tap_chunk > 0 ? a.tap_chunks : 1;
+  const int64_t tiles = (block + TW - 1) / TW;
+  // Partial sums of one row take `tiles` tile slots (strip positions pb.. are at acc + p - pb).
+  const int64_t rbn = nk > 1 ? (a.chunk_rows > 0 ? a.chunk_rows : imax(1, kAccTiles / tiles)) : r1 - r0;
+  ChunkScratch<T>* cs =
+      nk > 1 ? &ChunkScratch<T>::get(imax(kAccTiles, rbn * tiles) * TW, rbn * (nk + 1)) : nullptr;
+  for (int64_t pb = p0; pb < p1; pb += block) {
+    const int64_t pe = pb + block < p1 ? pb + block : p1;
+    if (nk == 1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t cls = a.nclass > 1 ? r % a.nclass : 0;
+        const Row<T> row = make_row(a, r, a.row_ptr[r], a.row_ptr[r + 1], a.runs, a.run_index + cls * a.ntiles);
+        strip_row<T, kStride>(a, row, pb, pe, nullptr, true, true);
+      }
+      continue;
+    }
+    for (int64_t rb = r0; rb < r1; rb += rbn) {
+      const int64_t re = imin(rb + rbn, r1);
+      int32_t* split = cs->split;
+      chunk_splits(a.row_ptr, a.col, rb, re, a.tap_chunk, nk, split);
+      for (int64_t k = 0; k < nk; ++k) {
+        for (int64_t r = rb; r < re; ++r) {
+          const int32_t* sp = split + (r - rb) * (nk + 1);
+          const int64_t cls = a.nclass > 1 ? r % a.nclass : 0;
+          const Row<T> row = make_row(a, r, sp[k], sp[k + 1], a.runs, a.run_index + cls * a.ntiles);
+          strip_row<T, kStride>(a, row, pb, pe, cs->acc + (r - rb) * tiles * TW, k == 0, k == nk - 1);
+        }
+      }
+    }
+  }
+}
 
 template <typename T>
 void run(const RowSpmmArgs<T>& a, int64_t r0, int64_t r1, int64_t p0, int64_t p1) {
@@ -196,38 +386,6 @@ void run(const RowSpmmArgs<T>& a, int64_t r0, int64_t r1, int64_t p0, int64_t p1
   }
   if (a.tap_stride > 0) return run_strip<T, true>(a, r0, r1, p0, p1);
   return run_strip<T, false>(a, r0, r1, p0, p1);
-}
-
-template <typename T, bool kStride>
-void run_strip(const RowSpmmArgs<T>& a, int64_t r0, int64_t r1, int64_t p0, int64_t p1) {
-  constexpr int W = Vec<T>::W;
-  constexpr int TW = 8 * W;
-  const int64_t block = a.block > 0 ? a.block : TW;
-  const int64_t st = a.tap_stride;
-  for (int64_t pb = p0; pb < p1; pb += block) {
-    const int64_t pe = pb + block < p1 ? pb + block : p1;
-    for (int64_t r = r0; r < r1; ++r) {
-      const int32_t jb = a.row_ptr[r];
-      const int64_t cls = a.nclass > 1 ? r % a.nclass : 0;
-      const Row<T> row{a.col + jb, a.val + jb, a.row_ptr[r + 1] - jb,
-                       a.src + (a.src_base ? a.src_base[r] : 0), a.init ? a.init[r] : T(0),
-                       a.dst + a.dst_base[r], a.residual ? a.residual + a.dst_base[r] : nullptr,
-                       a.runs, a.run_index + cls * a.ntiles};
-      int64_t p = pb;
-      for (; p + TW <= pe; p += TW) tile<T, 8, kStride>(row, a.tap, st, p, p / TW, a.relu);
-      const int64_t t = p / TW;
-      switch ((pe - p) / W) {
-        case 7: tile<T, 7, kStride>(row, a.tap, st, p, t, a.relu); break;
-        case 6: tile<T, 6, kStride>(row, a.tap, st, p, t, a.relu); break;
-        case 5: tile<T, 5, kStride>(row, a.tap, st, p, t, a.relu); break;
-        case 4: tile<T, 4, kStride>(row, a.tap, st, p, t, a.relu); break;
-        case 3: tile<T, 3, kStride>(row, a.tap, st, p, t, a.relu); break;
-        case 2: tile<T, 2, kStride>(row, a.tap, st, p, t, a.relu); break;
-        case 1: tile<T, 1, kStride>(row, a.tap, st, p, t, a.relu); break;
-        default: break;
-      }
-    }
-  }
 }
 
 }  // namespace APB_ISA_NAMESPACE

@@ -246,6 +246,40 @@ int64_t cache_block(int64_t source_rows) {
   return std::max<int64_t>(TW, b / TW * TW);
 }
 
+/// Input-channel (L1) blocking of a forward convolution (kernel::RowSpmmArgs::tap_chunk): picks a
+/// position block of a few register tiles and the input channels per tap chunk so that the strips
+/// one chunk reads over one block take about 24 KiB (under L1 on every x86 seen, leaving room for
+/// the weights and partial sums).  A chunk holds at least 24 nonzeros per row on average, so that
+/// saving and reloading the partial sums stays small next to the multiply-adds.  Leaves `a` as it
+/// is when all channels fit anyway.
+template <typename T>
+void set_channel_chunks(RowSpmmArgs<T>& a, const ConvGeom& g, int64_t nnz, bool taps_layout, bool row_tiles,
+                        int64_t nused_phases) {
+  const int64_t TW = kernel::tile_width<T>(), KK = g.KH * g.KW;
+  const int64_t ntiles = (a.length + TW - 1) / TW;
+  const int64_t bt = std::min<int64_t>(ntiles, row_tiles ? 4 : 2);  // tiles per position block
+  const int64_t halo_rows = ((g.KH - 1) * g.dh) / g.sh;
+  int64_t channel_bytes;
+  if (taps_layout) {
+    channel_bytes = KK * bt * TW;
+  } else if (row_tiles) {
+    channel_bytes = nused_phases * (bt * (TW / g.OW) + halo_rows) * g.Wq;
+  } else {
+    channel_bytes = nused_phases * (bt * TW + g.max_tap_offset());
+  }
+  channel_bytes *= int64_t(sizeof(T));
+  // The tap-major layout (4x4 maps) is left unblocked: its strips are short (one register tile per
+  // row), and chunking measured 3-10x slower there (per-chunk overhead against ~16 FMAs).
+  if (taps_layout) return;
+  int64_t ch = std::max<int64_t>(1, (int64_t(24) << 10) / std::max<int64_t>(channel_bytes, 1));
+  const double per_row = double(nnz) / double(std::max<int64_t>(g.O, 1));  // nonzeros per output channel
+  if (per_row > 0) ch = std::max<int64_t>(ch, int64_t(24.0 * double(g.Cg) / per_row + 0.999));
+  if (ch >= g.Cg) return;
+  a.tap_chunk = ch * KK;
+  a.tap_chunks = (g.Cg + ch - 1) / ch;
+  a.block = bt * TW;
+}
+
 /// Copies images [n0, n0 + nb) of the input (any strides) into the zero-padded phase grid
 /// [C][S][plane] at `out` (plane >= nb * Hq * Wq); planes (c, s) in [cs0, cs1) only, and only
 /// the stride phases s with phase_used[s] (a 1x1 stride-2 conv reads one phase of four).
@@ -521,6 +555,9 @@ Tensor conv_forward(const Tensor& input, const ConvGeom& g, const int32_t* row_p
   const int64_t xstride[4] = {input.stride(0), input.stride(1), input.stride(2), input.stride(3)};
   T* y = out.mutable_data_ptr<T>();
   const int64_t image_out = g.O * OHW;
+  std::vector<uint8_t> phase_used(g.S, 0);
+  for (int64_t k = 0; k < KK; ++k) phase_used[g.phase(k / g.KW, k % g.KW)] = 1;
+  const int64_t nused_phases = std::count(phase_used.begin(), phase_used.end(), uint8_t(1));
   auto args_for = [&](const T* grid, int64_t n0, int64_t m) {
     TORCH_INTERNAL_ASSERT(m == nb || m == last, "bad chunk size");
     TORCH_INTERNAL_ASSERT((n0 + m) * image_out <= out.numel(), "chunk writes past the output");
@@ -539,10 +576,11 @@ Tensor conv_forward(const Tensor& input, const ConvGeom& g, const int32_t* row_p
       a.src_image = HWq;
       a.dst_image = image_out;
     }
+    if (kernel::channel_blocking_enabled()) {
+      set_channel_chunks<T>(a, g, row_ptr[g.O], taps_layout, row_tiles, nused_phases);
+    }
     return a;
   };
-  std::vector<uint8_t> phase_used(g.S, 0);
-  for (int64_t k = 0; k < KK; ++k) phase_used[g.phase(k / g.KW, k % g.KW)] = 1;
   // Fills units [u0, u1) (channels of the tap-major layout, planes of the grid) of a chunk.
   auto fill = [&](T* grid, int64_t n0, int64_t m, int64_t u0, int64_t u1) {
     if (taps_layout) {

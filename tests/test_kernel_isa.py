@@ -1,0 +1,160 @@
+"""CPU kernel builds (portable / AVX2+FMA / AVX-512) and input-channel (L1) blocking.
+
+Every build the CPU supports is forced in turn and must agree with torch, with and without the
+channel-blocked loops and the specialised layouts.  The AVX-512 build only runs where the CPU has
+AVX-512; the portable build shares its two-vector accumulator layout, so that code shape is tested
+on every machine.
+"""
+import contextlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from apb_sparse import ops
+
+C = pytest.importorskip("apb_sparse._C")
+ISAS = C._supported_isas()
+TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-4, atol=1e-4)}
+
+
+@contextlib.contextmanager
+def kernel_config(isa, blocking=True, row_tiles=True):
+    prev_isa = C._set_max_isa(isa)
+    prev_blocking = C._set_channel_blocking(blocking)
+    prev_tiles = ops.use_row_tiles(row_tiles)
+    try:
+        yield
+    finally:
+        C._set_max_isa(prev_isa)
+        C._set_channel_blocking(prev_blocking)
+        ops.use_row_tiles(prev_tiles)
+
+
+def test_isa_query_and_force():
+    assert ISAS[0] == "generic" and ISAS == sorted(ISAS, key=["generic", "avx2", "avx512"].index)
+    best = C._cpu_isa()
+    assert best == ISAS[-1]
+    assert C._has_avx2() == ("avx2" in ISAS)
+    for isa in ISAS:
+        prev = C._set_max_isa(isa)
+        try:
+            assert C._cpu_isa() == isa
+        finally:
+            C._set_max_isa(prev)
+    assert C._cpu_isa() == best
+    # The old switch still works and maps onto the cap.
+    prev = C._set_force_generic(True)
+    try:
+        assert C._cpu_isa() == "generic"
+    finally:
+        C._set_force_generic(prev)
+    assert C._cpu_isa() == best
+
+
+def test_isa_force_rejects_bad_names():
+    with pytest.raises(ValueError, match="isa must be"):
+        C._set_max_isa("sse9")
+    with pytest.raises(TypeError, match="isa must be a str"):
+        C._set_max_isa(2)
+    if "avx512" not in ISAS:
+        with pytest.raises(ValueError, match="not supported"):
+            C._set_max_isa("avx512")
+    assert C._cpu_isa() == ISAS[-1]
+
+
+def _sparse_weight(o, cg, k, sparsity, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(o, cg, k, k, generator=g, dtype=dtype)
+    return w * (torch.rand(o, cg, k, k, generator=g) >= sparsity).to(dtype)
+
+
+# (batch, channels, size, out channels, stride, groups, sparsity): ResNet-18 CIFAR geometries, whose
+# rows are split into tap chunks by the channel blocking, plus strip-layout widths (9, 12),
+# stride 2, groups and tap-major (4x4) cases.
+CASES = [
+    (1, 64, 32, 64, 1, 1, 0.9),     # output-row tiles, 2 rows per tile, chunked
+    (1, 128, 16, 128, 1, 1, 0.8),   # 4 rows per tile, chunked
+    (1, 256, 8, 96, 1, 1, 0.9),     # 8 rows of one vector, chunked
+    (2, 64, 16, 64, 2, 1, 0.7),     # stride 2 (phase grid), strip layout (8x8 out, 9-wide grid)
+    (1, 96, 9, 32, 1, 1, 0.5),      # strip layout with a partial last tile, chunked
+    (1, 64, 12, 48, 1, 2, 0.6),     # groups, strip layout
+    (2, 128, 4, 64, 1, 1, 0.9),     # tap-major layout (4x4 outputs)
+    (1, 32, 8, 16, 1, 1, 0.99),     # nearly empty rows
+]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c)))
+def test_conv_forward_every_isa_and_blocking(isa, dtype, case):
+    n, c, hw, o, stride, groups, sparsity = case
+    torch.manual_seed(1)
+    x = torch.randn(n, c, hw, hw, dtype=dtype)
+    w = _sparse_weight(o, c // groups, 3, sparsity, dtype)
+    b = torch.randn(o, dtype=dtype)
+    ref = F.conv2d(x, w, b, stride, 1, 1, groups)
+    res = torch.randn_like(ref)
+    v, rp, ci = ops.pack_csr(w)
+    for blocking in (True, False):
+        for row_tiles in (True, False):
+            with kernel_config(isa, blocking, row_tiles):
+                plain = ops.sparse_conv2d(x, v, rp, ci, w.shape, b, stride, 1, 1, groups)
+                fused = ops.sparse_conv2d(x, v, rp, ci, w.shape, b, stride, 1, 1, groups, residual=res, relu=True)
+            torch.testing.assert_close(plain, ref, **TOL[dtype])
+            torch.testing.assert_close(fused, torch.relu(ref + res), **TOL[dtype])
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_blocking_with_unsorted_columns(isa):
+    """The tap chunks are found by binary search over each row's columns; a CSR whose columns are not
+    sorted must still use every nonzero exactly once."""
+    torch.manual_seed(2)
+    x = torch.randn(1, 128, 16, 16)
+    w = _sparse_weight(64, 128, 3, 0.8, torch.float32)
+    v, rp, ci = ops.pack_csr(w)
+    g = torch.Generator().manual_seed(5)
+    v2, ci2 = v.clone(), ci.clone()
+    for r in range(64):
+        s, e = int(rp[r]), int(rp[r + 1])
+        perm = torch.randperm(e - s, generator=g) + s
+        v2[s:e], ci2[s:e] = v[perm], ci[perm]
+    ref = F.conv2d(x, w, None, 1, 1)
+    with kernel_config(isa, blocking=True):
+        got = ops.sparse_conv2d(x, v2, rp, ci2, w.shape, None, 1, 1)
+    torch.testing.assert_close(got, ref, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_linear_and_backward_every_isa(isa, dtype):
+    torch.manual_seed(3)
+    w = torch.randn(37, 53, dtype=dtype) * (torch.rand(37, 53) > 0.6).to(dtype)
+    v, rp, ci = ops.pack_csr(w)
+    b = torch.randn(37, dtype=dtype)
+    x = torch.randn(21, 53, dtype=dtype)
+    xc = torch.randn(3, 24, 10, 10, dtype=dtype, requires_grad=True)
+    wc = _sparse_weight(16, 24, 3, 0.7, dtype)
+    vc, rpc, cic = ops.pack_csr(wc)
+    with kernel_config(isa):
+        y = ops.sparse_linear(x, v, rp, ci, 53, b)
+        yc = ops.sparse_conv2d(xc, vc, rpc, cic, wc.shape, None, 2, 1)
+        (gx,) = torch.autograd.grad(yc.sum(), xc)
+    torch.testing.assert_close(y, F.linear(x, w, b), **TOL[dtype])
+    xr = xc.detach().requires_grad_()
+    (gr,) = torch.autograd.grad(F.conv2d(xr, wc, None, 2, 1).sum(), xr)
+    torch.testing.assert_close(gx, gr, **TOL[dtype])
+
+
+def test_isas_agree_with_each_other():
+    """All builds compute the same sums (up to summation order) on a ResNet-18 layer."""
+    torch.manual_seed(4)
+    x = torch.randn(1, 256, 8, 8, dtype=torch.float64)
+    w = _sparse_weight(256, 256, 3, 0.95, torch.float64)
+    v, rp, ci = ops.pack_csr(w)
+    outs = []
+    for isa in ISAS:
+        with kernel_config(isa):
+            outs.append(ops.sparse_conv2d(x, v, rp, ci, w.shape, None, 1, 1))
+    for y in outs[1:]:
+        torch.testing.assert_close(y, outs[0], rtol=1e-12, atol=1e-12)
