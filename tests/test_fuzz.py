@@ -73,7 +73,7 @@ def conv_cases(draw):
         sizes.append(draw(st.integers(lo, lo + 7)))
     sparsity = draw(st.sampled_from([0.0, 1.0, None]))
     if sparsity is None:
-        sparsity = draw(st.floats(0.0, 1.0))
+        sparsity = draw(st.floats(0.0, 1.0, allow_subnormal=False))
     return dict(layer=layer, groups=groups, cin=cin, cout=cout, k=k, stride=stride, dilation=dilation, mode=mode,
                 padding=padding, size=tuple(sizes), sparsity=sparsity, batch=draw(st.integers(0, 3)),
                 unbatched=draw(st.booleans()) and draw(st.booleans()),

@@ -55,10 +55,11 @@ def _run(name: str, structure: str, sparsity: float):
     if cls.tags.pipeline == "A":
         return cls().prune(_pretrained(), _data(), sparsity=sparsity, structure=structure,
                            recipe=RECIPE, pretrained=True)
-    # B / D methods start from scratch and spend the whole budget (3 epochs). TwinRep gets 2
+    # B / D methods start from scratch and spend the whole budget (3 epochs). TwinRep gets 4
     # epochs per phase: with both reparameterisation factors drawn at random (the authors' init)
-    # its effective weights start near 1/fan_in and 3 epochs do not train it (docs/methods.md).
-    recipe = RECIPE.replace(pretrain_epochs=2, prune_epochs=2, finetune_epochs=2) \
+    # its effective weights start near 1/fan_in, and 3 (unstructured) or 6 (filters: clean 0.23-0.83
+    # across seeds and runs) epochs do not train it reliably; 12 reached 0.91-0.94 (docs/methods.md).
+    recipe = RECIPE.replace(pretrain_epochs=4, prune_epochs=4, finetune_epochs=4) \
         if name == "twinrep" else RECIPE
     return cls().prune(None, _data(), sparsity=sparsity, structure=structure, recipe=recipe)
 
@@ -160,10 +161,7 @@ def test_runs_are_robust_above_chance(case):
     model = (_run_mad_diagonal() if name == "mad" else _run(*case)).model
     clean, robust = _clean_acc(model), _pgd_acc(model)
     floor = 0.3
-    # Structured TwinRep mixes filters through the authors' random out x out factor; on this
-    # 6-epoch budget it trains slowly (clean ~0.5, docs/methods.md): above chance, not above 0.6.
-    clean_floor = 0.3 if case[:2] == ("twinrep", "filter") else 0.6
-    assert clean > clean_floor, (name, clean)
+    assert clean > 0.6, (name, clean)
     assert robust > floor, (name, robust)
 
 

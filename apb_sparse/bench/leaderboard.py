@@ -33,7 +33,7 @@ COLUMNS = ("dataset", "arch", "structure", "method", "pipeline", "training", "sc
            "cpu_speedup_q75", "cpu_speedup_min", "cpu_speedup_max", "cpu_dense_eager_ms",
            "cpu_speedup_vs_eager", "cpu_sparse_ms_q25", "cpu_sparse_ms_q75", "latency_rounds", "latency_phase",
            "gpu_dense_ms", "gpu_sparse_ms", "gpu_speedup", "gpu_speedup_q25", "gpu_speedup_q75",
-           "size_dense_bytes", "size_sparse_bytes", "role", "flags")
+           "size_dense_bytes", "size_sparse_bytes", "role", "flags", "notes")
 
 
 def _num(v) -> Optional[float]:
@@ -93,6 +93,7 @@ def leaderboard_rows(records: Iterable[Dict[str, Any]]) -> List[Dict[str, Any]]:
             "size_dense_bytes": size.get("dense"), "size_sparse_bytes": size.get("sparse"),
             "role": r.get("role") or ("" if r["method"] != DENSE else "dense base"),
             "flags": " ".join(r.get("flags") or []),
+            "notes": tags.get("notes", ""),
         }
         if r["method"] == DENSE:
             for s in sorted(structures.get((r["dataset"], r["arch"]), {"unstructured"})):
@@ -426,6 +427,10 @@ def to_markdown(records: Iterable[Dict[str, Any]], *, title: str = "apb_sparse l
             out.append("| " + " | ".join(str(fn(r)).replace("|", "/") for _, fn in cols) + " |")
         if multi:
             out += ["", "</details>"]
+    notes = sorted({(r["method"], r["notes"]) for r in rows if r.get("notes")})
+    if notes:
+        out += ["", "## Method notes (differences from the authors' code; docs/methods.md)", ""]
+        out += [f"- **{m}**: {n}" for m, n in notes]
     if not rows:
         out.append("(no results yet)")
     return "\n".join(out) + "\n"
