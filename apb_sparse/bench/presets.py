@@ -144,7 +144,7 @@ PRESETS: Dict[str, Preset] = {
     "quick": Preset(
         name="quick",
         description="sklearn digits, small_cnn (width 16, 61k weights), every method at 3 "
-                    "unstructured sparsities (50/90/95 %), 2 seeds; <= 10 min on a 2-core CPU with Ray",
+                    "unstructured sparsities (50/90/95 %), 2 seeds; about 10 min on a 2-core CPU with Ray",
         datasets=("digits",), archs=("small_cnn",), model_kwargs={"width": 16},
         sparsities={"unstructured": (0.5, 0.9, 0.95), "filter": (0.5,)},
         structures=("unstructured",), seeds=(0, 1),
