@@ -45,6 +45,14 @@ class _Tracer(fx.Tracer):
         return isinstance(m, _LEAVES) or super().is_leaf_module(m, qualname)
 
 
+def _trace_or_mark(model: nn.Module):
+    """``_trace(model)``'s graph, or None after recording why in ``model.apb_fuse_skipped``."""
+    gm, why = _trace(model)
+    if gm is None:
+        model.apb_fuse_skipped = {"": why}
+    return gm
+
+
 def _trace(model: nn.Module) -> Tuple[Optional[fx.GraphModule], Optional[str]]:
     """``(graph module, None)``, or ``(None, why fx cannot trace the model)``."""
     try:
@@ -75,10 +83,8 @@ def fold_batchnorm(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     if not inplace:
         model = copy.deepcopy(model)
     skipped: Dict[str, str] = {}
-    gm, why = _trace(model)
+    gm = _trace_or_mark(model)
     if gm is None:
-        skipped[""] = why
-        model.apb_fuse_skipped = skipped
         return model
     mods = dict(model.named_modules())
     calls = _module_calls(gm.graph)
@@ -191,10 +197,8 @@ def fuse_activations(model: nn.Module) -> nn.Module:
     """
     _check_eval(model)
     skipped: Dict[str, str] = {}
-    gm, why = _trace(model)
+    gm = _trace_or_mark(model)
     if gm is None:
-        skipped[""] = why
-        model.apb_fuse_skipped = skipped
         return model
     mods = dict(gm.named_modules())
     calls = _module_calls(gm.graph)
