@@ -26,7 +26,7 @@ except ImportError as exc:  # pragma: no cover - only without a build
 
 __all__ = [
     "available", "pack_csr", "unpack_csr", "masked_conv2d", "sparse_conv2d", "sparse_linear",
-    "conv_output_size", "use_portable_kernel", "use_row_tiles", "check_csr",
+    "conv_output_size", "use_portable_kernel", "use_row_tiles", "use_lanes", "check_csr",
 ]
 
 IntPair = Union[int, Sequence[int]]
@@ -62,6 +62,17 @@ def use_row_tiles(enable: bool) -> bool:
     """
     _require()
     return bool(_C._set_row_tiles(bool(enable)))
+
+
+def use_lanes(enable: bool) -> bool:
+    """Enable (default) or disable the images-in-lanes layout of the CPU forward convolution: for
+    batches of at least one vector of images (8 in float32 with AVX2 units) on output maps of at
+    most 64 pixels, the vector lanes hold images instead of pixels, so 4x4 and 2x2 maps waste no
+    lanes and need no im2col. Disabled, those convolutions use the layouts of
+    :func:`use_row_tiles`. Returns the previous setting. Tests and benchmarks compare both.
+    """
+    _require()
+    return bool(_C._set_lanes(bool(enable)))
 
 
 def _pair(name: str, value: IntPair, minimum: int) -> List[int]:

@@ -28,6 +28,12 @@ PyObject* set_channel_blocking(PyObject*, PyObject* arg) {
   return PyBool_FromLong(apb_sparse::kernel::set_channel_blocking(enable != 0));
 }
 
+PyObject* set_lanes(PyObject*, PyObject* arg) {
+  const int enable = PyObject_IsTrue(arg);
+  if (enable < 0) return nullptr;
+  return PyBool_FromLong(apb_sparse::kernel::set_lanes(enable != 0));
+}
+
 PyObject* cpu_isa(PyObject*, PyObject*) {
   return PyUnicode_FromString(apb_sparse::kernel::isa_name(apb_sparse::kernel::active_isa()));
 }
@@ -81,6 +87,9 @@ PyMethodDef methods[] = {
     {"_supported_isas", supported_isas, METH_NOARGS, "ISAs of the CPU kernel this machine can run, lowest first."},
     {"_set_max_isa", set_max_isa, METH_O,
      "Cap the CPU kernel's ISA ('generic', 'avx2', 'avx512'); returns the previous cap. Tests force each path."},
+    {"_set_lanes", set_lanes, METH_O,
+     "Enable (True) or disable (False) the images-in-lanes layout of forward convolutions on small maps; returns "
+     "the previous setting."},
     {"_set_row_tiles", set_row_tiles, METH_O,
      "Enable (True) or disable (False) the output-row tiles of forward convolutions; returns the previous setting."},
     {"_set_force_generic", set_force_generic, METH_O,

@@ -93,6 +93,64 @@ void row_spmm_avx2(const RowSpmmArgs<double>& a, int64_t r0, int64_t r1, int64_t
 void row_spmm_generic(const RowSpmmArgs<float>& a, int64_t r0, int64_t r1, int64_t p0, int64_t p1);
 void row_spmm_generic(const RowSpmmArgs<double>& a, int64_t r0, int64_t r1, int64_t p0, int64_t p1);
 
+/// Arguments of the images-in-lanes convolution kernel (lanes_impl.h), used for forward
+/// convolutions of small maps at batch >= 8: L = units * vector_width images share every vector.
+template <typename T>
+struct LanesArgs {
+  const int32_t* row_ptr;   ///< [rows + 1] CSR row pointers (rows = output channels).
+  const int32_t* col;       ///< [nnz] tap index (c * kH * kW + kh * kW + kw) of each nonzero.
+  const T* val;             ///< [nnz] nonzero values.
+  const int64_t* tap;       ///< [taps] offset of each tap in the input chunk ([C][Hp][Wp][L]).
+  const int64_t* src_base;  ///< [rows] offset added for row r (its group), or nullptr.
+  const int64_t* pix;       ///< [pixels] offset of each output pixel's window origin in the chunk.
+  int64_t pixels;           ///< output pixels per row (OH * OW).
+  int64_t units;            ///< 32-byte vectors of images per position: 1, 2 or 4.
+  const T* src;             ///< the input chunk.
+  const T* init;            ///< [rows] bias, or nullptr.
+  T* dst;                   ///< [rows][pixels][L] output chunk.
+};
+
+/// Input transpose of the lanes layout: channels of images [0, m) of x (strides s0..s3) into a
+/// zero-padded [C][Hp][Wp][L] chunk at dst.
+template <typename T>
+struct LanesFill {
+  const T* x;
+  int64_t s0, s1, s2, s3;
+  int64_t m, H, W, ph, pw, Hp, Wp, L;
+  const int64_t* pix;  ///< [H * W] offset of input pixel (i, j) in a channel plane: ((i + ph) * Wp + j + pw) * L
+  T* dst;
+};
+
+/// Output transpose of the lanes layout: [K][L] at src to y[n * image + k] for images [0, m),
+/// plus res[n * image + k] when res is set, then the ReLU when relu is set.
+template <typename T>
+struct LanesStore {
+  const T* src;
+  int64_t L, m, image;
+  T* y;
+  const T* res;
+  bool relu;
+};
+
+void lanes_avx512(const LanesArgs<float>& a, int64_t r0, int64_t r1);
+void lanes_avx512(const LanesArgs<double>& a, int64_t r0, int64_t r1);
+void lanes_avx2(const LanesArgs<float>& a, int64_t r0, int64_t r1);
+void lanes_avx2(const LanesArgs<double>& a, int64_t r0, int64_t r1);
+void lanes_generic(const LanesArgs<float>& a, int64_t r0, int64_t r1);
+void lanes_generic(const LanesArgs<double>& a, int64_t r0, int64_t r1);
+void lanes_fill_avx512(const LanesFill<float>& f, int64_t c0, int64_t c1);
+void lanes_store_avx512(const LanesStore<float>& s, int64_t k0, int64_t k1);
+void lanes_fill_avx512(const LanesFill<double>& f, int64_t c0, int64_t c1);
+void lanes_store_avx512(const LanesStore<double>& s, int64_t k0, int64_t k1);
+void lanes_fill_avx2(const LanesFill<float>& f, int64_t c0, int64_t c1);
+void lanes_store_avx2(const LanesStore<float>& s, int64_t k0, int64_t k1);
+void lanes_fill_avx2(const LanesFill<double>& f, int64_t c0, int64_t c1);
+void lanes_store_avx2(const LanesStore<double>& s, int64_t k0, int64_t k1);
+void lanes_fill_generic(const LanesFill<float>& f, int64_t c0, int64_t c1);
+void lanes_store_generic(const LanesStore<float>& s, int64_t k0, int64_t k1);
+void lanes_fill_generic(const LanesFill<double>& f, int64_t c0, int64_t c1);
+void lanes_store_generic(const LanesStore<double>& s, int64_t k0, int64_t k1);
+
 /// Instruction sets the kernel is built for, in increasing order.  kGeneric is the portable
 /// build (baseline ISA; it uses the same two-vector accumulator layout as kAvx512, so the code
 /// shape of the AVX-512 build is exercised on every machine).
@@ -128,6 +186,12 @@ bool row_tiles_enabled();
 bool set_channel_blocking(bool enable);
 bool channel_blocking_enabled();
 
+/// Enable (default) or disable the images-in-lanes layout of forward convolutions on small maps
+/// (LanesArgs); disabled, those use the layouts above.  Tests compare both; returns the previous
+/// setting.
+bool set_lanes(bool enable);
+bool lanes_enabled();
+
 /// Runs rows [r0, r1) over positions [p0, p1) with the best ISA available.
 template <typename T>
 inline void row_spmm(const RowSpmmArgs<T>& a, int64_t r0, int64_t r1, int64_t p0, int64_t p1) {
@@ -135,6 +199,34 @@ inline void row_spmm(const RowSpmmArgs<T>& a, int64_t r0, int64_t r1, int64_t p0
     case kAvx512: return row_spmm_avx512(a, r0, r1, p0, p1);
     case kAvx2: return row_spmm_avx2(a, r0, r1, p0, p1);
     default: return row_spmm_generic(a, r0, r1, p0, p1);
+  }
+}
+
+/// Runs output channels [r0, r1) of the images-in-lanes kernel with the best ISA available.
+template <typename T>
+inline void lanes(const LanesArgs<T>& a, int64_t r0, int64_t r1) {
+  switch (active_isa()) {
+    case kAvx512: return lanes_avx512(a, r0, r1);
+    case kAvx2: return lanes_avx2(a, r0, r1);
+    default: return lanes_generic(a, r0, r1);
+  }
+}
+
+/// Input / output transposes of the lanes layout with the best ISA available.
+template <typename T>
+inline void lanes_fill(const LanesFill<T>& f, int64_t c0, int64_t c1) {
+  switch (active_isa()) {
+    case kAvx512: return lanes_fill_avx512(f, c0, c1);
+    case kAvx2: return lanes_fill_avx2(f, c0, c1);
+    default: return lanes_fill_generic(f, c0, c1);
+  }
+}
+template <typename T>
+inline void lanes_store(const LanesStore<T>& s, int64_t k0, int64_t k1) {
+  switch (active_isa()) {
+    case kAvx512: return lanes_store_avx512(s, k0, k1);
+    case kAvx2: return lanes_store_avx2(s, k0, k1);
+    default: return lanes_store_generic(s, k0, k1);
   }
 }
 

@@ -8,6 +8,7 @@
 #define APB_ISA_NAMESPACE generic
 #define APB_WIDE_VECTORS 1
 #include "row_spmm_impl.h"
+#include "lanes_impl.h"
 
 namespace apb_sparse {
 namespace kernel {
@@ -18,6 +19,12 @@ void row_spmm_generic(const RowSpmmArgs<float>& a, int64_t r0, int64_t r1, int64
 void row_spmm_generic(const RowSpmmArgs<double>& a, int64_t r0, int64_t r1, int64_t p0, int64_t p1) {
   generic::run<double>(a, r0, r1, p0, p1);
 }
+void lanes_generic(const LanesArgs<float>& a, int64_t r0, int64_t r1) { generic::lanes_run<float>(a, r0, r1); }
+void lanes_generic(const LanesArgs<double>& a, int64_t r0, int64_t r1) { generic::lanes_run<double>(a, r0, r1); }
+void lanes_fill_generic(const LanesFill<float>& f, int64_t c0, int64_t c1) { generic::lanes_fill_run<float>(f, c0, c1); }
+void lanes_store_generic(const LanesStore<float>& s, int64_t k0, int64_t k1) { generic::lanes_store_run<float>(s, k0, k1); }
+void lanes_fill_generic(const LanesFill<double>& f, int64_t c0, int64_t c1) { generic::lanes_fill_run<double>(f, c0, c1); }
+void lanes_store_generic(const LanesStore<double>& s, int64_t k0, int64_t k1) { generic::lanes_store_run<double>(s, k0, k1); }
 
 bool cpu_has_avx2_fma() {
 #if defined(__x86_64__) || defined(__i386__)
@@ -79,6 +86,11 @@ static std::atomic<bool> g_channel_blocking{true};
 
 bool set_channel_blocking(bool enable) { return g_channel_blocking.exchange(enable); }
 bool channel_blocking_enabled() { return g_channel_blocking.load(std::memory_order_relaxed); }
+
+static std::atomic<bool> g_lanes{true};
+
+bool set_lanes(bool enable) { return g_lanes.exchange(enable); }
+bool lanes_enabled() { return g_lanes.load(std::memory_order_relaxed); }
 
 }  // namespace kernel
 }  // namespace apb_sparse

@@ -467,6 +467,120 @@ class Scratch {
   T* ptr_ = nullptr;
 };
 
+/// Units (32-byte vectors of images) of the images-in-lanes layout for this convolution, or 0 to
+/// use the grid / tap-major layouts.  The lanes layout wins where those waste lanes or pay an
+/// im2col: batches of at least one vector of images on small output maps (the 4x4 / 2x2 maps of
+/// 8x8 inputs, the last stages of CIFAR networks).
+template <typename T>
+int64_t lanes_units(const ConvGeom& g) {
+  const int64_t VW = kernel::vector_width<T>();
+  if (!kernel::lanes_enabled() || g.N < VW || g.OH * g.OW > 64) return 0;
+  const int64_t units = g.N >= 4 * VW ? 4 : g.N >= 2 * VW ? 2 : 1;
+  // One chunk's input and output must stay cache-sized (a few MiB), or the strips win.
+  const int64_t bytes = (g.C * g.Hp * g.Wp + g.O * g.OH * g.OW) * units * VW * int64_t(sizeof(T));
+  return bytes <= (int64_t(4) << 20) ? units : 0;
+}
+
+/// Forward convolution in the images-in-lanes layout (kernel::LanesArgs, lanes_impl.h) into a
+/// fresh NCHW output.  Per chunk of L = units * vector_width images: the input is transposed once
+/// into [C][Hp][Wp][L] with zero padding, the kernel writes [O][OH * OW][L], and one pass
+/// transposes that back to NCHW, adding the residual and applying the ReLU on the way.  With at
+/// least as many chunks as threads each thread takes whole chunks; otherwise the chunks run one
+/// after another with their output channels split across threads by nonzeros.
+template <typename T>
+Tensor conv_forward_lanes(const Tensor& input, const ConvGeom& g, const int32_t* row_ptr, const int32_t* col,
+                          const T* val, const Tensor& bias, const Tensor& residual, bool relu, int64_t units) {
+  Tensor out = at::empty({g.N, g.O, g.OH, g.OW}, input.options());
+  if (out.numel() == 0) return out;
+  const int64_t L = units * kernel::vector_width<T>();
+  const int64_t OHW = g.OH * g.OW, HWp = g.Hp * g.Wp, image_out = g.O * OHW;
+  const int64_t in_size = g.C * HWp * L, out_size = image_out * L;
+  std::vector<int64_t> tap(g.taps()), pix(OHW), group_base;
+  for (int64_t c = 0; c < g.Cg; ++c)
+    for (int64_t kh = 0; kh < g.KH; ++kh)
+      for (int64_t kw = 0; kw < g.KW; ++kw)
+        tap[(c * g.KH + kh) * g.KW + kw] = ((c * g.Hp + kh * g.dh) * g.Wp + kw * g.dw) * L;
+  for (int64_t i = 0; i < g.OH; ++i)
+    for (int64_t j = 0; j < g.OW; ++j) pix[i * g.OW + j] = (i * g.sh * g.Wp + j * g.sw) * L;
+  if (g.G > 1) {
+    group_base.resize(g.O);
+    for (int64_t o = 0; o < g.O; ++o) group_base[o] = (o / g.Og) * g.Cg * HWp * L;
+  }
+  std::vector<int64_t> in_pix(g.H * g.W);
+  for (int64_t i = 0; i < g.H; ++i)
+    for (int64_t j = 0; j < g.W; ++j) in_pix[i * g.W + j] = ((i + g.ph) * g.Wp + j + g.pw) * L;
+  const Tensor b = bias.defined() ? bias.contiguous() : Tensor();
+  const Tensor res = residual.defined() ? residual.contiguous() : Tensor();
+  const T* x = input.const_data_ptr<T>();
+  const int64_t s0 = input.stride(0), s1 = input.stride(1), s2 = input.stride(2), s3 = input.stride(3);
+  const T* rp = res.defined() ? res.const_data_ptr<T>() : nullptr;
+  T* y = out.mutable_data_ptr<T>();
+  const int64_t nchunks = (g.N + L - 1) / L;
+
+  // Channels [c0, c1) of images [n0, n0 + m) into the chunk (lanes m .. L zeroed), and output
+  // positions [k0, k1) of the chunk's images back to NCHW (lanes_impl.h).
+  auto fill = [&](T* buf, int64_t n0, int64_t m, int64_t c0, int64_t c1) {
+    const kernel::LanesFill<T> f{x + n0 * s0, s0, s1, s2, s3, m, g.H, g.W, g.ph, g.pw, g.Hp, g.Wp, L,
+                                 in_pix.data(), buf};
+    kernel::lanes_fill(f, c0, c1);
+  };
+  auto store = [&](const T* ob, int64_t n0, int64_t m, int64_t k0, int64_t k1) {
+    const kernel::LanesStore<T> st{ob, L, m, image_out, y + n0 * image_out, rp ? rp + n0 * image_out : nullptr, relu};
+    kernel::lanes_store(st, k0, k1);
+  };
+  kernel::LanesArgs<T> proto{row_ptr, col, val, tap.data(), group_base.empty() ? nullptr : group_base.data(),
+                             pix.data(), OHW, units, nullptr, b.defined() ? b.const_data_ptr<T>() : nullptr,
+                             nullptr};
+  const int64_t nthreads = at::get_num_threads();
+  if (nchunks >= nthreads && nchunks > 1) {
+    at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+      const Scratch<T> scratch(in_size + out_size);  // one buffer: Scratch keeps one per thread
+      kernel::LanesArgs<T> a = proto;
+      a.src = scratch.get();
+      a.dst = scratch.get() + in_size;
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t n0 = c * L, m = std::min(L, g.N - n0);
+        fill(scratch.get(), n0, m, 0, g.C);
+        kernel::lanes(a, 0, g.O);
+        store(a.dst, n0, m, 0, image_out);
+      }
+    });
+    return out;
+  }
+  // Few chunks: split each chunk's output channels across threads, balanced by nonzeros (plus a
+  // fixed cost per row: its bias and stores).
+  std::vector<int64_t> bounds(nthreads + 1, g.O);
+  {
+    const int64_t fixed = 4;
+    const int64_t total = int64_t(row_ptr[g.O]) + fixed * g.O;
+    bounds[0] = 0;
+    int64_t t = 1, acc = 0;
+    for (int64_t o = 0; o < g.O && t < nthreads; ++o) {
+      acc += int64_t(row_ptr[o + 1] - row_ptr[o]) + fixed;
+      while (t < nthreads && acc * nthreads >= t * total) bounds[t++] = o + 1;
+    }
+  }
+  const Scratch<T> scratch(in_size + out_size);
+  kernel::LanesArgs<T> a = proto;
+  a.src = scratch.get();
+  a.dst = scratch.get() + in_size;
+  for (int64_t c = 0; c < nchunks; ++c) {
+    const int64_t n0 = c * L, m = std::min(L, g.N - n0);
+    if (nthreads == 1) {
+      fill(scratch.get(), n0, m, 0, g.C);
+      kernel::lanes(a, 0, g.O);
+      store(a.dst, n0, m, 0, image_out);
+      continue;
+    }
+    at::parallel_for(0, g.C, 1, [&](int64_t c0, int64_t c1) { fill(scratch.get(), n0, m, c0, c1); });
+    at::parallel_for(0, nthreads, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) kernel::lanes(a, bounds[t], bounds[t + 1]);
+    });
+    at::parallel_for(0, image_out, 64, [&](int64_t k0, int64_t k1) { store(a.dst, n0, m, k0, k1); });
+  }
+  return out;
+}
+
 /// Forward convolution from CSR (tap-index columns) into a fresh NCHW output.
 ///
 /// Two input layouts (both computed per call from the input, in chunks of `nb` images that stay
@@ -483,6 +597,9 @@ class Scratch {
 template <typename T>
 Tensor conv_forward(const Tensor& input, const ConvGeom& g, const int32_t* row_ptr, const int32_t* col,
                     const T* val, const Tensor& bias, const Tensor& residual = Tensor(), bool relu = false) {
+  if (const int64_t units = lanes_units<T>(g)) {
+    return conv_forward_lanes<T>(input, g, row_ptr, col, val, bias, residual, relu, units);
+  }
   Tensor out = at::empty({g.N, g.O, g.OH, g.OW}, input.options());
   if (out.numel() == 0) return out;
   const int64_t VW = kernel::vector_width<T>(), TW = kernel::tile_width<T>();

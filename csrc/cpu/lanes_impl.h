@@ -1,0 +1,199 @@
+// Body of the images-in-lanes convolution kernel (see LanesArgs in row_spmm.h); included by the
+// three ISA builds after row_spmm_impl.h, whose vector helpers it uses.
+//
+// Layout: the input chunk holds L images per position, [C][Hp][Wp][L] (zero padded), so the
+// value that tap (c, kh, kw) reads for output pixel (oh, ow) is a contiguous vector of L images
+// at src + pix[q] + tap[t].  Every nonzero of an output channel is then one broadcast and L / W
+// vector FMAs per output pixel, whatever the map size: 4x4 and 2x2 maps waste no lanes and need
+// no im2col.  A register block is PB output pixels x L images (8 accumulator vectors), so one
+// weight broadcast feeds PB * L / W FMAs.
+#pragma once
+
+#include "row_spmm_impl.h"
+
+namespace apb_sparse {
+namespace kernel {
+namespace APB_ISA_NAMESPACE {
+
+/// PB output pixels (pixel table entries q .. q + PB) of one output channel.  NU: units (32-byte
+/// vectors) of lanes per pixel; the output block is stored at dst (pixel stride NU * unit).
+template <typename T, int NU, int PB>
+inline void lanes_block(const int64_t* tap, const int32_t* col, const T* val, int32_t nnz, const T* src,
+                        const int64_t* pix, T init, T* dst) {
+  using U = VecB<T, acc_bytes(NU)>;
+  using V = typename U::type;
+  constexpr int W = U::W;
+  constexpr int N = NU * Vec<T>::W / W;  // accumulator vectors per pixel
+  constexpr int L = NU * Vec<T>::W;      // lanes (images) per pixel
+  const T* s[PB];
+  for (int p = 0; p < PB; ++p) s[p] = src + pix[p];
+  V acc[PB][N];
+  for (int p = 0; p < PB; ++p)
+    for (int v = 0; v < N; ++v) acc[p][v] = V{};
+  for (int32_t j = 0; j < nnz; ++j) {
+    const V w = broadcast<V, T>(val[j]);
+    const int64_t o = tap[col[j]];
+    for (int p = 0; p < PB; ++p)
+      for (int v = 0; v < N; ++v) acc[p][v] += w * loadu<V, T>(s[p] + o + v * W);
+  }
+  const V b = broadcast<V, T>(init);
+  for (int p = 0; p < PB; ++p)
+    for (int v = 0; v < N; ++v) {
+      const V y = acc[p][v] + b;
+      std::memcpy(dst + p * L + v * W, &y, sizeof(V));
+    }
+}
+
+/// Rows [r0, r1) over every output pixel, NU units of lanes per pixel.
+template <typename T, int NU>
+void lanes_rows(const LanesArgs<T>& a, int64_t r0, int64_t r1) {
+  constexpr int W = VecB<T, acc_bytes(NU)>::W;
+  constexpr int N = NU * Vec<T>::W / W;
+  constexpr int PB = 8 / N > 0 ? 8 / N : 1;  // 8 independent accumulators hide the FMA latency
+  constexpr int L = NU * Vec<T>::W;
+  const int64_t P = a.pixels;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int32_t jb = a.row_ptr[r], nnz = a.row_ptr[r + 1] - jb;
+    const int32_t* col = a.col + jb;
+    const T* val = a.val + jb;
+    const T* src = a.src + (a.src_base ? a.src_base[r] : 0);
+    const T init = a.init ? a.init[r] : T(0);
+    T* dst = a.dst + r * P * L;
+    int64_t q = 0;
+    for (; q + PB <= P; q += PB) lanes_block<T, NU, PB>(a.tap, col, val, nnz, src, a.pix + q, init, dst + q * L);
+    for (; q < P; ++q) lanes_block<T, NU, 1>(a.tap, col, val, nnz, src, a.pix + q, init, dst + q * L);
+  }
+}
+
+/// 8x8 transpose of float vectors in place: v[i][j] -> v[j][i] (three shuffle stages).
+inline void transpose8(typename Vec<float>::type (&v)[8]) {
+  using V = typename Vec<float>::type;
+  using M = int __attribute__((vector_size(32)));
+  V t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = __builtin_shuffle(v[i], v[i + 1], M{0, 8, 1, 9, 4, 12, 5, 13});
+    t[i + 1] = __builtin_shuffle(v[i], v[i + 1], M{2, 10, 3, 11, 6, 14, 7, 15});
+  }
+  for (int i = 0; i < 8; i += 4) {
+    u[i] = __builtin_shuffle(t[i], t[i + 2], M{0, 1, 8, 9, 4, 5, 12, 13});
+    u[i + 1] = __builtin_shuffle(t[i], t[i + 2], M{2, 3, 10, 11, 6, 7, 14, 15});
+    u[i + 2] = __builtin_shuffle(t[i + 1], t[i + 3], M{0, 1, 8, 9, 4, 5, 12, 13});
+    u[i + 3] = __builtin_shuffle(t[i + 1], t[i + 3], M{2, 3, 10, 11, 6, 7, 14, 15});
+  }
+  for (int i = 0; i < 4; ++i) {
+    v[i] = __builtin_shuffle(u[i], u[i + 4], M{0, 1, 2, 3, 8, 9, 10, 11});
+    v[i + 4] = __builtin_shuffle(u[i], u[i + 4], M{4, 5, 6, 7, 12, 13, 14, 15});
+  }
+}
+
+/// Channels [c0, c1) of a chunk's input: images [0, m) of f.x (image stride f.s0, ...) into
+/// [C][Hp][Wp][L] with zero padding and zero lanes m .. L.  Contiguous float images go through
+/// 8x8 register transposes of 8 images x 8 consecutive pixels; the rest element by element.
+template <typename T>
+void lanes_fill_run(const LanesFill<T>& f, int64_t c0, int64_t c1) {
+  // Locals: stores through T* could alias the argument struct, which would reload every field.
+  const T* const x = f.x;
+  const int64_t L = f.L, H = f.H, W = f.W, HW = H * W, Hp = f.Hp, Wp = f.Wp, ph = f.ph, pw = f.pw, m = f.m;
+  const int64_t s0 = f.s0, s1 = f.s1, s2 = f.s2, s3 = f.s3;
+  const int64_t* const at = f.pix;
+  T* const dst = f.dst;
+  const bool fast = sizeof(T) == 4 && s3 == 1 && s2 == W;
+  for (int64_t c = c0; c < c1; ++c) {
+    T* P = dst + c * Hp * Wp * L;
+    // Padding rows and columns (the interior is overwritten below).
+    for (int64_t i = 0; i < Hp; ++i) {
+      T* row = P + i * Wp * L;
+      if (i < ph || i >= ph + H) {
+        for (int64_t k = 0; k < Wp * L; ++k) row[k] = T(0);
+      } else {
+        for (int64_t k = 0; k < pw * L; ++k) row[k] = T(0);
+        for (int64_t k = (pw + W) * L; k < Wp * L; ++k) row[k] = T(0);
+      }
+    }
+    int64_t n = 0;
+    if constexpr (sizeof(T) == 4) {
+      if (fast) {
+        using V = typename Vec<float>::type;
+        for (; n + 8 <= m; n += 8) {
+          const T* xs = x + n * s0 + c * s1;
+          int64_t q = 0;
+          for (; q + 8 <= HW; q += 8) {
+            V v[8];
+            for (int i = 0; i < 8; ++i) v[i] = loadu<V, T>(xs + i * s0 + q);
+            transpose8(v);
+            for (int j = 0; j < 8; ++j) std::memcpy(P + at[q + j] + n, &v[j], sizeof(V));
+          }
+          for (; q < HW; ++q) {
+            T* d = P + at[q] + n;
+            for (int i = 0; i < 8; ++i) d[i] = xs[i * s0 + q];
+          }
+        }
+      }
+    }
+    if (n == L) continue;
+    for (int64_t i = 0; i < H; ++i) {
+      for (int64_t w = 0; w < W; ++w) {
+        T* d = P + at[i * W + w];
+        const T* xs = x + c * s1 + i * s2 + w * s3;
+        for (int64_t k = n; k < m; ++k) d[k] = xs[k * s0];
+        for (int64_t k = m; k < L; ++k) d[k] = T(0);
+      }
+    }
+  }
+}
+
+/// Output positions k in [k0, k1) (k = o * OHW + q) of images [0, m) from the chunk's output
+/// [K][L] to NCHW rows (image stride s.image), adding the residual and applying the ReLU.
+/// Float blocks of 8 positions x 8 images go through register transposes.
+template <typename T>
+void lanes_store_run(const LanesStore<T>& s, int64_t k0, int64_t k1) {
+  const T* const src = s.src;
+  const T* const res = s.res;
+  T* const y = s.y;
+  const int64_t L = s.L, m = s.m, image = s.image;
+  const bool relu = s.relu;
+  auto finish = [&](T v, int64_t n, int64_t k) {
+    if (res) v += res[n * image + k];
+    if (relu && v < T(0)) v = T(0);  // NaN stays NaN, as torch.relu
+    y[n * image + k] = v;
+  };
+  // Groups of 8 images outer, 16 positions inner: each image row is written as whole 64-byte
+  // lines, 8 sequential streams (the image stride is often a multiple of 4 KiB, and positions
+  // outer would touch 32 rows of one L1 set per step).
+  int64_t n = 0;
+  if constexpr (sizeof(T) == 4) {
+    using V = typename Vec<float>::type;
+    for (; n + 8 <= m; n += 8) {
+      int64_t k = k0;
+      for (; k + 8 <= k1; k += 8) {
+        V v[8];
+        for (int i = 0; i < 8; ++i) v[i] = loadu<V, T>(src + (k + i) * L + n);
+        transpose8(v);
+        for (int j = 0; j < 8; ++j) {
+          V o = v[j];
+          if (res) o += loadu<V, T>(res + (n + j) * image + k);
+          if (relu) o = o < V{} ? V{} : o;
+          std::memcpy(y + (n + j) * image + k, &o, sizeof(V));
+        }
+      }
+      for (; k < k1; ++k)
+        for (int j = 0; j < 8; ++j) finish(src[k * L + n + j], n + j, k);
+    }
+  }
+  for (; n < m; ++n)
+    for (int64_t k = k0; k < k1; ++k) finish(src[k * L + n], n, k);
+}
+
+template <typename T>
+void lanes_run(const LanesArgs<T>& a, int64_t r0, int64_t r1) {
+  switch (a.units) {
+    case 4: return lanes_rows<T, 4>(a, r0, r1);
+    case 2: return lanes_rows<T, 2>(a, r0, r1);
+    case 1: return lanes_rows<T, 1>(a, r0, r1);
+    default: return;  // callers only use 1, 2 or 4 units
+  }
+}
+
+}  // namespace APB_ISA_NAMESPACE
+}  // namespace kernel
+}  // namespace apb_sparse

@@ -1,0 +1,102 @@
+"""The images-in-lanes layout of the CPU forward convolution (small maps, batch >= 8).
+
+Every ISA the CPU supports, lanes on and off, against torch: partial last chunks (batches that
+are not a multiple of the lane count), 1/2/4 units per position, stride, dilation, groups,
+padding 0, odd kernels, non-contiguous inputs, the fused residual + ReLU, and NaN propagation.
+"""
+import contextlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from apb_sparse import ops
+
+C = pytest.importorskip("apb_sparse._C")
+ISAS = C._supported_isas()
+TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-4, atol=1e-4)}
+
+
+@contextlib.contextmanager
+def lanes(isa, enable):
+    prev_isa, prev = C._set_max_isa(isa), ops.use_lanes(enable)
+    try:
+        yield
+    finally:
+        C._set_max_isa(prev_isa)
+        ops.use_lanes(prev)
+
+
+def _weight(o, cg, kh, kw, sparsity, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(o, cg, kh, kw, generator=g, dtype=dtype)
+    return w * (torch.rand(o, cg, kh, kw, generator=g) >= sparsity).to(dtype)
+
+
+# (batch, in channels, H, W, out channels, kernel (kh, kw), stride, padding, dilation, groups, sparsity)
+CASES = [
+    (8, 16, 8, 8, 32, (3, 3), 2, 1, 1, 1, 0.9),     # 8x8 -> 4x4, one unit per position
+    (16, 32, 4, 4, 64, (3, 3), 1, 1, 1, 1, 0.95),   # two units
+    (40, 32, 4, 4, 24, (3, 3), 2, 1, 1, 1, 0.8),    # 4 units, partial last chunk, 2x2 output
+    (33, 8, 5, 7, 12, (1, 3), 1, (0, 1), 1, 1, 0.5),  # odd map, 1x3 kernel, unequal padding
+    (64, 12, 6, 6, 18, (3, 3), 1, 2, 2, 3, 0.6),    # dilation 2, groups 3
+    (9, 4, 8, 8, 6, (5, 5), 1, 0, 1, 1, 0.3),       # 5x5 kernel, no padding, 4x4 output
+    (20, 16, 2, 2, 16, (1, 1), 1, 0, 1, 1, 0.99),   # 1x1, nearly empty rows
+    (32, 1, 8, 8, 16, (3, 3), 1, 1, 1, 1, 0.6),     # one input channel, 64 output pixels
+]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c[:5])) + f"s{c[6]}d{c[8]}g{c[9]}")
+def test_lanes_matches_torch(isa, dtype, case):
+    n, c, h, w_, o, k, stride, pad, dil, groups, sparsity = case
+    torch.manual_seed(1)
+    x = torch.randn(n, c, h, w_, dtype=dtype)
+    w = _weight(o, c // groups, k[0], k[1], sparsity, dtype)
+    b = torch.randn(o, dtype=dtype)
+    ref = F.conv2d(x, w, b, stride, pad, dil, groups)
+    res = torch.randn_like(ref)
+    v, rp, ci = ops.pack_csr(w)
+    for enable in (True, False):
+        with lanes(isa, enable):
+            plain = ops.sparse_conv2d(x, v, rp, ci, w.shape, b, stride, pad, dil, groups)
+            fused = ops.sparse_conv2d(x, v, rp, ci, w.shape, b, stride, pad, dil, groups, residual=res, relu=True)
+            relu = ops.sparse_conv2d(x, v, rp, ci, w.shape, None, stride, pad, dil, groups, relu=True)
+        torch.testing.assert_close(plain, ref, **TOL[dtype])
+        torch.testing.assert_close(fused, torch.relu(ref + res), **TOL[dtype])
+        torch.testing.assert_close(relu, torch.relu(ref - b.view(1, -1, 1, 1)), **TOL[dtype])
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_lanes_threads_and_layouts(threads):
+    """Chunks split across threads (many chunks) and rows split across threads (one chunk), on a
+    channels-last and a sliced (non-contiguous) input."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(2)
+        w = _weight(48, 32, 3, 3, 0.9, torch.float32)
+        v, rp, ci = ops.pack_csr(w)
+        for n in (12, 32, 200):
+            x = torch.randn(n, 32, 4, 4).to(memory_format=torch.channels_last)
+            xs = torch.randn(n, 64, 4, 8)[:, ::2, :, 1::2]
+            for inp in (x, xs):
+                got = ops.sparse_conv2d(inp, v, rp, ci, w.shape, None, 1, 1)
+                torch.testing.assert_close(got, F.conv2d(inp, w, None, 1, 1), rtol=1e-4, atol=1e-4)
+    finally:
+        torch.set_num_threads(prev)
+
+
+def test_lanes_propagates_nan_and_keeps_other_images_clean():
+    """A NaN in one image reaches only that image's outputs (no lane mixing), as in torch."""
+    torch.manual_seed(3)
+    x = torch.randn(24, 8, 4, 4)
+    x[5, 3, 1, 2] = float("nan")
+    w = _weight(16, 8, 3, 3, 0.0, torch.float32)
+    v, rp, ci = ops.pack_csr(w)
+    got = ops.sparse_conv2d(x, v, rp, ci, w.shape, None, 1, 1, relu=True)
+    ref = torch.relu(F.conv2d(x, w, None, 1, 1))
+    assert torch.isnan(got[5]).any()
+    torch.testing.assert_close(got, ref, equal_nan=True)
+    assert not torch.isnan(got[torch.arange(24) != 5]).any()
