@@ -127,6 +127,8 @@ def run(args) -> dict:
                     folded = apb_sparse.fuse.fold_batchnorm(dense)
                     fns["dense_folded"] = lambda m=folded: m(x)
                 fns.update({k: (lambda m=m: m(x)) for k, m in variants.items() if k != "masked"})
+                if args.lanes_ab:
+                    fns["ours_no_lanes"] = lambda m=variants["ours"]: _without_lanes(m, x)
                 timing = interleaved_medians(fns, rounds=args.rounds, warmup=2, min_time=args.min_time)
                 report = apb_sparse.sparsity_report(variants["ours"], (batch, 3, 32, 32))
                 base = timing["dense"]["median_s"]
@@ -144,10 +146,21 @@ def run(args) -> dict:
     return {"environment": environment(), "rounds": args.rounds, "results": results}
 
 
+def _without_lanes(model, x):
+    """``model(x)`` with the images-in-lanes layout of the CPU kernel turned off (A/B timing)."""
+    prev = apb_sparse.ops.use_lanes(False)
+    try:
+        return model(x)
+    finally:
+        apb_sparse.ops.use_lanes(prev)
+
+
 def _format_row(r: dict) -> str:
     ms, sp = r["median_ms"], r["speedup"]
     cells = [f"{r['arch']:<9}", f"b={r['batch']:<3}", f"{r['mask']:<10}", f"dense {ms['dense']:8.2f} ms",
              f"ours {ms['ours']:8.2f} ms ({sp['ours']:5.2f}x)"]
+    if "ours_no_lanes" in ms:
+        cells.append(f"lanes off {ms['ours_no_lanes']:8.2f} ms ({sp['ours_no_lanes']:5.2f}x)")
     if "calibrated" in ms:
         cells.append(f"calibrated {ms['calibrated']:8.2f} ms ({sp['calibrated']:5.2f}x)")
     if "compact" in ms:
@@ -159,18 +172,19 @@ def _format_row(r: dict) -> str:
 
 def markdown_table(data: dict) -> str:
     """The results as a Markdown table (speedups over dense torch in the same run)."""
-    calibrated = any("calibrated" in r["median_ms"] for r in data["results"])
+    optional = [(k, title) for k, title in (("ours_no_lanes", "apb_sparse, lanes off"), ("calibrated", "calibrated"))
+                if any(k in r["median_ms"] for r in data["results"])]
     head = "| arch | batch | mask | dense ms | apb_sparse ms (speedup) |"
-    head += " calibrated ms (speedup) |" if calibrated else ""
+    head += "".join(f" {title} ms (speedup) |" for _, title in optional)
     lines = [head + " compact ms (speedup) | unfold+CSR ms (speedup) |",
-             "|---|---|---|---|---|---|---|" + ("---|" if calibrated else "")]
+             "|---|---|---|---|---|---|---|" + "---|" * len(optional)]
     for r in data["results"]:
         ms, sp = r["median_ms"], r["speedup"]
 
         def cell(k):
             return f"{ms[k]:.2f} ({sp[k]:.2f}x)" if k in ms else "-"
         lines.append(f"| {r['arch']} | {r['batch']} | {r['mask']} | {ms['dense']:.2f} | {cell('ours')} | "
-                     + (f"{cell('calibrated')} | " if calibrated else "") + f"{cell('compact')} | {cell('stock')} |")
+                     + "".join(f"{cell(k)} | " for k, _ in optional) + f"{cell('compact')} | {cell('stock')} |")
     return "\n".join(lines)
 
 
@@ -235,6 +249,8 @@ def main(argv: List[str] = None) -> int:
                         "mean per call (steady-state latency); 0 = one cold call per round")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--no-stock", action="store_true", help="skip the unfold + CSR baseline")
+    p.add_argument("--lanes-ab", action="store_true",
+                   help="also time apb_sparse with the images-in-lanes layout turned off (in-run A/B)")
     p.add_argument("--per-layer", action="store_true", help="per-layer profile instead of end to end")
     p.add_argument("--no-fuse", action="store_true",
                    help="do not fold BatchNorm / fuse ReLU and residual adds into our sparse layers")

@@ -34,6 +34,16 @@ PyObject* set_lanes(PyObject*, PyObject* arg) {
   return PyBool_FromLong(apb_sparse::kernel::set_lanes(enable != 0));
 }
 
+PyObject* set_min_parallel_work(PyObject*, PyObject* arg) {
+  const long long work = PyLong_AsLongLong(arg);
+  if (work == -1 && PyErr_Occurred()) return nullptr;
+  if (work < 0) {
+    PyErr_SetString(PyExc_ValueError, "work must be >= 0");
+    return nullptr;
+  }
+  return PyLong_FromLongLong(apb_sparse::kernel::set_min_parallel_work(work));
+}
+
 PyObject* cpu_isa(PyObject*, PyObject*) {
   return PyUnicode_FromString(apb_sparse::kernel::isa_name(apb_sparse::kernel::active_isa()));
 }
@@ -87,6 +97,9 @@ PyMethodDef methods[] = {
     {"_supported_isas", supported_isas, METH_NOARGS, "ISAs of the CPU kernel this machine can run, lowest first."},
     {"_set_max_isa", set_max_isa, METH_O,
      "Cap the CPU kernel's ISA ('generic', 'avx2', 'avx512'); returns the previous cap. Tests force each path."},
+    {"_set_min_parallel_work", set_min_parallel_work, METH_O,
+     "Smallest work (multiply-adds + elements copied) of one CPU op call split across threads; returns the "
+     "previous value."},
     {"_set_lanes", set_lanes, METH_O,
      "Enable (True) or disable (False) the images-in-lanes layout of forward convolutions on small maps; returns "
      "the previous setting."},

@@ -49,7 +49,8 @@ def environment() -> dict:
         "apb_sparse_kernel": "unavailable",
     }
     if ops.available():
-        env["apb_sparse_kernel"] = "avx2+fma" if ops._C._has_avx2() else "portable"
+        # The build the kernel dispatches to on this CPU (AVX-512, AVX2+FMA or portable).
+        env["apb_sparse_kernel"] = {"avx512": "avx512", "avx2": "avx2+fma"}.get(ops._C._cpu_isa(), "portable")
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name(0)
     return env

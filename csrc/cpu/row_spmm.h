@@ -192,6 +192,13 @@ bool channel_blocking_enabled();
 bool set_lanes(bool enable);
 bool lanes_enabled();
 
+/// Smallest work (multiply-adds plus elements copied) of one CPU op call that is split across
+/// threads; smaller calls run on the calling thread, since waking the thread pool costs tens of
+/// microseconds (more on virtual machines whose idle vCPUs are descheduled).  Returns the previous
+/// value; benchmarks tune it.
+int64_t set_min_parallel_work(int64_t work);
+int64_t min_parallel_work();
+
 /// Runs rows [r0, r1) over positions [p0, p1) with the best ISA available.
 template <typename T>
 inline void row_spmm(const RowSpmmArgs<T>& a, int64_t r0, int64_t r1, int64_t p0, int64_t p1) {

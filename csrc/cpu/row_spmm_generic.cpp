@@ -87,6 +87,11 @@ static std::atomic<bool> g_channel_blocking{true};
 bool set_channel_blocking(bool enable) { return g_channel_blocking.exchange(enable); }
 bool channel_blocking_enabled() { return g_channel_blocking.load(std::memory_order_relaxed); }
 
+static std::atomic<int64_t> g_min_parallel_work{int64_t(1) << 18};
+
+int64_t set_min_parallel_work(int64_t work) { return g_min_parallel_work.exchange(work < 0 ? 0 : work); }
+int64_t min_parallel_work() { return g_min_parallel_work.load(std::memory_order_relaxed); }
+
 static std::atomic<bool> g_lanes{true};
 
 bool set_lanes(bool enable) { return g_lanes.exchange(enable); }

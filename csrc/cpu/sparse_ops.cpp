@@ -185,11 +185,15 @@ struct Split {
   std::vector<int64_t> bounds;  ///< [nthreads + 1] row bounds (by_rows) or position bounds
 };
 
-Split plan_split(const int32_t* row_ptr, int64_t R, int64_t length, int64_t tile_width) {
+/// Threads for a call doing `work` multiply-adds and copies: 1 below kernel::min_parallel_work().
+int64_t threads_for(int64_t work) {
+  return work < kernel::min_parallel_work() ? 1 : std::max<int64_t>(1, at::get_num_threads());
+}
+
+Split plan_split(const int32_t* row_ptr, int64_t R, int64_t length, int64_t tile_width, int64_t extra_work = 0) {
   Split sp;
   const int64_t nnz = row_ptr[R];
-  sp.nthreads = at::get_num_threads();
-  if ((nnz + R) * length < 32768) sp.nthreads = 1;  // too small to amortise waking the thread pool
+  sp.nthreads = threads_for((nnz + R) * length + extra_work);
   sp.bounds.assign(sp.nthreads + 1, 0);
   if (sp.nthreads == 1 || R >= 4 * sp.nthreads) {
     // Row chunks with equal weight (nnz + 2 per row for the epilogue).
@@ -531,8 +535,8 @@ Tensor conv_forward_lanes(const Tensor& input, const ConvGeom& g, const int32_t*
   kernel::LanesArgs<T> proto{row_ptr, col, val, tap.data(), group_base.empty() ? nullptr : group_base.data(),
                              pix.data(), OHW, units, nullptr, b.defined() ? b.const_data_ptr<T>() : nullptr,
                              nullptr};
-  const int64_t nthreads = at::get_num_threads();
-  if (nchunks >= nthreads && nchunks > 1) {
+  const int64_t nthreads = threads_for(int64_t(row_ptr[g.O]) * OHW * L * nchunks + (in_size + out_size) * nchunks);
+  if (nchunks >= nthreads && nchunks > 1 && nthreads > 1) {
     at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
       const Scratch<T> scratch(in_size + out_size);  // one buffer: Scratch keeps one per thread
       kernel::LanesArgs<T> a = proto;
@@ -613,7 +617,8 @@ Tensor conv_forward(const Tensor& input, const ConvGeom& g, const int32_t* row_p
   // larger per image; 1 MiB keeps a few images per chunk for 512-channel layers in L2).
   const int64_t per_image = taps_layout ? g.C * KK * OHW * int64_t(sizeof(T)) : g.C * g.S * HWq * int64_t(sizeof(T));
   const int64_t budget = taps_layout ? (1 << 20) : (256 << 10);
-  const int64_t nthreads = at::get_num_threads();
+  // Multiply-adds plus the layout fill: small calls stay on this thread (threads_for).
+  const int64_t nthreads = threads_for(int64_t(row_ptr[g.O]) * g.N * OHW + g.N * per_image / int64_t(sizeof(T)));
   int64_t nb = std::max<int64_t>(1, budget / std::max<int64_t>(per_image, 1));
   nb = std::min(nb, g.N);
   if ((g.N + nb - 1) / nb < nthreads) nb = g.N;  // too few chunks for every thread: share one
@@ -710,7 +715,7 @@ Tensor conv_forward(const Tensor& input, const ConvGeom& g, const int32_t* row_p
   // Largest shared chunk (bytes) that each thread fills privately (see below).
   constexpr int64_t private_limit = int64_t(1) << 20;
   if (nchunks >= nthreads && nchunks > 1) {
-    at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+    auto chunks = [&](int64_t c0, int64_t c1) {
       // Not zeroed: the fills write every position of the chunk's images; the margin and a
       // partial chunk's unused tails only feed positions that are never stored.
       const Scratch<T> grid(grid_size);
@@ -723,7 +728,12 @@ Tensor conv_forward(const Tensor& input, const ConvGeom& g, const int32_t* row_p
         const RowSpmmArgs<T> a = args_for(grid.get(), n0, m);
         kernel::row_spmm(a, 0, g.O, 0, a.length);
       }
-    });
+    };
+    if (nthreads == 1) {
+      chunks(0, nchunks);
+    } else {
+      at::parallel_for(0, nchunks, 1, chunks);
+    }
   } else if (grid_size * int64_t(sizeof(T)) <= private_limit &&
              int64_t(row_ptr[g.O]) * chunk_length(g.N) >= 16 * grid_size) {
     // One shared chunk that is small, with much more multiply-add work than fill: every thread
@@ -731,7 +741,7 @@ Tensor conv_forward(const Tensor& input, const ConvGeom& g, const int32_t* row_p
     // each thread then reads only its own cache; a copy filled by several threads would be read
     // mostly across cores.  (At very high sparsity the fill dominates and is split instead.)
     const RowSpmmArgs<T> proto = args_for(nullptr, 0, g.N);
-    const Split sp = plan_split(row_ptr, g.O, proto.length, TW);
+    const Split sp = plan_split(row_ptr, g.O, proto.length, TW, grid_size);
     auto own = [&](int64_t t) {
       const Scratch<T> grid(grid_size);
       std::fill(grid.get() + grid_size - margin, grid.get() + grid_size, T(0));
@@ -752,7 +762,7 @@ Tensor conv_forward(const Tensor& input, const ConvGeom& g, const int32_t* row_p
     T* grid = scratch.get();
     std::fill(grid + grid_size - margin, grid + grid_size, T(0));
     const RowSpmmArgs<T> a = args_for(grid, 0, g.N);
-    const Split sp = plan_split(row_ptr, g.O, a.length, TW);
+    const Split sp = plan_split(row_ptr, g.O, a.length, TW, grid_size);
     if (sp.nthreads == 1) {
       fill(grid, 0, g.N, 0, units);  // one thread computes: it fills too, into its own cache
     } else {
