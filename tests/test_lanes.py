@@ -100,3 +100,35 @@ def test_lanes_propagates_nan_and_keeps_other_images_clean():
     assert torch.isnan(got[5]).any()
     torch.testing.assert_close(got, ref, equal_nan=True)
     assert not torch.isnan(got[torch.arange(24) != 5]).any()
+
+
+def test_min_parallel_work_switch_keeps_results():
+    """Calls below the work threshold run on one thread: same results either way (2 threads), and
+    the threshold refuses negative values."""
+    prev_threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    prev = C._set_min_parallel_work(0)
+    try:
+        torch.manual_seed(4)
+        w = _weight(32, 16, 3, 3, 0.8, torch.float32)
+        v, rp, ci = ops.pack_csr(w)
+        lw = torch.randn(24, 40) * (torch.rand(24, 40) > 0.7)
+        lv, lrp, lci = ops.pack_csr(lw)
+        outs = []
+        for threshold in (0, 1 << 40):
+            C._set_min_parallel_work(threshold)
+            for n, hw in ((1, 16), (12, 4), (3, 9)):
+                x = torch.randn(n, 16, hw, hw, generator=torch.Generator().manual_seed(n))
+                outs.append(ops.sparse_conv2d(x, v, rp, ci, w.shape, None, 1, 1))
+            outs.append(ops.sparse_linear(torch.randn(5, 40, generator=torch.Generator().manual_seed(9)),
+                                          lv, lrp, lci, 40))
+        half = len(outs) // 2
+        for a, b in zip(outs[:half], outs[half:]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(outs[0], F.conv2d(torch.randn(1, 16, 16, 16, generator=torch.Generator().manual_seed(1)),
+                                                     w, None, 1, 1), rtol=1e-4, atol=1e-4)
+        with pytest.raises(ValueError, match="work must be >= 0"):
+            C._set_min_parallel_work(-1)
+    finally:
+        C._set_min_parallel_work(prev)
+        torch.set_num_threads(prev_threads)

@@ -112,6 +112,25 @@ def test_auto_path_choice_follows_cost():
     assert [c.path for c in out.apb_sparse_choices.values()] == ["dense", "unstructured", "structured"]
 
 
+def test_stem_convs_take_the_sparse_path_at_lower_sparsity():
+    """Stem convs (<= STEM_TAPS taps per filter) are costed with STEM_EFFICIENCY: a half-pruned
+    grayscale or RGB stem goes sparse, a fully dense one stays a vendor conv, and a wide conv at
+    the same density stays dense."""
+    from apb_sparse.sparsify import STEM_EFFICIENCY, STEM_TAPS, UNSTRUCTURED_EFFICIENCY
+    torch.manual_seed(0)
+    gray, rgb, full, wide = nn.Conv2d(1, 16, 3), nn.Conv2d(3, 16, 3), nn.Conv2d(3, 16, 3), nn.Conv2d(16, 16, 3)
+    assert gray.weight[0].numel() <= STEM_TAPS and rgb.weight[0].numel() <= STEM_TAPS < wide.weight[0].numel()
+    with torch.no_grad():
+        for conv in (gray, rgb, wide):
+            conv.weight.mul_((torch.arange(conv.weight.numel()) % 2).view_as(conv.weight))
+    out = sparsify(nn.Sequential(gray, rgb, full, wide))
+    choices = list(out.apb_sparse_choices.values())
+    assert [c.path for c in choices[:3]] == ["unstructured", "unstructured", "dense"]
+    assert choices[3].path != "unstructured"
+    assert choices[0].cost["unstructured"] == pytest.approx(0.5 / STEM_EFFICIENCY)
+    assert choices[3].cost["unstructured"] == pytest.approx(0.5 / UNSTRUCTURED_EFFICIENCY)
+
+
 def test_sparse_model_input_gradients_match(inputs):
     model = _model("resnet18")
     masked = apply_masks(model, magnitude_masks(model, 0.9))
