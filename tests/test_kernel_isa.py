@@ -158,3 +158,27 @@ def test_isas_agree_with_each_other():
             outs.append(ops.sparse_conv2d(x, v, rp, ci, w.shape, None, 1, 1))
     for y in outs[1:]:
         torch.testing.assert_close(y, outs[0], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_stride2_grid_fill_every_width_and_padding(threads):
+    """The stride-2 phase grid is filled two column phases per pass (one contiguous read per input
+    row); odd and even widths, paddings 0-3, stride (1, 2) and (2, 2), dilation, 1x1 and 3x3 / 5x5
+    kernels, channels-last inputs (strided fallback), and fills split across threads."""
+    prev_threads, prev_work = torch.get_num_threads(), C._set_min_parallel_work(0)
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(6)
+        for n, c, h, w_, k, stride, pad, dil in [(1, 5, 9, 11, 3, 2, 1, 1), (3, 4, 8, 8, 3, (2, 2), 0, 1),
+                                                  (2, 6, 7, 10, 5, (1, 2), 2, 1), (1, 3, 12, 13, 3, 2, 3, 2),
+                                                  (2, 8, 16, 16, 1, 2, 0, 1), (1, 9, 6, 5, 3, 2, (1, 2), 1)]:
+            x = torch.randn(n, c, h, w_)
+            wt = _sparse_weight(7, c, k, 0.5, torch.float32)
+            v, rp, ci = ops.pack_csr(wt)
+            ref = F.conv2d(x, wt, None, stride, pad, dil)
+            for inp in (x, x.to(memory_format=torch.channels_last)):
+                got = ops.sparse_conv2d(inp, v, rp, ci, wt.shape, None, stride, pad, dil)
+                torch.testing.assert_close(got, ref, **TOL[torch.float32])
+    finally:
+        torch.set_num_threads(prev_threads)
+        C._set_min_parallel_work(prev_work)

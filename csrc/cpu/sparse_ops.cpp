@@ -284,6 +284,46 @@ void set_channel_chunks(RowSpmmArgs<T>& a, const ConvGeom& g, int64_t nnz, bool 
   a.block = bt * TW;
 }
 
+/// Phases (a, 0) and (a, 1) of channel c of a stride-2 (in width) phase grid, for images
+/// [n0, n0 + nb) of a unit-stride-in-width input: d0 / d1 are the two planes (see
+/// fill_input_grid).
+template <typename T>
+void fill_grid_stride2_pair(const T* x, const int64_t* stride, const ConvGeom& g, int64_t n0, int64_t nb, int64_t c,
+                            int64_t a, T* d0, T* d1) {
+  const int64_t sN = stride[0], sC = stride[1], sH = stride[2];
+  // Even image columns 2k go to phase pw % 2 at grid column k + pw / 2, odd ones 2k + 1 to phase
+  // (pw + 1) % 2 at grid column k + (pw + 1) / 2.
+  const int64_t ne = (g.W + 1) / 2, no = g.W / 2;
+  const int64_t pe = g.pw % 2, ce = g.pw / 2, co = (g.pw + 1) / 2;
+  // Written grid columns per phase; the others are padding.
+  const int64_t wb[2] = {pe == 0 ? ce : co, pe == 0 ? co : ce};
+  const int64_t we[2] = {wb[0] + (pe == 0 ? ne : no), wb[1] + (pe == 0 ? no : ne)};
+  for (int64_t n = 0; n < nb; ++n) {
+    const T* xc = x + (n0 + n) * sN + c * sC;
+    for (int64_t i = 0; i < g.Hq; ++i) {
+      T* row[2] = {d0 + (n * g.Hq + i) * g.Wq, d1 + (n * g.Hq + i) * g.Wq};
+      const int64_t hh = i * g.sh + a - g.ph;
+      if (hh < 0 || hh >= g.H) {
+        for (int p = 0; p < 2; ++p)
+          for (int64_t j = 0; j < g.Wq; ++j) row[p][j] = T(0);
+        continue;
+      }
+      for (int p = 0; p < 2; ++p) {
+        for (int64_t j = 0; j < std::min(wb[p], g.Wq); ++j) row[p][j] = T(0);
+        for (int64_t j = std::max<int64_t>(we[p], 0); j < g.Wq; ++j) row[p][j] = T(0);
+      }
+      const T* xr = xc + hh * sH;
+      T* de = row[pe] + ce;
+      T* dd = row[1 - pe] + co;
+      for (int64_t k = 0; k < no; ++k) {
+        de[k] = xr[2 * k];
+        dd[k] = xr[2 * k + 1];
+      }
+      if (ne > no) de[no] = xr[2 * no];
+    }
+  }
+}
+
 /// Copies images [n0, n0 + nb) of the input (any strides) into the zero-padded phase grid
 /// [C][S][plane] at `out` (plane >= nb * Hq * Wq); planes (c, s) in [cs0, cs1) only, and only
 /// the stride phases s with phase_used[s] (a 1x1 stride-2 conv reads one phase of four).
@@ -304,6 +344,15 @@ void fill_input_grid(const T* x, const int64_t* stride, const ConvGeom& g, int64
       }
     }
     if (!phase_used[a * g.sw + bb]) continue;
+    if (g.sw == 2 && sW == 1 && bb == 0 && cs + 1 < cs1 && phase_used[a * g.sw + 1]) {
+      // Both column phases of a stride-2 row in one pass (planes cs and cs + 1): one contiguous
+      // read of each input row, deinterleaved into even and odd grid columns, instead of two
+      // strided reads.  Image column w goes to phase (w + pw) % 2, grid column (w + pw) / 2.
+      fill_grid_stride2_pair<T>(x, stride, g, n0, nb, c, a, out + cs * plane, out + (cs + 1) * plane);
+      ++cs;
+      ++bb;
+      continue;
+    }
     // Grid columns [j0, j1) of this phase hold image columns j * sw + bb - pw; the rest is padding.
     const int64_t j0 = std::min<int64_t>(g.Wq, std::max<int64_t>(0, (g.pw - bb + g.sw - 1) / g.sw));
     const int64_t j1 = std::max<int64_t>(j0, std::min<int64_t>(g.Wq, (g.W + g.pw - bb + g.sw - 1) / g.sw));
