@@ -294,3 +294,31 @@ def test_interleaved_medians_clock_cpu_time_ignores_time_not_spent_computing():
     cpu = interleaved_medians(fns, rounds=3, warmup=0, clock=_time.process_time)
     assert wall["sleep"]["median_s"] >= 0.009
     assert cpu["sleep"]["median_s"] < 0.005  # the process was descheduled, not working
+
+
+def test_latency_script_lanes_ab_smoke(tmp_path):
+    """benchmarks/latency.py end to end on a tiny budget: the outputs-agree check runs for every
+    variant (it raises on a mismatch) and --lanes-ab adds the lanes-off variant to the JSON and the
+    table (batch 8 puts ResNet-18's 4x4 maps on the images-in-lanes layout)."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "latency.py"
+    spec = importlib.util.spec_from_file_location("apb_latency_script", path)
+    latency = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(latency)
+    out = tmp_path / "lat.json"
+    threads = torch.get_num_threads()
+    try:  # the script sets the thread count and flush-denormal mode for its process
+        assert latency.main(["--archs", "resnet18", "--batches", "8", "--masks", "us@0.95", "--rounds", "1",
+                             "--min-time", "0", "--no-stock", "--lanes-ab", "--threads", "1", "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+        torch.set_flush_denormal(False)
+    data = json.loads(out.read_text())
+    (row,) = data["results"]
+    assert set(row["median_ms"]) >= {"dense", "ours", "ours_no_lanes"}
+    assert row["median_ms"]["ours_no_lanes"] > 0 and row["speedup"]["ours_no_lanes"] > 0
+    assert data["environment"]["apb_sparse_kernel"] in ("avx512", "avx2+fma", "portable")
+    assert "apb_sparse, lanes off" in latency.markdown_table(data)
