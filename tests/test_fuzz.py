@@ -4,8 +4,8 @@ Every drawn case builds a dense ``nn.Conv2d`` / ``nn.Linear`` (or a small model)
 random mask, converts it (SparseConv2d, MaskedConv2d, ChannelSparseConv2d, SparseLinear,
 ``sparsify``) and compares output and input gradient with the dense layer holding
 ``weight * mask``: random shapes, stride, padding (ints, "same", "valid", every padding_mode),
-dilation, groups, sparsity 0..1, batch 0..3, unbatched inputs, channels_last / strided inputs, the
-fused ReLU and residual.
+dilation, groups, sparsity 0..1, batch 0-4, 8, 9, 33 (the last ones take the images-in-lanes
+layout), unbatched inputs, channels_last / strided inputs, the fused ReLU and residual.
 
 The default run is a few hundred deterministic cases (``derandomize``).  Long mode:
 ``APB_FUZZ_LONG=N python -m pytest tests/test_fuzz.py -s`` draws about N cases in all (split over
@@ -75,7 +75,10 @@ def conv_cases(draw):
     if sparsity is None:
         sparsity = draw(st.floats(0.0, 1.0, allow_subnormal=False))
     return dict(layer=layer, groups=groups, cin=cin, cout=cout, k=k, stride=stride, dilation=dilation, mode=mode,
-                padding=padding, size=tuple(sizes), sparsity=sparsity, batch=draw(st.integers(0, 3)),
+                padding=padding, size=tuple(sizes), sparsity=sparsity,
+                # 0-3, and batches that take the images-in-lanes layout (>= one vector of images:
+                # 4 doubles / 8 floats), with partial last chunks
+                batch=draw(st.sampled_from([0, 1, 2, 3, 4, 8, 9, 33])),
                 unbatched=draw(st.booleans()) and draw(st.booleans()),
                 layout=draw(st.sampled_from(["contiguous", "contiguous", "channels_last", "strided"])),
                 bias=draw(st.booleans()), dtype=draw(st.sampled_from([torch.float32, torch.float64])),

@@ -190,22 +190,29 @@ int64_t threads_for(int64_t work) {
   return work < kernel::min_parallel_work() ? 1 : std::max<int64_t>(1, at::get_num_threads());
 }
 
+/// Bounds of `nthreads` row ranges of [0, R) with equal weight (nonzeros + 2 per row for the
+/// epilogue): bounds[t] .. bounds[t + 1] is thread t's share.
+std::vector<int64_t> balanced_row_bounds(const int32_t* row_ptr, int64_t R, int64_t nthreads) {
+  std::vector<int64_t> bounds(nthreads + 1, 0);
+  bounds[nthreads] = R;
+  const double total = double(row_ptr[R] + 2 * R);
+  int64_t r = 0;
+  for (int64_t t = 1; t < nthreads; ++t) {
+    const double target = total * t / nthreads;
+    while (r < R && double(row_ptr[r] + 2 * r) < target) ++r;
+    bounds[t] = r;
+  }
+  return bounds;
+}
+
 Split plan_split(const int32_t* row_ptr, int64_t R, int64_t length, int64_t tile_width, int64_t extra_work = 0) {
   Split sp;
   const int64_t nnz = row_ptr[R];
   sp.nthreads = threads_for((nnz + R) * length + extra_work);
-  sp.bounds.assign(sp.nthreads + 1, 0);
   if (sp.nthreads == 1 || R >= 4 * sp.nthreads) {
-    // Row chunks with equal weight (nnz + 2 per row for the epilogue).
-    sp.bounds[sp.nthreads] = R;
-    const double total = double(nnz + 2 * R);
-    int64_t r = 0;
-    for (int64_t t = 1; t < sp.nthreads; ++t) {
-      const double target = total * t / sp.nthreads;
-      while (r < R && double(row_ptr[r] + 2 * r) < target) ++r;
-      sp.bounds[t] = r;
-    }
+    sp.bounds = balanced_row_bounds(row_ptr, R, sp.nthreads);
   } else {
+    sp.bounds.assign(sp.nthreads + 1, 0);
     sp.by_rows = false;
     const int64_t per = round_up((length + sp.nthreads - 1) / sp.nthreads, tile_width);
     for (int64_t t = 0; t <= sp.nthreads; ++t) sp.bounds[t] = std::min(length, t * per);
@@ -310,7 +317,7 @@ void fill_grid_stride2_pair(const T* x, const int64_t* stride, const ConvGeom& g
       }
       for (int p = 0; p < 2; ++p) {
         for (int64_t j = 0; j < std::min(wb[p], g.Wq); ++j) row[p][j] = T(0);
-        for (int64_t j = std::max<int64_t>(we[p], 0); j < g.Wq; ++j) row[p][j] = T(0);
+        for (int64_t j = we[p]; j < g.Wq; ++j) row[p][j] = T(0);
       }
       const T* xr = xc + hh * sH;
       T* de = row[pe] + ce;
@@ -600,19 +607,8 @@ Tensor conv_forward_lanes(const Tensor& input, const ConvGeom& g, const int32_t*
     });
     return out;
   }
-  // Few chunks: split each chunk's output channels across threads, balanced by nonzeros (plus a
-  // fixed cost per row: its bias and stores).
-  std::vector<int64_t> bounds(nthreads + 1, g.O);
-  {
-    const int64_t fixed = 4;
-    const int64_t total = int64_t(row_ptr[g.O]) + fixed * g.O;
-    bounds[0] = 0;
-    int64_t t = 1, acc = 0;
-    for (int64_t o = 0; o < g.O && t < nthreads; ++o) {
-      acc += int64_t(row_ptr[o + 1] - row_ptr[o]) + fixed;
-      while (t < nthreads && acc * nthreads >= t * total) bounds[t++] = o + 1;
-    }
-  }
+  // Few chunks: split each chunk's output channels across threads, balanced by nonzeros.
+  const std::vector<int64_t> bounds = balanced_row_bounds(row_ptr, g.O, nthreads);
   const Scratch<T> scratch(in_size + out_size);
   kernel::LanesArgs<T> a = proto;
   a.src = scratch.get();
