@@ -18,6 +18,7 @@ computed unfused, with PyTorch's broadcasting and type promotion.
 from __future__ import annotations
 
 import copy
+import inspect
 import operator
 from collections import Counter
 from typing import Dict, Optional, Tuple
@@ -26,11 +27,14 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules import module as _module_mod
 
+from . import ops
 from .nn.masked import MaskedLayer
 from .nn.sparse import ChannelSparseConv2d, SparseConv2d, SparseLinear
 
-__all__ = ["fold_batchnorm", "fuse_activations", "unfuse"]
+__all__ = ["fold_batchnorm", "fuse_activations", "unfuse", "enable_eval_fusions", "disable_eval_fusions",
+           "has_eval_fusions", "eval_chain", "call_identity"]
 
 _LEAVES = (SparseConv2d, SparseLinear, ChannelSparseConv2d) + MaskedLayer
 _RELU_FUNCTIONS = {F.relu, torch.relu}
@@ -116,10 +120,7 @@ def fold_batchnorm(model: nn.Module, *, inplace: bool = False) -> nn.Module:
 
 def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
     # In the BatchNorm's dtype, then cast: a float16 conv after a float32 BatchNorm is common.
-    var, mean = bn.running_var, bn.running_mean
-    scale = (bn.weight if bn.weight is not None else torch.ones_like(var)) / torch.sqrt(var + bn.eps)
-    shift = (bn.bias if bn.bias is not None else torch.zeros_like(mean)) - mean * scale
-    scale, shift = scale.to(conv.weight.device), shift.to(conv.weight.device)
+    scale, shift = _bn_scale_shift(bn, bn.running_var.dtype, conv.weight.device)
     conv.weight.mul_(scale.view(-1, 1, 1, 1).to(conv.weight.dtype))
     if conv.bias is None:
         conv.bias = nn.Parameter(torch.zeros(conv.out_channels, dtype=conv.weight.dtype, device=conv.weight.device))
@@ -301,3 +302,399 @@ def unfuse(model: nn.Module) -> nn.Module:
     g.lint()
     model.recompile()
     return model
+
+
+# --------------------------------------------------------------------------------------------
+# Eval fusions that keep the model: sparsify()'s default (fuse="auto").
+# --------------------------------------------------------------------------------------------
+
+def _resolve(model: nn.Module, target: str):
+    obj = model
+    for part in target.split(".") if target else []:
+        obj = getattr(obj, part)
+    return obj
+
+
+def _bn_scale_shift(bn: nn.BatchNorm2d, dtype: torch.dtype, device: torch.device) -> Tuple[Tensor, Tensor]:
+    var, mean = bn.running_var, bn.running_mean
+    scale = (bn.weight if bn.weight is not None else torch.ones_like(var)) / torch.sqrt(var + bn.eps)
+    shift = (bn.bias if bn.bias is not None else torch.zeros_like(mean)) - mean * scale
+    return scale.to(device=device, dtype=dtype), shift.to(device=device, dtype=dtype)
+
+
+_ABSENT = torch.empty(0)  # stands for a missing bias / affine parameter in a fold's sources
+_VERSION = operator.attrgetter("_version")
+
+
+def _fold_sources(conv: nn.Module, bn: nn.BatchNorm2d) -> tuple:
+    cp, bp, bb = conv._parameters, bn._parameters, bn._buffers
+    stored = conv._buffers["values"] if type(conv) is SparseConv2d else cp["weight"]
+    bias, weight, shift = cp.get("bias"), bp.get("weight"), bp.get("bias")
+    mean, var = bb.get("running_mean"), bb.get("running_var")
+    return (stored, _ABSENT if bias is None else bias, _ABSENT if weight is None else weight,
+            _ABSENT if shift is None else shift, _ABSENT if mean is None else mean, _ABSENT if var is None else var)
+
+
+def _folded(conv: nn.Module, bn: nn.BatchNorm2d) -> Optional[Tuple[Tensor, Tensor]]:
+    """``conv``'s stored weights (CSR values, dense weight or kept block) and bias with the eval
+    BatchNorm ``bn`` folded in, or None when ``bn`` has no running statistics or another number
+    of features.  Cached in ``conv.__dict__["_apb_fold"]`` with the source tensors (kept alive,
+    so their ids stay theirs) and versions, ``bn`` and ``eps``: any in-place update
+    (load_state_dict, an optimiser step) or replacement (``.to()``, a new buffer) recomputes it."""
+    sources = _fold_sources(conv, bn)
+    ids = tuple(map(id, sources))
+    versions = tuple(map(_VERSION, sources))
+    hit = conv.__dict__.get("_apb_fold")
+    if hit is not None and hit[0] is bn and hit[1] == bn.eps and hit[3] == ids and hit[4] == versions:
+        return hit[5]
+    if sources[4] is _ABSENT or sources[5] is _ABSENT or bn.num_features != conv.out_channels:
+        return None
+    stored = sources[0]
+    with torch.no_grad():
+        scale, shift = _bn_scale_shift(bn, stored.dtype, stored.device)
+        if type(conv) is SparseConv2d:
+            rows = torch.repeat_interleave(torch.arange(conv.out_channels, device=stored.device),
+                                           (conv.row_ptr[1:] - conv.row_ptr[:-1]).to(torch.int64))
+            weight = (stored * scale[rows]).contiguous()
+        elif type(conv) is ChannelSparseConv2d:
+            weight = stored * scale[conv.out_index].view(-1, 1, 1, 1)
+        else:
+            weight = stored * scale.view(-1, 1, 1, 1)
+        bias = shift if sources[1] is _ABSENT else sources[1].detach() * scale + shift
+    conv.__dict__["_apb_fold"] = (bn, bn.eps, sources, ids, versions, (weight, bias))
+    return weight, bias
+
+
+def _needs_param_grad(conv: nn.Module, bn: Optional[nn.Module]) -> bool:
+    """Whether autograd needs gradients for a parameter the fused path would treat as a constant."""
+    for m in (conv, bn):
+        if m is not None:
+            for p in m._parameters.values():
+                if p is not None and p.requires_grad:
+                    return True
+    return False
+
+
+_FUSABLE_CONVS = (SparseConv2d, ChannelSparseConv2d, nn.Conv2d)
+
+
+class _AmbiguousAdd(Exception):
+    """A traced add whose result would differ between ``out + r`` and ``out += r``."""
+
+
+def _check_add(out: Tensor, residual) -> None:
+    # torch.fx records ``out += r`` as ``out + r`` (a Proxy has no __iadd__).  The two agree when
+    # the sum keeps out's dtype and shape; otherwise only the model's own forward knows which it
+    # was, and _EvalForward runs that instead.
+    if isinstance(residual, Tensor):
+        if residual.dtype != out.dtype and torch.result_type(out, residual) != out.dtype:
+            raise _AmbiguousAdd
+        if residual.shape != out.shape:
+            try:
+                shape = torch.broadcast_shapes(out.shape, residual.shape)
+            except RuntimeError:
+                shape = None
+            if shape != out.shape:
+                raise _AmbiguousAdd
+
+
+def _add(op: str, out: Tensor, residual, conv_first: bool):
+    """The traced add: ``out + residual`` / ``residual + out``, or ``operator.iadd``."""
+    if op == "iadd":
+        out += residual
+        return out
+    _check_add(out, residual)
+    return out + residual if conv_first else residual + out
+
+
+def _eager_chain(conv, input, bn, residual, add_op, conv_first, relu) -> Tensor:
+    out = conv(input)
+    if bn is not None:
+        out = bn(out)
+    if add_op is not None:
+        out = _add(add_op, out, residual, conv_first)
+    if relu is True:
+        out = torch.relu(out)
+    elif relu is not None:
+        out = relu(out)
+    return out
+
+
+def eval_chain(conv: nn.Module, input: Tensor, bn: Optional[nn.Module], residual, add_op: Optional[str],
+               conv_first: bool, relu) -> Tensor:
+    """``relu(add(bn(conv(input)), residual))`` with each step optional, computed fused where
+    that is exactly the same function: the BatchNorm folded into the conv's weights (cached), and
+    for a :class:`SparseConv2d` the residual add and ReLU in the kernel's epilogue.
+
+    :func:`enable_eval_fusions` puts calls to it in a model's eval forward, with the modules
+    looked up on the model at every call.  ``relu`` is None, True (a functional ReLU) or the
+    ReLU module.  Whenever a module is no longer what the fusion assumes (another type, training
+    mode, hooks, a BatchNorm without running statistics), or autograd needs gradients for their
+    parameters, the chain runs unfused, exactly as eager PyTorch.
+    """
+    tc = type(conv)
+    ok = (tc is SparseConv2d or tc is nn.Conv2d or tc is ChannelSparseConv2d) and not conv._forward_hooks \
+        and not conv._forward_pre_hooks and not _module_mod._global_forward_hooks \
+        and not _module_mod._global_forward_pre_hooks
+    if ok and relu is not None and relu is not True:
+        ok = type(relu) is nn.ReLU and not relu._forward_hooks and not relu._forward_pre_hooks
+    if ok and bn is not None:
+        ok = type(bn) is nn.BatchNorm2d and not bn.training and not bn._forward_hooks and not bn._forward_pre_hooks
+    if ok and torch.is_grad_enabled():
+        ok = not _needs_param_grad(conv, bn)
+    if ok and tc is SparseConv2d:
+        ok = not conv.fused_relu
+    if ok:
+        if bn is not None:
+            folded = _folded(conv, bn)
+            if folded is None:
+                return _eager_chain(conv, input, bn, residual, add_op, conv_first, relu)
+            weight, bias = folded
+        elif tc is SparseConv2d:
+            weight, bias = conv._buffers["values"], conv._parameters.get("bias")
+        else:
+            weight, bias = conv._parameters["weight"], conv._parameters.get("bias")
+    else:
+        return _eager_chain(conv, input, bn, residual, add_op, conv_first, relu)
+    if tc is SparseConv2d:
+        if add_op is None:
+            return conv._run(input, weight, bias, None, relu is not None)
+        if isinstance(residual, Tensor) and residual.dtype == input.dtype and input.dtype in ops.KERNEL_DTYPES \
+                and residual.device == input.device and input.dim() == 4 and residual.dim() == 4:
+            # The kernel checks the residual's shape against its output before computing anything.
+            try:
+                return conv._run(input, weight, bias, residual, relu is not None)
+            except RuntimeError:
+                pass
+        if isinstance(residual, Tensor) and input.dim() == 4 and residual.device == input.device \
+                and torch.result_type(input, residual) == input.dtype:
+            shape = _conv_output_shape(conv, input)
+            try:
+                broadcast = torch.broadcast_shapes(shape, residual.shape)
+            except RuntimeError:
+                broadcast = None
+            if broadcast == shape:
+                return conv._run(input, weight, bias, residual.to(input.dtype).expand(shape).contiguous(),
+                                 relu is not None)
+        out = conv._run(input, weight, bias, None, False)
+    elif tc is ChannelSparseConv2d:
+        out = conv._run(input, weight, bias)
+    else:
+        out = conv._conv_forward(input, weight, bias)
+    if add_op is not None:
+        out = _add(add_op, out, residual, conv_first)
+    if relu is True:
+        out = torch.relu(out)
+    elif relu is not None:
+        out = relu(out)
+    return out
+
+
+def call_identity(module: nn.Module, input):
+    """``module(input)``, without the module call's overhead while ``module`` is a hook-free
+    ``nn.Identity`` (identity shortcuts; :func:`enable_eval_fusions` puts these calls in)."""
+    if type(module) is nn.Identity and not module._forward_hooks and not module._forward_pre_hooks \
+            and not _module_mod._global_forward_hooks and not _module_mod._global_forward_pre_hooks:
+        return input
+    return module(input)
+
+
+class _EvalForward:
+    """A model's ``forward`` with eval fusions: the class's own forward in training mode or for
+    calls with other arguments than traced, the fused graph's code otherwise."""
+
+    def __init__(self, owner: nn.Module, fn, n_args: int):
+        self.owner, self.fn, self.n_args = owner, fn, n_args
+
+    def __call__(self, *args, **kwargs):
+        owner = self.owner
+        if owner.training or kwargs or len(args) != self.n_args:
+            return type(owner).forward(owner, *args, **kwargs)
+        fn = self.fn
+        if fn is None:  # after unpickling: trace again
+            fn, _, _ = _eval_graph(owner)
+            self.fn = fn if fn is not None else False
+            fn = self.fn
+        if fn is False:
+            return type(owner).forward(owner, *args, **kwargs)
+        try:
+            return fn(owner, *args)
+        except _AmbiguousAdd:
+            return type(owner).forward(owner, *args)
+
+    def __getstate__(self):
+        # The generated code is not picklable; it is traced again on first use.
+        return {"owner": self.owner, "fn": None, "n_args": self.n_args}
+
+    def __deepcopy__(self, memo):
+        return _EvalForward(copy.deepcopy(self.owner, memo), self.fn, self.n_args)
+
+
+def _forward_params(model: nn.Module):
+    """``(number of required positional arguments, {defaulted name: default})`` of the model's
+    class forward, or ``(None, why)`` when its signature cannot be specialised."""
+    try:
+        sig = inspect.signature(type(model).forward)
+    except (TypeError, ValueError) as e:
+        return None, f"its forward has no inspectable signature ({e})"
+    params = list(sig.parameters.values())[1:]
+    required, concrete = 0, {}
+    for p in params:
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            return None, "its forward takes *args / **kwargs"
+        if p.default is p.empty:
+            if p.kind is p.KEYWORD_ONLY or concrete:
+                return None, "its forward has required keyword-only arguments"
+            required += 1
+        else:
+            concrete[p.name] = p.default
+    return required, concrete
+
+
+def _eval_graph(model: nn.Module):
+    """``(fused forward function or None, number of positional arguments, {name: why not fused})``."""
+    required, concrete = _forward_params(model)
+    if required is None:
+        return None, 0, {"": f"eval fusions need a plain forward signature: {concrete}"}
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()  # control flow on self.training must take its eval branch
+    try:
+        graph = _Tracer().trace(model, concrete_args=concrete or None)
+    except Exception as e:
+        return None, required, {"": f"torch.fx cannot trace the model ({type(e).__name__}: {e}); nothing was fused"}
+    finally:
+        for m, t in modes:
+            m.training = t
+    gm = fx.GraphModule(model, graph, model.__class__.__name__)
+    for node in gm.graph.nodes:  # the code runs against the model itself: every name must be its own
+        if node.op in ("get_attr", "call_module"):
+            try:
+                ok = _resolve(model, node.target) is _resolve(gm, node.target)
+            except AttributeError:
+                ok = False
+            if not ok:
+                return None, required, {"": f"the traced graph refers to {node.target!r}, which is not an attribute "
+                                            "of the model (a constant torch.fx created); nothing was fused"}
+    skipped: Dict[str, str] = {}
+    fused = _rewrite_chains(gm, skipped)
+    if not fused:
+        return None, required, skipped
+    mods = dict(gm.named_modules())
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and type(mods.get(node.target)) is nn.Identity and len(node.args) == 1 \
+                and not node.kwargs:
+            with gm.graph.inserting_before(node):
+                new = gm.graph.call_function(call_identity, (gm.graph.get_attr(node.target), node.args[0]))
+            node.replace_all_uses_with(new)
+            gm.graph.erase_node(node)
+    gm.graph.lint()
+    gm.recompile()
+    return type(gm).forward, required, skipped
+
+
+def _rewrite_chains(gm: fx.GraphModule, skipped: Dict[str, str]) -> int:
+    g = gm.graph
+    mods = dict(gm.named_modules())
+    calls = _module_calls(g)
+    fused = 0
+    for node in list(g.nodes):
+        conv = mods.get(node.target) if node.op == "call_module" else None
+        if type(conv) not in _FUSABLE_CONVS or getattr(conv, "fused_relu", False):
+            continue
+        if len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], fx.Node):
+            continue
+        if calls[node.target] > 1:
+            skipped[node.target] = "called more than once: a fused epilogue would apply to every call"
+            continue
+        chain, cur = [node], node
+        bn = add = relu = None
+        user = next(iter(cur.users)) if len(cur.users) == 1 else None
+        if user is not None and user.op == "call_module" and type(mods.get(user.target)) is nn.BatchNorm2d:
+            m = mods[user.target]
+            if m.running_mean is None or m.running_var is None:
+                skipped[user.target] = ("track_running_stats=False: it normalises with batch statistics even in "
+                                        "eval mode, which no conv weight can express")
+            elif calls[user.target] > 1:
+                skipped[user.target] = "the BatchNorm module is called more than once in the model"
+            elif m.num_features != conv.out_channels:
+                skipped[user.target] = f"{m.num_features} features, but {node.target} has {conv.out_channels}"
+            elif len(user.args) == 1 and not user.kwargs:
+                bn, cur = user, user
+                chain.append(cur)
+        elif user is None and len(cur.users) > 1:
+            bn_users = [u for u in cur.users if u.op == "call_module" and type(mods.get(u.target)) is nn.BatchNorm2d]
+            if bn_users:
+                skipped[bn_users[0].target] = f"the output of {node.target} is also used elsewhere"
+        if isinstance(conv, SparseConv2d):
+            user = next(iter(cur.users)) if len(cur.users) == 1 else None
+            if user is not None and user.op == "call_function" and user.target in _ADD and len(user.args) == 2 \
+                    and not user.kwargs:
+                other = user.args[1] if user.args[0] is cur else user.args[0]
+                if isinstance(other, fx.Node) and other is not cur and other.op != "get_attr" and \
+                        not (user.target is operator.iadd and user.args[0] is not cur):
+                    add, cur = user, user
+                    chain.append(cur)
+            user = next(iter(cur.users)) if len(cur.users) == 1 else None
+            if user is not None and _is_relu(user, mods):
+                relu, cur = user, user
+                chain.append(cur)
+        if bn is None and add is None and relu is None:
+            continue
+        with g.inserting_before(cur):
+            conv_ref = g.get_attr(node.target)
+            bn_ref = g.get_attr(bn.target) if bn is not None else None
+            relu_arg = None
+            if relu is not None:
+                relu_arg = g.get_attr(relu.target) if relu.op == "call_module" else True
+            if add is not None:
+                conv_first = add.args[0] is (bn if bn is not None else node)
+                add_args = (add.args[1] if conv_first else add.args[0], "iadd" if add.target is operator.iadd else "add",
+                            conv_first)
+            else:
+                add_args = (None, None, True)
+            new = g.call_function(eval_chain, (conv_ref, node.args[0], bn_ref) + add_args + (relu_arg,))
+        cur.replace_all_uses_with(new)
+        for c in reversed(chain):
+            g.erase_node(c)
+        fused += 1
+    return fused
+
+
+def enable_eval_fusions(model: nn.Module) -> nn.Module:
+    """Give ``model`` a fused forward for eval mode, keeping its modules, names and state_dict.
+
+    The model's forward is traced with ``torch.fx`` (in eval mode, arguments with defaults
+    specialised to their defaults); each conv -> BatchNorm -> residual add -> ReLU chain (every
+    step optional) becomes one :func:`eval_chain` call, which folds the BatchNorm into the conv's
+    weights (cached until a weight or statistic changes) and, for a :class:`SparseConv2d`, moves
+    the add and ReLU into the kernel.  The fused forward runs when the model is in eval mode and
+    is called with the traced positional arguments only; otherwise the class's own forward runs.
+    Modules are looked up on the model at every call, so replacing one is seen; but Python control
+    flow in ``forward`` that depends on attributes other than ``training`` is fixed at tracing
+    time: call this again (or :func:`disable_eval_fusions`) after changing such attributes.
+    torch.fx records ``out += r`` as ``out + r``; for a call where the two differ (``r``
+    would promote the conv output's dtype or broadcast it to a larger shape) the model's own
+    forward computes the result instead (forward hooks of modules before that point then fire
+    twice for that call).
+    What was not fused, and why, is in ``model.apb_fuse_skipped``.  Returns ``model``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    disable_eval_fusions(model)
+    fn, n_args, skipped = _eval_graph(model)
+    if fn is not None:
+        model.__dict__["forward"] = _EvalForward(model, fn, n_args)
+    model.apb_fuse_skipped = skipped
+    return model
+
+
+def disable_eval_fusions(model: nn.Module) -> nn.Module:
+    """Undo :func:`enable_eval_fusions` (the class's forward again, in every mode). Returns ``model``."""
+    if isinstance(model.__dict__.get("forward"), _EvalForward):
+        del model.__dict__["forward"]
+    return model
+
+
+def has_eval_fusions(model: nn.Module) -> bool:
+    """Whether :func:`enable_eval_fusions` gave ``model`` a fused eval forward."""
+    return isinstance(model.__dict__.get("forward"), _EvalForward)

@@ -378,7 +378,7 @@ def _mask_in_place(layer: nn.Module, mask: Tensor) -> None:
 
 
 def sparsify(model: nn.Module, masks: Optional[Mapping[str, Tensor]] = None, *, inplace: bool = False,
-             path: Union[str, Mapping[str, str]] = "auto", fuse: bool = False,
+             path: Union[str, Mapping[str, str]] = "auto", fuse: Union[bool, str] = "auto",
              calibrate: Optional[Tensor] = None, calibrate_rounds: int = 5) -> nn.Module:
     """Replace each ``nn.Conv2d`` / ``nn.Linear`` (masked ones included) by its sparse counterpart.
 
@@ -401,11 +401,14 @@ def sparsify(model: nn.Module, masks: Optional[Mapping[str, Tensor]] = None, *, 
             grouped convs and linear layers, use the unstructured one); or a mapping
             ``{layer name: path}`` (e.g. the paths of a saved model, to rebuild it before
             ``load_state_dict``; layers not named use ``"auto"``).
-        fuse: inference-only fusions (the model must be in eval mode): fold BatchNorms into the
-            preceding convs and move ReLUs / residual adds into the sparse kernels' epilogue
-            (see :mod:`apb_sparse.fuse`). The result is an ``fx.GraphModule`` (or the unfused
-            model if it cannot be traced); what was not fused, and why, is in
-            ``model.apb_fuse_skipped``.
+        fuse: ``"auto"`` (default): the model keeps its modules, names and state_dict, and gets a
+            fused forward that runs in eval mode (:func:`apb_sparse.fuse.enable_eval_fusions`):
+            BatchNorms folded into the preceding convs' weights (cached), ReLUs and residual adds
+            in the sparse kernels' epilogue; training mode runs the model's own forward.
+            ``True``: the deployment form (the model must be in eval mode): BatchNorms folded
+            into the weights for good and the model rewritten as an ``fx.GraphModule`` (or the
+            unfused model if it cannot be traced), see :mod:`apb_sparse.fuse`. ``False``: no
+            fusion.  Either way, what was not fused, and why, is in ``model.apb_fuse_skipped``.
         calibrate: an example input batch; with it, ``"auto"`` layers take the path measured
             fastest on their real input (interleaved medians of ``calibrate_rounds`` rounds)
             instead of the analytic cost model, and ``LayerChoice.cost`` holds the seconds.
@@ -429,10 +432,12 @@ def sparsify(model: nn.Module, masks: Optional[Mapping[str, Tensor]] = None, *, 
     unknown = sorted(set(masks) - {n for n, _ in layers})
     if unknown:
         raise ValueError(f"masks has keys that are not Conv2d/Linear layers of the model: {unknown}")
+    if fuse not in (True, False, "auto"):
+        raise ValueError(f"fuse must be True, False or 'auto', got {fuse!r}")
     if not inplace:
         model = copy.deepcopy(model)
     skipped_fusions: Dict[str, str] = {}
-    if fuse:
+    if fuse is True:
         from .fuse import fold_batchnorm
 
         model = fold_batchnorm(model, inplace=True)
@@ -472,12 +477,16 @@ def sparsify(model: nn.Module, masks: Optional[Mapping[str, Tensor]] = None, *, 
                 choice.path = "dense"
         model = _replace(model, name, new if new is not None else _plain(source, weight))
         choices[name] = choice
-    if fuse:
+    if fuse is True:
         from .fuse import fuse_activations
 
         model = fuse_activations(model)
         skipped_fusions.update(getattr(model, "apb_fuse_skipped", {}))
         model.apb_fuse_skipped = skipped_fusions
+    elif fuse == "auto":
+        from .fuse import enable_eval_fusions
+
+        enable_eval_fusions(model)
     model.apb_sparse_choices = {n: choices[n] for n, _ in layers if n in choices}
     return model
 
@@ -496,11 +505,12 @@ def densify(model: nn.Module, *, inplace: bool = False) -> nn.Module:
 
     Fusions are undone first (:func:`apb_sparse.fuse.unfuse`): in a fused ``fx.GraphModule`` the
     ReLU and residual add go back into the graph.  A sparse conv with ``fused_relu`` set outside
-    such a graph becomes ``nn.Sequential(conv, nn.ReLU())``.
+    such a graph becomes ``nn.Sequential(conv, nn.ReLU())``.  The eval fusions of ``fuse="auto"``
+    are dropped (the result runs its own forward in every mode).
     """
     from torch import fx
 
-    from .fuse import unfuse
+    from .fuse import disable_eval_fusions, unfuse
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -518,6 +528,8 @@ def densify(model: nn.Module, *, inplace: bool = False) -> nn.Module:
             model = _replace(model, name, dense)
     if hasattr(model, "apb_sparse_choices"):
         del model.apb_sparse_choices
+    for sub in model.modules():
+        disable_eval_fusions(sub)
     return model
 
 

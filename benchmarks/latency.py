@@ -94,6 +94,9 @@ def build_variants(arch: str, mask_name: str, dense: nn.Module, stock: bool, fus
     if kind in ("ch", "chc"):
         apb_sparse.zero_dead_batchnorm(masked)
     variants = {"masked": masked, "ours": apb_sparse.sparsify(masked, fuse=fuse)}
+    if fuse:
+        # sparsify's default (fuse="auto"): the model's own modules, fused in eval mode
+        variants["default"] = apb_sparse.sparsify(masked)
     if calibrate is not None:
         variants["calibrated"] = apb_sparse.sparsify(masked, fuse=fuse, calibrate=calibrate)
     if kind in ("ch", "chc"):
@@ -159,6 +162,8 @@ def _format_row(r: dict) -> str:
     ms, sp = r["median_ms"], r["speedup"]
     cells = [f"{r['arch']:<9}", f"b={r['batch']:<3}", f"{r['mask']:<10}", f"dense {ms['dense']:8.2f} ms",
              f"ours {ms['ours']:8.2f} ms ({sp['ours']:5.2f}x)"]
+    if "default" in ms:
+        cells.append(f"default {ms['default']:8.2f} ms ({sp['default']:5.2f}x)")
     if "ours_no_lanes" in ms:
         cells.append(f"lanes off {ms['ours_no_lanes']:8.2f} ms ({sp['ours_no_lanes']:5.2f}x)")
     if "calibrated" in ms:
@@ -172,7 +177,8 @@ def _format_row(r: dict) -> str:
 
 def markdown_table(data: dict) -> str:
     """The results as a Markdown table (speedups over dense torch in the same run)."""
-    optional = [(k, title) for k, title in (("ours_no_lanes", "apb_sparse, lanes off"), ("calibrated", "calibrated"))
+    optional = [(k, title) for k, title in (("default", "sparsify(model) default"),
+                                            ("ours_no_lanes", "apb_sparse, lanes off"), ("calibrated", "calibrated"))
                 if any(k in r["median_ms"] for r in data["results"])]
     head = "| arch | batch | mask | dense ms | apb_sparse ms (speedup) |"
     head += "".join(f" {title} ms (speedup) |" for _, title in optional)

@@ -70,3 +70,191 @@ def test_fused_residual_relu_op_matches_reference():
     layer = SparseConv2d.from_dense(nn.Conv2d(8, 8, 3, padding=1))
     layer.fused_relu = True
     assert (layer(x) >= 0).all()
+
+
+# -- sparsify's default: eval fusions that keep the model (fuse="auto") -----------------------
+
+def _count_bn_calls(monkeypatch):
+    calls = []
+    orig = nn.BatchNorm2d.forward
+    monkeypatch.setattr(nn.BatchNorm2d, "forward", lambda self, x: calls.append(1) or orig(self, x))
+    return calls
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "preact_resnet18", "vgg16", "wrn28_4"])
+def test_default_sparsify_is_fused_in_eval_and_keeps_the_model(arch, monkeypatch):
+    from apb_sparse.fuse import has_eval_fusions
+    masked = _model(arch)
+    plain = sparsify(masked, fuse=False)
+    fast = sparsify(masked)
+    assert has_eval_fusions(fast) and not has_eval_fusions(plain)
+    assert type(fast) is type(masked)  # not a GraphModule: indexing, attributes, methods stay
+    assert list(fast.state_dict()) == list(plain.state_dict())
+    x = torch.rand(2, 3, 32, 32)
+    calls = _count_bn_calls(monkeypatch)
+    with torch.no_grad():
+        ref = masked(x)
+        n = len(calls)
+        torch.testing.assert_close(fast(x), ref, rtol=1e-4, atol=1e-5)
+        fused_calls = len(calls) - n
+    # every BatchNorm after a conv is folded (pre-activation nets keep the ones before a conv)
+    total = sum(isinstance(m, nn.BatchNorm2d) for m in masked.modules())
+    assert fused_calls < n or n == 0
+    if arch in ("resnet18", "vgg16"):
+        assert fused_calls == 0 and n == total
+    # input gradients (white-box attacks): with parameters requiring grad the chains run unfused,
+    # without, fused; both match the masked model
+    y = torch.tensor([0, 3])
+    for frozen in (False, True):
+        for p in fast.parameters():
+            p.requires_grad_(not frozen)
+        x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+        nn.functional.cross_entropy(masked(x1), y).backward()
+        nn.functional.cross_entropy(fast(x2), y).backward()
+        torch.testing.assert_close(x2.grad, x1.grad, rtol=1e-3, atol=1e-6)
+
+
+def test_default_fusions_follow_train_mode_and_state_changes():
+    masked = _model("resnet18")
+    fast, plain = sparsify(masked), sparsify(masked, fuse=False)
+    x = torch.rand(4, 3, 32, 32)
+    # training mode: the model's own forward (batch statistics, running stats updated)
+    fast.train(), plain.train()
+    torch.testing.assert_close(fast(x), plain(x), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fast.bn1.running_mean, plain.bn1.running_mean)
+    fast.eval(), plain.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), plain(x), rtol=1e-4, atol=1e-5)
+        # in-place statistics updates, a replaced parameter and a loaded state_dict are all seen
+        fast.layer1[0].bn1.running_mean.add_(0.5)
+        plain.layer1[0].bn1.running_mean.add_(0.5)
+        torch.testing.assert_close(fast(x), plain(x), rtol=1e-4, atol=1e-5)
+        fast.layer2[0].bn2.weight = nn.Parameter(torch.full((128,), 0.25))
+        plain.layer2[0].bn2.weight = nn.Parameter(torch.full((128,), 0.25))
+        torch.testing.assert_close(fast(x), plain(x), rtol=1e-4, atol=1e-5)
+        other = sparsify(_model("resnet18").apply(_jitter), fuse=False)
+        fast.load_state_dict(other.state_dict())
+        torch.testing.assert_close(fast(x), other(x), rtol=1e-4, atol=1e-5)
+        # a replaced module is looked up at every call
+        fast.layer1[0].bn1 = nn.Identity()
+        other.layer1[0].bn1 = nn.Identity()
+        torch.testing.assert_close(fast(x), other(x), rtol=1e-4, atol=1e-5)
+        fast.layer3[0].relu1 = nn.Tanh()
+        other.layer3[0].relu1 = nn.Tanh()
+        torch.testing.assert_close(fast(x), other(x), rtol=1e-4, atol=1e-5)
+
+
+def _jitter(m):
+    if isinstance(m, nn.BatchNorm2d):
+        with torch.no_grad():
+            m.running_var.mul_(1.7)
+            m.bias.add_(0.1)
+
+
+def test_default_fusions_respect_hooks_copies_and_pickles(tmp_path):
+    import copy
+    masked = _model("resnet18")
+    fast = sparsify(masked)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = masked(x)
+        seen = []
+        h = fast.layer2[1].bn1.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+        torch.testing.assert_close(fast(x), ref, rtol=1e-4, atol=1e-5)
+        assert seen == [torch.Size((2, 128, 16, 16))]  # the hooked chain ran unfused
+        h.remove()
+        twin = copy.deepcopy(fast)
+        assert twin.forward.owner is twin
+        torch.testing.assert_close(twin(x), ref, rtol=1e-4, atol=1e-5)
+        torch.save(fast, tmp_path / "m.pt")
+        back = torch.load(tmp_path / "m.pt", weights_only=False)
+        torch.testing.assert_close(back(x), ref, rtol=1e-4, atol=1e-5)
+        from apb_sparse.fuse import has_eval_fusions
+        assert has_eval_fusions(back)
+        from apb_sparse import densify
+        assert not has_eval_fusions(densify(fast))
+
+
+class _OptionalResidual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x, extra=None, scale: float = 1.0):
+        out = self.bn(self.conv(x))
+        if extra is not None:
+            out = out + extra
+        return torch.relu(out) * scale
+
+
+class _Untraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow: torch.fx cannot trace it
+            return self.bn(self.conv(x))
+        return x
+
+
+class _InPlaceAdd(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x, r):
+        out = self.conv(x)
+        out += r
+        return torch.relu(out)
+
+
+def test_default_fusions_on_unusual_models():
+    from apb_sparse.fuse import has_eval_fusions
+    torch.manual_seed(0)
+    m = _OptionalResidual().eval()
+    m.bn.running_var.uniform_(0.5, 2)
+    m.conv.weight.data *= (torch.rand_like(m.conv.weight) > 0.8)
+    fast = sparsify(m, path="unstructured")
+    assert has_eval_fusions(fast)
+    x, e = torch.rand(2, 4, 8, 8), torch.rand(2, 4, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), m(x), rtol=1e-5, atol=1e-6)
+        # arguments other than the traced ones: the model's own forward
+        torch.testing.assert_close(fast(x, e), m(x, e), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(fast(x, scale=3.0), m(x, scale=3.0), rtol=1e-5, atol=1e-6)
+    u = _Untraceable().eval()
+    fu = sparsify(u)
+    assert not has_eval_fusions(fu) and "torch.fx cannot trace" in fu.apb_fuse_skipped[""]
+    with torch.no_grad():
+        torch.testing.assert_close(fu(x), u(x), rtol=1e-5, atol=1e-6)
+    p = _InPlaceAdd().eval()
+    fp = sparsify(p, path="unstructured")
+    assert has_eval_fusions(fp)
+    with torch.no_grad():
+        torch.testing.assert_close(fp(x, e), p(x, e), rtol=1e-5, atol=1e-6)
+        # a float64 residual: out += r keeps float32 (as eager PyTorch does), computed unfused
+        got, ref = fp(x, e.double()), p(x, e.double())
+        assert got.dtype == ref.dtype == torch.float32
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+        # a broadcast residual
+        torch.testing.assert_close(fp(x, e[:1, :, :1]), p(x, e[:1, :, :1]), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="fuse"):
+        sparsify(p, fuse="yes")
+
+
+@pytest.mark.parametrize("path", ["dense", "structured"])
+def test_default_fusions_fold_into_dense_and_structured_layers(path, monkeypatch):
+    masked = _model("vgg16")
+    if path == "structured":
+        masked = apply_masks(masked, magnitude_masks(masked, 0.5, structure="channels"))
+    fast = sparsify(masked, path=path)
+    calls = _count_bn_calls(monkeypatch)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = masked(x)
+        n = len(calls)
+        torch.testing.assert_close(fast(x), ref, rtol=1e-4, atol=1e-5)
+    assert n > 0 and len(calls) == n  # no BatchNorm ran in the fused forward

@@ -170,6 +170,12 @@ class SparseConv2d(_CsrMixin, nn.Module):
         computed in float32.  Only the stored nonzeros are computed: a non-finite input value
         reaches only the outputs whose nonzero taps read it.
         """
+        return self._run(input, self.values, self.bias, residual, self.fused_relu)
+
+    def _run(self, input: Tensor, values: Tensor, bias: Optional[Tensor], residual: Optional[Tensor],
+             relu: bool) -> Tensor:
+        """The layer's computation with ``values`` / ``bias`` in place of the stored ones (the
+        layer's CSR structure); :mod:`apb_sparse.fuse` passes BatchNorm-folded ones."""
         x, unbatched = _conv.batched(input, "SparseConv2d")
         if unbatched and isinstance(residual, Tensor):
             residual = residual.unsqueeze(0)
@@ -178,12 +184,11 @@ class SparseConv2d(_CsrMixin, nn.Module):
         if x.dtype in ops.KERNEL_DTYPES:
             # The op itself validates every argument; calling it directly keeps per-layer Python
             # overhead low, which matters at batch 1 where a sparse layer takes tens of microseconds.
-            out = torch.ops.apb_sparse.sparse_conv2d(x, self.values, self.row_ptr, self.col_idx, weight_shape,
-                                                     self.bias, stride, padding, dilation, self.groups, residual,
-                                                     self.fused_relu)
+            out = ops.call_op(torch.ops.apb_sparse.sparse_conv2d, x, values, self.row_ptr, self.col_idx,
+                              weight_shape, bias, stride, padding, dilation, self.groups, residual, relu)
         else:
-            out = ops.sparse_conv2d(x, self.values, self.row_ptr, self.col_idx, weight_shape, self.bias, stride,
-                                    padding, dilation, self.groups, residual, self.fused_relu)
+            out = ops.sparse_conv2d(x, values, self.row_ptr, self.col_idx, weight_shape, bias, stride,
+                                    padding, dilation, self.groups, residual, relu)
         return out.squeeze(0) if unbatched else out
 
     def extra_repr(self) -> str:
@@ -350,6 +355,11 @@ class ChannelSparseConv2d(nn.Module):
 
     def forward(self, input: Tensor) -> Tensor:
         """``input``: ``(N, C, H, W)`` or unbatched ``(C, H, W)``."""
+        return self._run(input, self.weight, self.bias)
+
+    def _run(self, input: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+        """The layer's computation with ``weight`` (kept block) / ``bias`` (all output channels)
+        in place of the stored ones; :mod:`apb_sparse.fuse` passes BatchNorm-folded ones."""
         x, unbatched = _conv.batched(input, "ChannelSparseConv2d")
         if x.shape[1] != self.in_channels:
             raise ValueError(f"ChannelSparseConv2d: input has {x.shape[1]} channels, expected {self.in_channels}")
@@ -365,12 +375,12 @@ class ChannelSparseConv2d(nn.Module):
         else:
             if self.in_index.numel() < self.in_channels:
                 x = x.index_select(1, self.in_index)
-            y = F.conv2d(x, self.weight, None, self.stride, padding, self.dilation)
+            y = F.conv2d(x, weight, None, self.stride, padding, self.dilation)
         if self.out_index.numel() < self.out_channels:
             out = y.new_zeros((y.shape[0], self.out_channels, y.shape[2], y.shape[3]))
             y = out.index_copy(1, self.out_index, y)
-        if self.bias is not None:
-            y = y + self.bias.view(1, -1, 1, 1)
+        if bias is not None:
+            y = y + bias.view(1, -1, 1, 1)
         return y.squeeze(0) if unbatched else y
 
     def extra_repr(self) -> str:
