@@ -29,7 +29,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules import module as _module_mod
 
-from . import ops
 from .nn.masked import MaskedLayer
 from .nn.sparse import ChannelSparseConv2d, SparseConv2d, SparseLinear
 
@@ -159,6 +158,24 @@ def _conv_output_shape(conv: SparseConv2d, input: Tensor) -> torch.Size:
                        (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1))
 
 
+def _kernel_residual(conv: SparseConv2d, input: Tensor, residual) -> Optional[Tensor]:
+    """``residual`` as the kernel's epilogue takes it (the conv output's shape, dtype and device),
+    or None when ``conv(input) + residual`` cannot be computed there exactly: a non-tensor, another
+    device, or a sum that would promote the dtype or broadcast to a larger shape."""
+    if not (isinstance(residual, Tensor) and input.dim() == 4 and residual.device == input.device):
+        return None
+    shape = _conv_output_shape(conv, input)
+    if residual.shape == shape and residual.dtype == input.dtype:
+        return residual
+    if torch.result_type(input, residual) != input.dtype:
+        return None
+    try:
+        broadcast = torch.broadcast_shapes(shape, residual.shape)
+    except RuntimeError:
+        return None
+    return residual.to(input.dtype).expand(shape).contiguous() if broadcast == shape else None
+
+
 def fused_conv_add(conv: SparseConv2d, input: Tensor, residual) -> Tensor:
     """``conv(input) + residual`` (then ReLU if ``conv.fused_relu``), the add in the kernel's
     epilogue when ``residual`` broadcasts to the conv output's shape and the sum keeps the conv's
@@ -166,17 +183,9 @@ def fused_conv_add(conv: SparseConv2d, input: Tensor, residual) -> Tensor:
 
     :func:`fuse_activations` puts calls to it in the graph; it is not meant to be called by hand.
     """
-    if isinstance(residual, Tensor) and input.dim() == 4 and residual.device == input.device:
-        shape = _conv_output_shape(conv, input)
-        if residual.shape == shape and residual.dtype == input.dtype:
-            return conv(input, residual)
-        if torch.result_type(input, residual) == input.dtype:
-            try:
-                broadcast = torch.broadcast_shapes(shape, residual.shape)
-            except RuntimeError:
-                broadcast = None
-            if broadcast == shape:
-                return conv(input, residual.to(input.dtype).expand(shape).contiguous())
+    kernel_residual = _kernel_residual(conv, input, residual)
+    if kernel_residual is not None:
+        return conv(input, kernel_residual)
     relu = conv.fused_relu
     # fuse_activations fuses only convs called once in the graph, so no other call sees the flag.
     conv.fused_relu = False
@@ -407,17 +416,19 @@ def _add(op: str, out: Tensor, residual, conv_first: bool):
     return out + residual if conv_first else residual + out
 
 
-def _eager_chain(conv, input, bn, residual, add_op, conv_first, relu) -> Tensor:
-    out = conv(input)
-    if bn is not None:
-        out = bn(out)
+def _plain(m: nn.Module) -> bool:
+    """No forward (pre-)hooks on ``m`` or globally: skipping its call changes nothing observable."""
+    return not (m._forward_hooks or m._forward_pre_hooks or _module_mod._global_forward_hooks
+                or _module_mod._global_forward_pre_hooks)
+
+
+def _tail(out: Tensor, residual, add_op: Optional[str], conv_first: bool, relu) -> Tensor:
+    """The chain's add and ReLU steps, unfused."""
     if add_op is not None:
         out = _add(add_op, out, residual, conv_first)
     if relu is True:
-        out = torch.relu(out)
-    elif relu is not None:
-        out = relu(out)
-    return out
+        return torch.relu(out)
+    return out if relu is None else relu(out)
 
 
 def eval_chain(conv: nn.Module, input: Tensor, bn: Optional[nn.Module], residual, add_op: Optional[str],
@@ -433,68 +444,36 @@ def eval_chain(conv: nn.Module, input: Tensor, bn: Optional[nn.Module], residual
     parameters, the chain runs unfused, exactly as eager PyTorch.
     """
     tc = type(conv)
-    ok = (tc is SparseConv2d or tc is nn.Conv2d or tc is ChannelSparseConv2d) and not conv._forward_hooks \
-        and not conv._forward_pre_hooks and not _module_mod._global_forward_hooks \
-        and not _module_mod._global_forward_pre_hooks
-    if ok and relu is not None and relu is not True:
-        ok = type(relu) is nn.ReLU and not relu._forward_hooks and not relu._forward_pre_hooks
-    if ok and bn is not None:
-        ok = type(bn) is nn.BatchNorm2d and not bn.training and not bn._forward_hooks and not bn._forward_pre_hooks
-    if ok and torch.is_grad_enabled():
-        ok = not _needs_param_grad(conv, bn)
-    if ok and tc is SparseConv2d:
-        ok = not conv.fused_relu
-    if ok:
-        if bn is not None:
-            folded = _folded(conv, bn)
-            if folded is None:
-                return _eager_chain(conv, input, bn, residual, add_op, conv_first, relu)
-            weight, bias = folded
-        elif tc is SparseConv2d:
-            weight, bias = conv._buffers["values"], conv._parameters.get("bias")
-        else:
-            weight, bias = conv._parameters["weight"], conv._parameters.get("bias")
+    ok = (tc is SparseConv2d or tc is nn.Conv2d or tc is ChannelSparseConv2d) and _plain(conv) \
+        and not getattr(conv, "fused_relu", False) \
+        and (relu is None or relu is True or (type(relu) is nn.ReLU and _plain(relu))) \
+        and (bn is None or (type(bn) is nn.BatchNorm2d and not bn.training and _plain(bn))) \
+        and not (torch.is_grad_enabled() and _needs_param_grad(conv, bn))
+    folded = _folded(conv, bn) if ok and bn is not None else None
+    if not ok or (bn is not None and folded is None):
+        out = conv(input)
+        return _tail(out if bn is None else bn(out), residual, add_op, conv_first, relu)
+    if folded is not None:
+        weight, bias = folded
     else:
-        return _eager_chain(conv, input, bn, residual, add_op, conv_first, relu)
+        weight = conv._buffers["values"] if tc is SparseConv2d else conv._parameters["weight"]
+        bias = conv._parameters.get("bias")
     if tc is SparseConv2d:
-        if add_op is None:
-            return conv._run(input, weight, bias, None, relu is not None)
-        if isinstance(residual, Tensor) and residual.dtype == input.dtype and input.dtype in ops.KERNEL_DTYPES \
-                and residual.device == input.device and input.dim() == 4 and residual.dim() == 4:
-            # The kernel checks the residual's shape against its output before computing anything.
-            try:
-                return conv._run(input, weight, bias, residual, relu is not None)
-            except RuntimeError:
-                pass
-        if isinstance(residual, Tensor) and input.dim() == 4 and residual.device == input.device \
-                and torch.result_type(input, residual) == input.dtype:
-            shape = _conv_output_shape(conv, input)
-            try:
-                broadcast = torch.broadcast_shapes(shape, residual.shape)
-            except RuntimeError:
-                broadcast = None
-            if broadcast == shape:
-                return conv._run(input, weight, bias, residual.to(input.dtype).expand(shape).contiguous(),
-                                 relu is not None)
+        kernel_residual = None if add_op is None else _kernel_residual(conv, input, residual)
+        if add_op is None or kernel_residual is not None:
+            return conv._run(input, weight, bias, kernel_residual, relu is not None)
         out = conv._run(input, weight, bias, None, False)
     elif tc is ChannelSparseConv2d:
         out = conv._run(input, weight, bias)
     else:
         out = conv._conv_forward(input, weight, bias)
-    if add_op is not None:
-        out = _add(add_op, out, residual, conv_first)
-    if relu is True:
-        out = torch.relu(out)
-    elif relu is not None:
-        out = relu(out)
-    return out
+    return _tail(out, residual, add_op, conv_first, relu)
 
 
 def call_identity(module: nn.Module, input):
     """``module(input)``, without the module call's overhead while ``module`` is a hook-free
     ``nn.Identity`` (identity shortcuts; :func:`enable_eval_fusions` puts these calls in)."""
-    if type(module) is nn.Identity and not module._forward_hooks and not module._forward_pre_hooks \
-            and not _module_mod._global_forward_hooks and not _module_mod._global_forward_pre_hooks:
+    if type(module) is nn.Identity and _plain(module):
         return input
     return module(input)
 
@@ -543,7 +522,7 @@ def _forward_params(model: nn.Module):
         if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
             return None, "its forward takes *args / **kwargs"
         if p.default is p.empty:
-            if p.kind is p.KEYWORD_ONLY or concrete:
+            if p.kind is p.KEYWORD_ONLY:  # (a required positional cannot follow a defaulted one)
                 return None, "its forward has required keyword-only arguments"
             required += 1
         else:
