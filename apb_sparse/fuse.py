@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import inspect
 import operator
+import warnings
 from collections import Counter
 from typing import Dict, Optional, Tuple
 
@@ -29,11 +30,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules import module as _module_mod
 
+from . import ops
 from .nn.masked import MaskedLayer
 from .nn.sparse import ChannelSparseConv2d, SparseConv2d, SparseLinear
 
 __all__ = ["fold_batchnorm", "fuse_activations", "unfuse", "enable_eval_fusions", "disable_eval_fusions",
-           "has_eval_fusions", "eval_chain", "call_identity"]
+           "has_eval_fusions", "eval_chain", "call_identity", "use_torchscript"]
 
 _LEAVES = (SparseConv2d, SparseLinear, ChannelSparseConv2d) + MaskedLayer
 _RELU_FUNCTIONS = {F.relu, torch.relu}
@@ -352,9 +354,12 @@ def _folded(conv: nn.Module, bn: nn.BatchNorm2d) -> Optional[Tuple[Tensor, Tenso
     (load_state_dict, an optimiser step) or replacement (``.to()``, a new buffer) recomputes it."""
     sources = _fold_sources(conv, bn)
     ids = tuple(map(id, sources))
-    versions = tuple(map(_VERSION, sources))
+    try:
+        versions = tuple(map(_VERSION, sources))
+    except RuntimeError:  # inference tensors (made in inference_mode) have no version counter:
+        versions = None   # in-place updates cannot be seen, so fold at every call
     hit = conv.__dict__.get("_apb_fold")
-    if hit is not None and hit[0] is bn and hit[1] == bn.eps and hit[3] == ids and hit[4] == versions:
+    if versions is not None and hit is not None and hit[0] is bn and hit[1] == bn.eps and hit[3] == ids and hit[4] == versions:
         return hit[5]
     if sources[4] is _ABSENT or sources[5] is _ABSENT or bn.num_features != conv.out_channels:
         return None
@@ -370,7 +375,8 @@ def _folded(conv: nn.Module, bn: nn.BatchNorm2d) -> Optional[Tuple[Tensor, Tenso
         else:
             weight = stored * scale.view(-1, 1, 1, 1)
         bias = shift if sources[1] is _ABSENT else sources[1].detach() * scale + shift
-    conv.__dict__["_apb_fold"] = (bn, bn.eps, sources, ids, versions, (weight, bias))
+    if versions is not None:
+        conv.__dict__["_apb_fold"] = (bn, bn.eps, sources, ids, versions, (weight, bias))
     return weight, bias
 
 
@@ -484,6 +490,7 @@ class _EvalForward:
 
     def __init__(self, owner: nn.Module, fn, n_args: int):
         self.owner, self.fn, self.n_args = owner, fn, n_args
+        self.runner = None  # _ScriptRunner, made on the first no_grad call
 
     def __call__(self, *args, **kwargs):
         owner = self.owner
@@ -496,6 +503,13 @@ class _EvalForward:
             fn = self.fn
         if fn is False:
             return type(owner).forward(owner, *args, **kwargs)
+        if not torch.is_grad_enabled() and _SCRIPT[0]:
+            runner = self.runner
+            if runner is None:
+                runner = self.runner = _ScriptRunner()
+            out = runner(owner, fn, args)
+            if out is not _MISS:
+                return out
         try:
             return fn(owner, *args)
         except _AmbiguousAdd:
@@ -503,10 +517,183 @@ class _EvalForward:
 
     def __getstate__(self):
         # The generated code is not picklable; it is traced again on first use.
-        return {"owner": self.owner, "fn": None, "n_args": self.n_args}
+        return {"owner": self.owner, "fn": None, "n_args": self.n_args, "runner": None}
+
+    def __setstate__(self, state):
+        state.setdefault("runner", None)
+        self.__dict__.update(state)
 
     def __deepcopy__(self, memo):
         return _EvalForward(copy.deepcopy(self.owner, memo), self.fn, self.n_args)
+
+
+# ----------------------------------------------------------------------------- C++ graph runner
+# At batch 1 and high sparsity a sparse layer computes for tens of microseconds, and the Python
+# around each call (module lookups, checks, the op's Python binding) costs about as much.  Under
+# no_grad / inference_mode, _ScriptRunner runs the fused forward as a TorchScript graph instead
+# (torch.jit.trace of the fused code: the same op calls, dispatched from C++).  A trace fixes
+# everything the Python code reads, so it is only used while that stays the same: it is keyed on
+# the arguments' shapes, strides, dtypes and devices, and dropped whenever the model's state
+# signature changes (see _state_signature); a trace is made on the second call with the same key
+# and state (so code that changes the model before every call never pays for tracing), checked
+# against the Python path on that call, and not used for a model whose trace fails or differs.
+_SCRIPT = [True]
+_MISS = object()
+_MAX_TRACES = 4  # argument keys kept per model
+
+
+def use_torchscript(enable: bool) -> bool:
+    """Whether eval-fused models run their forward as a TorchScript graph under no_grad /
+    inference_mode (default True); returns the previous setting.  Off: the fused Python code runs
+    every call (same results; for A/B timing, or torch builds without TorchScript)."""
+    if not isinstance(enable, bool):
+        raise TypeError(f"enable must be a bool, got {type(enable).__name__}")
+    prev, _SCRIPT[0] = _SCRIPT[0], enable
+    return prev
+
+
+def _global_hooks() -> bool:
+    return any(len(getattr(_module_mod, n, ())) for n in (
+        "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+        "_global_backward_pre_hooks", "_global_module_registration_hooks",
+        "_global_parameter_registration_hooks", "_global_buffer_registration_hooks"))
+
+
+def _state_signature(model: nn.Module) -> Optional[list]:
+    """What a trace of ``model``'s fused forward fixes, as a list to compare: every module (walked
+    live, so a replaced module is seen) with its attributes (mode, sizes, and other objects by
+    identity: ``tuple(__dict__.values())``), every parameter and buffer by identity and version
+    (in-place updates are seen).  Not seen: in-place changes inside a container attribute (a list
+    an attribute holds).  None when a module has hooks (they must fire in Python) or holds
+    inference tensors (made in inference_mode; they have no version counter)."""
+    sig = []
+    append = sig.append
+    stack, seen = [model], set()
+    while stack:
+        m = stack.pop()
+        if m is None or id(m) in seen:
+            continue
+        seen.add(id(m))
+        d = m.__dict__
+        stack.extend(d["_modules"].values())
+        if d["_forward_hooks"] or d["_forward_pre_hooks"] or d["_backward_hooks"] or d["_backward_pre_hooks"]:
+            return None
+        append(m)
+        append(tuple(d.values()))
+        p, b = d["_parameters"], d["_buffers"]
+        try:
+            if p:
+                append(tuple(map(id, p.values())))
+                append([t._version for t in p.values() if t is not None])
+            if b:
+                append(tuple(map(id, b.values())))
+                append([t._version for t in b.values() if t is not None])
+        except RuntimeError:  # an inference tensor: no version counter, changes cannot be seen
+            return None
+    return sig
+
+
+def _same_signature(a: Optional[list], b: list) -> bool:
+    try:
+        return a is not None and len(a) == len(b) and a == b
+    except Exception:  # noqa: BLE001 - e.g. a replaced tensor attribute: Tensor.__eq__ is elementwise
+        return False
+
+
+def _args_key(args) -> Optional[tuple]:
+    key = []
+    for a in args:
+        if type(a) is not Tensor and not isinstance(a, Tensor):
+            return None
+        key.append((tuple(a.shape), a.stride(), a.dtype, a.device, a.requires_grad))
+    return tuple(key)
+
+
+def _same(a, b) -> bool:
+    """Outputs of the trace and of the Python path agree exactly (structure, shapes, values)."""
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        return (isinstance(a, Tensor) and isinstance(b, Tensor) and a.shape == b.shape and a.dtype == b.dtype
+                and torch.equal(torch.nan_to_num(a), torch.nan_to_num(b)))
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return False
+
+
+class _Traced(nn.Module):
+    """The module torch.jit.trace records: the fused code bound to the model (the model's
+    parameters and buffers become the script module's attributes)."""
+
+    def __init__(self, owner: nn.Module, fn):
+        super().__init__()
+        self.owner = owner
+        self._fn = fn
+
+    def forward(self, *args):
+        return self._fn(self.owner, *args)
+
+
+class _ScriptRunner:
+    """Per model: traces keyed on the arguments, valid for one state signature."""
+
+    def __init__(self):
+        self.sig = None
+        self.traces: Dict[tuple, object] = {}  # key -> script module, or False (trace failed)
+        self.seen: Dict[tuple, int] = {}
+        self.disabled = False
+        self.made = self.served = 0  # traces made, calls run by a trace
+
+    def __call__(self, owner: nn.Module, fn, args):
+        if self.disabled or torch.jit.is_tracing() or torch.compiler.is_compiling() or _global_hooks():
+            return _MISS
+        key = _args_key(args)
+        if key is None:
+            return _MISS
+        sig = _state_signature(owner)
+        if sig is None:
+            return _MISS
+        if not _same_signature(self.sig, sig):
+            self.sig, self.traces, self.seen = sig, {}, {}
+        script = self.traces.get(key)
+        if script is None:
+            n = self.seen.get(key, 0) + 1
+            self.seen[key] = n
+            if n < 2 or len(self.traces) >= _MAX_TRACES:
+                return _MISS
+            return self._trace(owner, fn, args, key)
+        if script is False:
+            return _MISS
+        self.served += 1
+        with ops._BELOW_AUTOGRAD():
+            return script(*args)
+
+    def _trace(self, owner, fn, args, key):
+        self.made += 1
+        if self.made > _MAX_TRACES and self.served < 10 * self.made:
+            # the model keeps changing between short runs of calls: tracing would cost more
+            # (a fraction of a second each) than it saves
+            self.disabled = True
+            return _MISS
+        try:
+            expected = fn(owner, *args)
+        except _AmbiguousAdd:
+            self.traces[key] = False
+            return _MISS
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # deprecation notice; shape checks fixed by the key
+                with ops._BELOW_AUTOGRAD():
+                    script = torch.jit.trace(_Traced(owner, fn), tuple(args), check_trace=False, strict=False)
+                    got = script(*args)
+        except Exception:  # noqa: BLE001 - an untraceable forward keeps the Python path
+            self.traces[key] = False
+            return expected
+        if not _same(got, expected):
+            self.disabled = True  # the trace does not compute the same function: never use it
+            return expected
+        self.traces[key] = script
+        return expected
 
 
 def _forward_params(model: nn.Module):
@@ -655,6 +842,11 @@ def enable_eval_fusions(model: nn.Module) -> nn.Module:
     would promote the conv output's dtype or broadcast it to a larger shape) the model's own
     forward computes the result instead (forward hooks of modules before that point then fire
     twice for that call).
+    Under ``torch.no_grad()`` / ``inference_mode`` the fused forward is run as a TorchScript
+    graph (``torch.jit.trace`` of the fused code, made on the second call with the same argument
+    shapes and model state, checked against the Python path once): the same op calls dispatched
+    from C++, without the Python around every layer.  The trace is dropped whenever a module,
+    parameter, buffer or attribute changes (see :func:`use_torchscript` to turn this off).
     What was not fused, and why, is in ``model.apb_fuse_skipped``.  Returns ``model``.
     """
     if not isinstance(model, nn.Module):

@@ -107,11 +107,34 @@ def build_variants(arch: str, mask_name: str, dense: nn.Module, stock: bool, fus
     return variants
 
 
+def load_dense(arch: str, weights: Dict[str, str]) -> nn.Module:
+    """``get_model(arch)`` in eval mode, with the state dict of ``weights[arch]`` (a safetensors file,
+    e.g. from benchmarks/train_for_latency.py) when one is given, else its random initialisation."""
+    model = get_model(arch)
+    if arch in weights:
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(weights[arch]))
+    return model.eval()
+
+
+def _parse_weights(items: List[str], parser: argparse.ArgumentParser) -> Dict[str, str]:
+    out = {}
+    for item in items or []:
+        arch, sep, path = item.partition("=")
+        if not sep or not arch or not path:
+            parser.error(f"--weights expects ARCH=FILE, got {item!r}")
+        if not os.path.isfile(path):
+            parser.error(f"--weights {arch}: no such file {path!r}")
+        out[arch] = path
+    return out
+
+
 def run(args) -> dict:
     torch.manual_seed(0)
     results = []
     for arch in args.archs:
-        dense = get_model(arch).eval()
+        dense = load_dense(arch, args.weights)
         for batch in args.batches:
             x = torch.rand(batch, 3, 32, 32)
             for mask_name in args.masks:
@@ -132,6 +155,8 @@ def run(args) -> dict:
                 fns.update({k: (lambda m=m: m(x)) for k, m in variants.items() if k != "masked"})
                 if args.lanes_ab:
                     fns["ours_no_lanes"] = lambda m=variants["ours"]: _without_lanes(m, x)
+                if args.script_ab and "default" in variants:
+                    fns["default_no_script"] = lambda m=variants["default"]: _without_script(m, x)
                 timing = interleaved_medians(fns, rounds=args.rounds, warmup=2, min_time=args.min_time)
                 report = apb_sparse.sparsity_report(variants["ours"], (batch, 3, 32, 32))
                 base = timing["dense"]["median_s"]
@@ -146,7 +171,7 @@ def run(args) -> dict:
                     row["compact_macs"] = apb_sparse.sparsity_report(variants["compact"], (batch, 3, 32, 32)).dense_macs
                 results.append(row)
                 print(_format_row(row), flush=True)
-    return {"environment": environment(), "rounds": args.rounds, "results": results}
+    return {"environment": environment(), "rounds": args.rounds, "weights": args.weights, "results": results}
 
 
 def _without_lanes(model, x):
@@ -158,12 +183,23 @@ def _without_lanes(model, x):
         apb_sparse.ops.use_lanes(prev)
 
 
+def _without_script(model, x):
+    """``model(x)`` with the fused forward's TorchScript graph turned off (A/B timing)."""
+    prev = apb_sparse.fuse.use_torchscript(False)
+    try:
+        return model(x)
+    finally:
+        apb_sparse.fuse.use_torchscript(prev)
+
+
 def _format_row(r: dict) -> str:
     ms, sp = r["median_ms"], r["speedup"]
     cells = [f"{r['arch']:<9}", f"b={r['batch']:<3}", f"{r['mask']:<10}", f"dense {ms['dense']:8.2f} ms",
              f"ours {ms['ours']:8.2f} ms ({sp['ours']:5.2f}x)"]
     if "default" in ms:
         cells.append(f"default {ms['default']:8.2f} ms ({sp['default']:5.2f}x)")
+    if "default_no_script" in ms:
+        cells.append(f"default, no script {ms['default_no_script']:8.2f} ms ({sp['default_no_script']:5.2f}x)")
     if "ours_no_lanes" in ms:
         cells.append(f"lanes off {ms['ours_no_lanes']:8.2f} ms ({sp['ours_no_lanes']:5.2f}x)")
     if "calibrated" in ms:
@@ -178,6 +214,7 @@ def _format_row(r: dict) -> str:
 def markdown_table(data: dict) -> str:
     """The results as a Markdown table (speedups over dense torch in the same run)."""
     optional = [(k, title) for k, title in (("default", "sparsify(model) default"),
+                                            ("default_no_script", "default, TorchScript off"),
                                             ("ours_no_lanes", "apb_sparse, lanes off"), ("calibrated", "calibrated"))
                 if any(k in r["median_ms"] for r in data["results"])]
     head = "| arch | batch | mask | dense ms | apb_sparse ms (speedup) |"
@@ -199,7 +236,7 @@ def per_layer(args) -> dict:
     torch.manual_seed(0)
     rows = []
     for arch in args.archs:
-        dense = get_model(arch).eval()
+        dense = load_dense(arch, args.weights)
         for batch in args.batches:
             x = torch.rand(batch, 3, 32, 32)
             for mask_name in args.masks:
@@ -231,7 +268,7 @@ def per_layer(args) -> dict:
                           f"dense {r['dense_ms']:7.3f} ms ({r['dense_gflops']:5.1f} GF/s)  "
                           f"sparse {r['sparse_ms']:7.3f} ms ({r['useful_gflops']:5.1f} useful GF/s)  "
                           f"{r['speedup']:5.2f}x of ideal {r['ideal']:6.1f}x", flush=True)
-    return {"environment": environment(), "rounds": args.rounds, "per_layer": rows}
+    return {"environment": environment(), "rounds": args.rounds, "weights": args.weights, "per_layer": rows}
 
 
 def main(argv: List[str] = None) -> int:
@@ -257,6 +294,8 @@ def main(argv: List[str] = None) -> int:
     p.add_argument("--no-stock", action="store_true", help="skip the unfold + CSR baseline")
     p.add_argument("--lanes-ab", action="store_true",
                    help="also time apb_sparse with the images-in-lanes layout turned off (in-run A/B)")
+    p.add_argument("--script-ab", action="store_true",
+                   help="also time the default sparsify(model) with its TorchScript graph turned off (in-run A/B)")
     p.add_argument("--per-layer", action="store_true", help="per-layer profile instead of end to end")
     p.add_argument("--no-fuse", action="store_true",
                    help="do not fold BatchNorm / fuse ReLU and residual adds into our sparse layers")
@@ -264,8 +303,12 @@ def main(argv: List[str] = None) -> int:
                    help="also time sparsify(calibrate=batch): per-layer sparse/dense choice measured on the batch")
     p.add_argument("--dense-fused", action="store_true",
                    help="also time the dense model with BatchNorm folded (torch gets the same folding)")
+    p.add_argument("--weights", nargs="+", default=None, metavar="ARCH=FILE",
+                   help="trained weights (safetensors state dict, e.g. from benchmarks/train_for_latency.py) "
+                        "for an architecture; default: random initialisation")
     p.add_argument("--out", default=None, help="JSON output (default benchmarks/results/latency_cpu[_per_layer].json)")
     args = p.parse_args(argv)
+    args.weights = _parse_weights(args.weights, p)
     if args.threads is not None:
         if args.threads < 1:
             p.error("--threads must be >= 1")

@@ -258,3 +258,117 @@ def test_default_fusions_fold_into_dense_and_structured_layers(path, monkeypatch
         n = len(calls)
         torch.testing.assert_close(fast(x), ref, rtol=1e-4, atol=1e-5)
     assert n > 0 and len(calls) == n  # no BatchNorm ran in the fused forward
+
+
+def _scripted(model):
+    """Whether the model's last no_grad call could have run a TorchScript trace."""
+    runner = model.__dict__["forward"].runner
+    return runner is not None and any(t is not False for t in runner.traces.values())
+
+
+def _twice(fast, ref, x):
+    """Calls ``fast`` three times (the second makes the trace, the third runs it) against ``ref``."""
+    for _ in range(3):
+        torch.testing.assert_close(fast(x), ref(x), rtol=1e-4, atol=1e-5)
+
+
+def test_default_fusions_run_a_torchscript_trace_that_follows_state_changes():
+    from apb_sparse.fuse import use_torchscript
+
+    masked = _model("resnet18")
+    fast, plain = sparsify(masked), sparsify(masked, fuse=False)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        _twice(fast, plain, x)
+        assert _scripted(fast)
+        # the trace is exact: the same op calls as the fused Python code
+        prev = use_torchscript(False)
+        try:
+            python_out = fast(x)
+        finally:
+            use_torchscript(prev)
+        assert torch.equal(fast(x), python_out)
+        # in-place updates, replaced parameters, changed attributes and modules invalidate it
+        for f in (fast, plain):
+            f.layer1[0].bn1.running_var.mul_(1.5)
+        _twice(fast, plain, x)
+        for f in (fast, plain):
+            f.layer2[0].bn2.weight = nn.Parameter(torch.full((128,), 0.25))
+        _twice(fast, plain, x)
+        for f in (fast, plain):
+            f.layer3[0].bn1.eps = 0.5
+        _twice(fast, plain, x)
+        with torch.no_grad():
+            for f in (fast, plain):
+                f.layer4[1].conv2.values.mul_(-1)
+        _twice(fast, plain, x)
+        for f in (fast, plain):
+            f.layer2[1].relu2 = nn.Tanh()
+        _twice(fast, plain, x)
+        assert _scripted(fast)
+        # another input shape gets its own trace; a hook makes every call run in Python
+        _twice(fast, plain, torch.rand(1, 3, 32, 32))
+        assert len(fast.forward.runner.traces) == 2
+        calls = []
+        fast.layer1[0].conv1.register_forward_hook(lambda m, i, o: calls.append(1))
+        plain.layer1[0].conv1.register_forward_hook(lambda m, i, o: calls.append(1))
+        _twice(fast, plain, x)
+        assert len(calls) == 6
+    # grad mode: never the trace (autograd through the model's own modules)
+    fast2 = sparsify(masked)
+    xg = x.clone().requires_grad_()
+    for _ in range(3):
+        fast2(xg).sum().backward()
+    assert fast2.forward.runner is None
+    with pytest.raises(TypeError, match="enable"):
+        use_torchscript(1)
+
+
+def test_default_fusions_trace_copies_and_unusual_outputs(tmp_path):
+    import copy
+
+    masked = _model("resnet18")
+    fast, plain = sparsify(masked), sparsify(masked, fuse=False)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.inference_mode():
+        _twice(fast, plain, x)
+    clone = copy.deepcopy(fast)
+    assert clone.forward.runner is None  # traces are not copied: the copy traces its own
+    torch.save(fast, tmp_path / "m.pt")
+    with torch.inference_mode():
+        _twice(clone, plain, x)
+        assert _scripted(clone)
+        loaded = torch.load(tmp_path / "m.pt", weights_only=False)
+        _twice(loaded, plain, x)  # its tensors are inference tensors: folded at every call
+        assert not _scripted(loaded)
+
+    class Dict(nn.Module):  # a dict output with a non-tensor entry cannot be traced: Python path
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            y = torch.relu(self.bn(self.conv(x)))
+            return {"y": y, "n": 3}
+
+    m = Dict().eval()
+    s = sparsify(m)
+    with torch.no_grad():
+        for _ in range(3):
+            out = s(torch.rand(1, 3, 8, 8))
+            assert out["n"] == 3 and out["y"].shape == (1, 4, 8, 8)
+
+
+def test_default_fusions_stop_tracing_a_model_that_keeps_changing():
+    masked = _model("resnet18")
+    fast, plain = sparsify(masked), sparsify(masked, fuse=False)
+    x = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        for i in range(12):
+            for f in (fast, plain):
+                f.layer1[0].bn1.running_var.mul_(1.01)
+            for _ in range(2):  # two calls per state: each would make a trace and never use it
+                torch.testing.assert_close(fast(x), plain(x), rtol=1e-4, atol=1e-5)
+    runner = fast.forward.runner
+    assert runner.disabled and runner.made <= 6 and runner.served == 0
