@@ -670,7 +670,7 @@ class _ScriptRunner:
 
     def _trace(self, owner, fn, args, key):
         self.made += 1
-        if self.made > _MAX_TRACES and self.served < 10 * self.made:
+        if self.made > 2 * _MAX_TRACES and self.served < 2 * self.made:
             # the model keeps changing between short runs of calls: tracing would cost more
             # (a fraction of a second each) than it saves
             self.disabled = True

@@ -371,4 +371,4 @@ def test_default_fusions_stop_tracing_a_model_that_keeps_changing():
             for _ in range(2):  # two calls per state: each would make a trace and never use it
                 torch.testing.assert_close(fast(x), plain(x), rtol=1e-4, atol=1e-5)
     runner = fast.forward.runner
-    assert runner.disabled and runner.made <= 6 and runner.served == 0
+    assert runner.disabled and runner.made <= 2 * 4 + 1 and runner.served == 0
