@@ -217,6 +217,12 @@ def test_fuzz_small_models(case):
     deployed = sparsify(model, masks, path=case["path"], fuse=case["fuse"])
     x = torch.randn(case["batch"], 3, case["size"], case["size"], dtype=torch.float64)
     _compare(deployed, model, x, torch.float64)
+    if case["fuse"] == "auto":
+        # no_grad: the second call traces the fused forward (TorchScript), the third runs the trace
+        with torch.no_grad():
+            want = model(x)
+            for _ in range(3):
+                torch.testing.assert_close(deployed(x), want, **TOL[torch.float64])
 
 
 def test_fuzz_counts(capsys):
