@@ -174,22 +174,23 @@ def run(args) -> dict:
     return {"environment": environment(), "rounds": args.rounds, "weights": args.weights, "results": results}
 
 
-def _without_lanes(model, x):
-    """``model(x)`` with the images-in-lanes layout of the CPU kernel turned off (A/B timing)."""
-    prev = apb_sparse.ops.use_lanes(False)
+def _with_switch_off(switch, model, x):
+    """``model(x)`` with a speed switch (``switch(bool) -> previous``) turned off (A/B timing)."""
+    prev = switch(False)
     try:
         return model(x)
     finally:
-        apb_sparse.ops.use_lanes(prev)
+        switch(prev)
+
+
+def _without_lanes(model, x):
+    """``model(x)`` with the images-in-lanes layout of the CPU kernel turned off."""
+    return _with_switch_off(apb_sparse.ops.use_lanes, model, x)
 
 
 def _without_script(model, x):
-    """``model(x)`` with the fused forward's TorchScript graph turned off (A/B timing)."""
-    prev = apb_sparse.fuse.use_torchscript(False)
-    try:
-        return model(x)
-    finally:
-        apb_sparse.fuse.use_torchscript(prev)
+    """``model(x)`` with the fused forward's TorchScript graph turned off."""
+    return _with_switch_off(apb_sparse.fuse.use_torchscript, model, x)
 
 
 def _format_row(r: dict) -> str:
