@@ -535,7 +535,8 @@ class _EvalForward:
 # everything the Python code reads, so it is only used while that stays the same: it is keyed on
 # the arguments' shapes, strides, dtypes and devices, and dropped whenever the model's state
 # signature changes (see _state_signature); a trace is made on the second call with the same key
-# and state (so code that changes the model before every call never pays for tracing), checked
+# and state (so code that changes the model before every call never pays for tracing; the first
+# call after a change refreshes the BatchNorm fold cache, itself part of the state), checked
 # against the Python path on that call, and not used for a model whose trace fails or differs.
 _SCRIPT = [True]
 _MISS = object()
@@ -844,7 +845,7 @@ def enable_eval_fusions(model: nn.Module) -> nn.Module:
     twice for that call).
     Under ``torch.no_grad()`` / ``inference_mode`` the fused forward is run as a TorchScript
     graph (``torch.jit.trace`` of the fused code, made on the second call with the same argument
-    shapes and model state, checked against the Python path once): the same op calls dispatched
+    shapes and model state (the third after a BatchNorm fold is refreshed), checked against the Python path once): the same op calls dispatched
     from C++, without the Python around every layer.  The trace is dropped whenever a module,
     parameter, buffer or attribute changes (see :func:`use_torchscript` to turn this off).
     What was not fused, and why, is in ``model.apb_fuse_skipped``.  Returns ``model``.
