@@ -541,6 +541,7 @@ class _EvalForward:
 _SCRIPT = [True]
 _MISS = object()
 _MAX_TRACES = 4  # argument keys kept per model
+_TRACE_BUDGET = 8  # traces a model may make before tracing needs 2 uses per trace to go on
 
 
 def use_torchscript(enable: bool) -> bool:
@@ -596,7 +597,7 @@ def _state_signature(model: nn.Module) -> Optional[list]:
 
 def _same_signature(a: Optional[list], b: list) -> bool:
     try:
-        return a is not None and len(a) == len(b) and a == b
+        return a is not None and a == b
     except Exception:  # noqa: BLE001 - e.g. a replaced tensor attribute: Tensor.__eq__ is elementwise
         return False
 
@@ -604,17 +605,18 @@ def _same_signature(a: Optional[list], b: list) -> bool:
 def _args_key(args) -> Optional[tuple]:
     key = []
     for a in args:
-        if type(a) is not Tensor and not isinstance(a, Tensor):
+        if not isinstance(a, Tensor):
             return None
         key.append((tuple(a.shape), a.stride(), a.dtype, a.device, a.requires_grad))
     return tuple(key)
 
 
 def _same(a, b) -> bool:
-    """Outputs of the trace and of the Python path agree exactly (structure, shapes, values)."""
+    """Outputs of the trace and of the Python path agree exactly (structure, shapes, values; NaN
+    where the other has NaN)."""
     if isinstance(a, Tensor) or isinstance(b, Tensor):
         return (isinstance(a, Tensor) and isinstance(b, Tensor) and a.shape == b.shape and a.dtype == b.dtype
-                and torch.equal(torch.nan_to_num(a), torch.nan_to_num(b)))
+                and bool(((a == b) | (a.isnan() & b.isnan())).all()))
     if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
         return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
     if isinstance(a, dict) and isinstance(b, dict):
@@ -671,7 +673,7 @@ class _ScriptRunner:
 
     def _trace(self, owner, fn, args, key):
         self.made += 1
-        if self.made > 2 * _MAX_TRACES and self.served < 2 * self.made:
+        if self.made > _TRACE_BUDGET and self.served < 2 * self.made:
             # the model keeps changing between short runs of calls: tracing would cost more
             # (a fraction of a second each) than it saves
             self.disabled = True
@@ -845,8 +847,9 @@ def enable_eval_fusions(model: nn.Module) -> nn.Module:
     twice for that call).
     Under ``torch.no_grad()`` / ``inference_mode`` the fused forward is run as a TorchScript
     graph (``torch.jit.trace`` of the fused code, made on the second call with the same argument
-    shapes and model state (the third after a BatchNorm fold is refreshed), checked against the Python path once): the same op calls dispatched
-    from C++, without the Python around every layer.  The trace is dropped whenever a module,
+    shapes and model state, the third after a BatchNorm fold is refreshed, and checked against
+    the Python path once): the same op calls dispatched from C++, without the Python around every
+    layer.  The trace is dropped whenever a module,
     parameter, buffer or attribute changes (see :func:`use_torchscript` to turn this off).
     What was not fused, and why, is in ``model.apb_fuse_skipped``.  Returns ``model``.
     """

@@ -322,6 +322,13 @@ def test_default_fusions_run_a_torchscript_trace_that_follows_state_changes():
     assert fast2.forward.runner is None
     with pytest.raises(TypeError, match="enable"):
         use_torchscript(1)
+    # the once-only check of a trace: exact, NaN only against NaN
+    from apb_sparse.fuse import _same
+    nan = float("nan")
+    assert _same((torch.tensor([1.0, nan]),), (torch.tensor([1.0, nan]),))
+    assert not _same(torch.tensor([0.0]), torch.tensor([nan]))
+    assert not _same(torch.tensor([1.0]), torch.tensor([1.0], dtype=torch.float64))
+    assert not _same({"y": torch.ones(1)}, {"y": torch.ones(1), "z": torch.ones(1)})
 
 
 def test_default_fusions_trace_copies_and_unusual_outputs(tmp_path):
