@@ -633,8 +633,9 @@ def _cmd_eval(args, parser) -> int:
         if "error" in l:
             print(f"{dev_name} latency: {l['error']}")
         else:
-            print(f"{dev_name} latency (batch {l['batch']}): dense {l['dense_ms']:.3f} ms, sparse {l['sparse_ms']:.3f} ms, "
-                  f"speedup {l['speedup']:.2f}x")
+            print(f"{dev_name} latency (batch {l['batch']}, both deployed with apb_sparse.deploy): dense "
+                  f"{l['dense_ms']:.3f} ms, sparse {l['sparse_ms']:.3f} ms, speedup {l['speedup']:.2f}x "
+                  f"(vs eager dense torch {l['dense_eager_ms']:.3f} ms: {l['speedup_vs_eager']:.2f}x)")
     sz = result["size_bytes"]
     print(f"state dict size: dense {sz['dense']:,} B, sparse {sz['sparse']:,} B")
     if result["flags"]:

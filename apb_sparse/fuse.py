@@ -18,7 +18,6 @@ computed unfused, with PyTorch's broadcasting and type promotion.
 from __future__ import annotations
 
 import copy
-import inspect
 import operator
 import warnings
 from collections import Counter
@@ -28,14 +27,11 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.modules import module as _module_mod
 
-from . import ops
 from .nn.masked import MaskedLayer
 from .nn.sparse import ChannelSparseConv2d, SparseConv2d, SparseLinear
 
-__all__ = ["fold_batchnorm", "fuse_activations", "unfuse", "enable_eval_fusions", "disable_eval_fusions",
-           "has_eval_fusions", "eval_chain", "call_identity", "use_torchscript"]
+__all__ = ["fold_batchnorm", "fuse_activations", "unfuse", "fused_conv_add"]
 
 _LEAVES = (SparseConv2d, SparseLinear, ChannelSparseConv2d) + MaskedLayer
 _RELU_FUNCTIONS = {F.relu, torch.relu}
@@ -188,15 +184,8 @@ def fused_conv_add(conv: SparseConv2d, input: Tensor, residual) -> Tensor:
     kernel_residual = _kernel_residual(conv, input, residual)
     if kernel_residual is not None:
         return conv(input, kernel_residual)
-    relu = conv.fused_relu
-    # fuse_activations fuses only convs called once in the graph, so no other call sees the flag.
-    conv.fused_relu = False
-    try:
-        out = conv(input)
-    finally:
-        conv.fused_relu = relu
-    out = out + residual
-    return torch.relu(out) if relu else out
+    out = conv._run(input, conv.values, conv.bias, None, False) + residual
+    return torch.relu(out) if conv.fused_relu else out
 
 
 @torch.no_grad()
@@ -315,561 +304,45 @@ def unfuse(model: nn.Module) -> nn.Module:
     return model
 
 
-# --------------------------------------------------------------------------------------------
-# Eval fusions that keep the model: sparsify()'s default (fuse="auto").
-# --------------------------------------------------------------------------------------------
-
-def _resolve(model: nn.Module, target: str):
-    obj = model
-    for part in target.split(".") if target else []:
-        obj = getattr(obj, part)
-    return obj
-
-
 def _bn_scale_shift(bn: nn.BatchNorm2d, dtype: torch.dtype, device: torch.device) -> Tuple[Tensor, Tensor]:
     var, mean = bn.running_var, bn.running_mean
     scale = (bn.weight if bn.weight is not None else torch.ones_like(var)) / torch.sqrt(var + bn.eps)
     shift = (bn.bias if bn.bias is not None else torch.zeros_like(mean)) - mean * scale
     return scale.to(device=device, dtype=dtype), shift.to(device=device, dtype=dtype)
 
+# --------------------------------------------------------------------------------------------
+# Removed: the eval fusions of sparsify(fuse="auto").  They made the converted model fast by
+# caches that guessed when the model changed, and guessed wrong (in-place BatchNorm statistics,
+# attributes read by forward, .item() in a trace).  apb_sparse.deploy is the explicit step now.
+# --------------------------------------------------------------------------------------------
 
-_ABSENT = torch.empty(0)  # stands for a missing bias / affine parameter in a fold's sources
-_VERSION = operator.attrgetter("_version")
-
-
-def _fold_sources(conv: nn.Module, bn: nn.BatchNorm2d) -> tuple:
-    cp, bp, bb = conv._parameters, bn._parameters, bn._buffers
-    stored = conv._buffers["values"] if type(conv) is SparseConv2d else cp["weight"]
-    bias, weight, shift = cp.get("bias"), bp.get("weight"), bp.get("bias")
-    mean, var = bb.get("running_mean"), bb.get("running_var")
-    return (stored, _ABSENT if bias is None else bias, _ABSENT if weight is None else weight,
-            _ABSENT if shift is None else shift, _ABSENT if mean is None else mean, _ABSENT if var is None else var)
-
-
-def _folded(conv: nn.Module, bn: nn.BatchNorm2d) -> Optional[Tuple[Tensor, Tensor]]:
-    """``conv``'s stored weights (CSR values, dense weight or kept block) and bias with the eval
-    BatchNorm ``bn`` folded in, or None when ``bn`` has no running statistics or another number
-    of features.  Cached in ``conv.__dict__["_apb_fold"]`` with the source tensors (kept alive,
-    so their ids stay theirs) and versions, ``bn`` and ``eps``: any in-place update
-    (load_state_dict, an optimiser step) or replacement (``.to()``, a new buffer) recomputes it."""
-    sources = _fold_sources(conv, bn)
-    ids = tuple(map(id, sources))
-    try:
-        versions = tuple(map(_VERSION, sources))
-    except RuntimeError:  # inference tensors (made in inference_mode) have no version counter:
-        versions = None   # in-place updates cannot be seen, so fold at every call
-    hit = conv.__dict__.get("_apb_fold")
-    if versions is not None and hit is not None and hit[0] is bn and hit[1] == bn.eps and hit[3] == ids and hit[4] == versions:
-        return hit[5]
-    if sources[4] is _ABSENT or sources[5] is _ABSENT or bn.num_features != conv.out_channels:
-        return None
-    stored = sources[0]
-    with torch.no_grad():
-        scale, shift = _bn_scale_shift(bn, stored.dtype, stored.device)
-        if type(conv) is SparseConv2d:
-            rows = torch.repeat_interleave(torch.arange(conv.out_channels, device=stored.device),
-                                           (conv.row_ptr[1:] - conv.row_ptr[:-1]).to(torch.int64))
-            weight = (stored * scale[rows]).contiguous()
-        elif type(conv) is ChannelSparseConv2d:
-            weight = stored * scale[conv.out_index].view(-1, 1, 1, 1)
-        else:
-            weight = stored * scale.view(-1, 1, 1, 1)
-        bias = shift if sources[1] is _ABSENT else sources[1].detach() * scale + shift
-    if versions is not None:
-        conv.__dict__["_apb_fold"] = (bn, bn.eps, sources, ids, versions, (weight, bias))
-    return weight, bias
-
-
-def _needs_param_grad(conv: nn.Module, bn: Optional[nn.Module]) -> bool:
-    """Whether autograd needs gradients for a parameter the fused path would treat as a constant."""
-    for m in (conv, bn):
-        if m is not None:
-            for p in m._parameters.values():
-                if p is not None and p.requires_grad:
-                    return True
-    return False
-
-
-_FUSABLE_CONVS = (SparseConv2d, ChannelSparseConv2d, nn.Conv2d)
-
-
-class _AmbiguousAdd(Exception):
-    """A traced add whose result would differ between ``out + r`` and ``out += r``."""
-
-
-def _check_add(out: Tensor, residual) -> None:
-    # torch.fx records ``out += r`` as ``out + r`` (a Proxy has no __iadd__).  The two agree when
-    # the sum keeps out's dtype and shape; otherwise only the model's own forward knows which it
-    # was, and _EvalForward runs that instead.
-    if isinstance(residual, Tensor):
-        if residual.dtype != out.dtype and torch.result_type(out, residual) != out.dtype:
-            raise _AmbiguousAdd
-        if residual.shape != out.shape:
-            try:
-                shape = torch.broadcast_shapes(out.shape, residual.shape)
-            except RuntimeError:
-                shape = None
-            if shape != out.shape:
-                raise _AmbiguousAdd
-
-
-def _add(op: str, out: Tensor, residual, conv_first: bool):
-    """The traced add: ``out + residual`` / ``residual + out``, or ``operator.iadd``."""
-    if op == "iadd":
-        out += residual
-        return out
-    _check_add(out, residual)
-    return out + residual if conv_first else residual + out
-
-
-def _plain(m: nn.Module) -> bool:
-    """No forward (pre-)hooks on ``m`` or globally: skipping its call changes nothing observable."""
-    return not (m._forward_hooks or m._forward_pre_hooks or _module_mod._global_forward_hooks
-                or _module_mod._global_forward_pre_hooks)
-
-
-def _tail(out: Tensor, residual, add_op: Optional[str], conv_first: bool, relu) -> Tensor:
-    """The chain's add and ReLU steps, unfused."""
-    if add_op is not None:
-        out = _add(add_op, out, residual, conv_first)
-    if relu is True:
-        return torch.relu(out)
-    return out if relu is None else relu(out)
-
-
-def eval_chain(conv: nn.Module, input: Tensor, bn: Optional[nn.Module], residual, add_op: Optional[str],
-               conv_first: bool, relu) -> Tensor:
-    """``relu(add(bn(conv(input)), residual))`` with each step optional, computed fused where
-    that is exactly the same function: the BatchNorm folded into the conv's weights (cached), and
-    for a :class:`SparseConv2d` the residual add and ReLU in the kernel's epilogue.
-
-    :func:`enable_eval_fusions` puts calls to it in a model's eval forward, with the modules
-    looked up on the model at every call.  ``relu`` is None, True (a functional ReLU) or the
-    ReLU module.  Whenever a module is no longer what the fusion assumes (another type, training
-    mode, hooks, a BatchNorm without running statistics), or autograd needs gradients for their
-    parameters, the chain runs unfused, exactly as eager PyTorch.
-    """
-    tc = type(conv)
-    ok = (tc is SparseConv2d or tc is nn.Conv2d or tc is ChannelSparseConv2d) and _plain(conv) \
-        and not getattr(conv, "fused_relu", False) \
-        and (relu is None or relu is True or (type(relu) is nn.ReLU and _plain(relu))) \
-        and (bn is None or (type(bn) is nn.BatchNorm2d and not bn.training and _plain(bn))) \
-        and not (torch.is_grad_enabled() and _needs_param_grad(conv, bn))
-    folded = _folded(conv, bn) if ok and bn is not None else None
-    if not ok or (bn is not None and folded is None):
-        out = conv(input)
-        return _tail(out if bn is None else bn(out), residual, add_op, conv_first, relu)
-    if folded is not None:
-        weight, bias = folded
-    else:
-        weight = conv._buffers["values"] if tc is SparseConv2d else conv._parameters["weight"]
-        bias = conv._parameters.get("bias")
-    if tc is SparseConv2d:
-        kernel_residual = None if add_op is None else _kernel_residual(conv, input, residual)
-        if add_op is None or kernel_residual is not None:
-            return conv._run(input, weight, bias, kernel_residual, relu is not None)
-        out = conv._run(input, weight, bias, None, False)
-    elif tc is ChannelSparseConv2d:
-        out = conv._run(input, weight, bias)
-    else:
-        out = conv._conv_forward(input, weight, bias)
-    return _tail(out, residual, add_op, conv_first, relu)
-
-
-def call_identity(module: nn.Module, input):
-    """``module(input)``, without the module call's overhead while ``module`` is a hook-free
-    ``nn.Identity`` (identity shortcuts; :func:`enable_eval_fusions` puts these calls in)."""
-    if type(module) is nn.Identity and _plain(module):
-        return input
-    return module(input)
-
-
-class _EvalForward:
-    """A model's ``forward`` with eval fusions: the class's own forward in training mode or for
-    calls with other arguments than traced, the fused graph's code otherwise."""
-
-    def __init__(self, owner: nn.Module, fn, n_args: int):
-        self.owner, self.fn, self.n_args = owner, fn, n_args
-        self.runner = None  # _ScriptRunner, made on the first no_grad call
-
-    def __call__(self, *args, **kwargs):
-        owner = self.owner
-        if owner.training or kwargs or len(args) != self.n_args:
-            return type(owner).forward(owner, *args, **kwargs)
-        fn = self.fn
-        if fn is None:  # after unpickling: trace again
-            fn, _, _ = _eval_graph(owner)
-            self.fn = fn if fn is not None else False
-            fn = self.fn
-        if fn is False:
-            return type(owner).forward(owner, *args, **kwargs)
-        if not torch.is_grad_enabled() and _SCRIPT[0]:
-            runner = self.runner
-            if runner is None:
-                runner = self.runner = _ScriptRunner()
-            out = runner(owner, fn, args)
-            if out is not _MISS:
-                return out
-        try:
-            return fn(owner, *args)
-        except _AmbiguousAdd:
-            return type(owner).forward(owner, *args)
-
-    def __getstate__(self):
-        # The generated code is not picklable; it is traced again on first use.
-        return {"owner": self.owner, "fn": None, "n_args": self.n_args, "runner": None}
-
-    def __setstate__(self, state):
-        state.setdefault("runner", None)
-        self.__dict__.update(state)
-
-    def __deepcopy__(self, memo):
-        return _EvalForward(copy.deepcopy(self.owner, memo), self.fn, self.n_args)
-
-
-# ----------------------------------------------------------------------------- C++ graph runner
-# At batch 1 and high sparsity a sparse layer computes for tens of microseconds, and the Python
-# around each call (module lookups, checks, the op's Python binding) costs about as much.  Under
-# no_grad / inference_mode, _ScriptRunner runs the fused forward as a TorchScript graph instead
-# (torch.jit.trace of the fused code: the same op calls, dispatched from C++).  A trace fixes
-# everything the Python code reads, so it is only used while that stays the same: it is keyed on
-# the arguments' shapes, strides, dtypes and devices, and dropped whenever the model's state
-# signature changes (see _state_signature); a trace is made on the second call with the same key
-# and state (so code that changes the model before every call never pays for tracing; the first
-# call after a change refreshes the BatchNorm fold cache, itself part of the state), checked
-# against the Python path on that call, and not used for a model whose trace fails or differs.
-_SCRIPT = [True]
-_MISS = object()
-_MAX_TRACES = 4  # argument keys kept per model
-_TRACE_BUDGET = 8  # traces a model may make before tracing needs 2 uses per trace to go on
-
-
-def use_torchscript(enable: bool) -> bool:
-    """Whether eval-fused models run their forward as a TorchScript graph under no_grad /
-    inference_mode (default True); returns the previous setting.  Off: the fused Python code runs
-    every call (same results; for A/B timing, or torch builds without TorchScript)."""
-    if not isinstance(enable, bool):
-        raise TypeError(f"enable must be a bool, got {type(enable).__name__}")
-    prev, _SCRIPT[0] = _SCRIPT[0], enable
-    return prev
-
-
-def _global_hooks() -> bool:
-    return any(len(getattr(_module_mod, n, ())) for n in (
-        "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
-        "_global_backward_pre_hooks", "_global_module_registration_hooks",
-        "_global_parameter_registration_hooks", "_global_buffer_registration_hooks"))
-
-
-def _state_signature(model: nn.Module) -> Optional[list]:
-    """What a trace of ``model``'s fused forward fixes, as a list to compare: every module (walked
-    live, so a replaced module is seen) with its attributes (mode, sizes, and other objects by
-    identity: ``tuple(__dict__.values())``), every parameter and buffer by identity and version
-    (in-place updates are seen).  Not seen: in-place changes inside a container attribute (a list
-    an attribute holds).  None when a module has hooks (they must fire in Python) or holds
-    inference tensors (made in inference_mode; they have no version counter)."""
-    sig = []
-    append = sig.append
-    stack, seen = [model], set()
-    while stack:
-        m = stack.pop()
-        if m is None or id(m) in seen:
-            continue
-        seen.add(id(m))
-        d = m.__dict__
-        stack.extend(d["_modules"].values())
-        if d["_forward_hooks"] or d["_forward_pre_hooks"] or d["_backward_hooks"] or d["_backward_pre_hooks"]:
-            return None
-        append(m)
-        append(tuple(d.values()))
-        p, b = d["_parameters"], d["_buffers"]
-        try:
-            if p:
-                append(tuple(map(id, p.values())))
-                append([t._version for t in p.values() if t is not None])
-            if b:
-                append(tuple(map(id, b.values())))
-                append([t._version for t in b.values() if t is not None])
-        except RuntimeError:  # an inference tensor: no version counter, changes cannot be seen
-            return None
-    return sig
-
-
-def _same_signature(a: Optional[list], b: list) -> bool:
-    try:
-        return a is not None and a == b
-    except Exception:  # noqa: BLE001 - e.g. a replaced tensor attribute: Tensor.__eq__ is elementwise
-        return False
-
-
-def _args_key(args) -> Optional[tuple]:
-    key = []
-    for a in args:
-        if not isinstance(a, Tensor):
-            return None
-        key.append((tuple(a.shape), a.stride(), a.dtype, a.device, a.requires_grad))
-    return tuple(key)
-
-
-def _same(a, b) -> bool:
-    """Outputs of the trace and of the Python path agree exactly (structure, shapes, values; NaN
-    where the other has NaN)."""
-    if isinstance(a, Tensor) or isinstance(b, Tensor):
-        return (isinstance(a, Tensor) and isinstance(b, Tensor) and a.shape == b.shape and a.dtype == b.dtype
-                and bool(((a == b) | (a.isnan() & b.isnan())).all()))
-    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    return False
-
-
-class _Traced(nn.Module):
-    """The module torch.jit.trace records: the fused code bound to the model (the model's
-    parameters and buffers become the script module's attributes)."""
-
-    def __init__(self, owner: nn.Module, fn):
-        super().__init__()
-        self.owner = owner
-        self._fn = fn
-
-    def forward(self, *args):
-        return self._fn(self.owner, *args)
-
-
-class _ScriptRunner:
-    """Per model: traces keyed on the arguments, valid for one state signature."""
-
-    def __init__(self):
-        self.sig = None
-        self.traces: Dict[tuple, object] = {}  # key -> script module, or False (trace failed)
-        self.seen: Dict[tuple, int] = {}
-        self.disabled = False
-        self.made = self.served = 0  # traces made, calls run by a trace
-
-    def __call__(self, owner: nn.Module, fn, args):
-        if self.disabled or torch.jit.is_tracing() or torch.compiler.is_compiling() or _global_hooks():
-            return _MISS
-        key = _args_key(args)
-        if key is None:
-            return _MISS
-        sig = _state_signature(owner)
-        if sig is None:
-            return _MISS
-        if not _same_signature(self.sig, sig):
-            self.sig, self.traces, self.seen = sig, {}, {}
-        script = self.traces.get(key)
-        if script is None:
-            n = self.seen.get(key, 0) + 1
-            self.seen[key] = n
-            if n < 2 or len(self.traces) >= _MAX_TRACES:
-                return _MISS
-            return self._trace(owner, fn, args, key)
-        if script is False:
-            return _MISS
-        self.served += 1
-        with ops._BELOW_AUTOGRAD():
-            return script(*args)
-
-    def _trace(self, owner, fn, args, key):
-        self.made += 1
-        if self.made > _TRACE_BUDGET and self.served < 2 * self.made:
-            # the model keeps changing between short runs of calls: tracing would cost more
-            # (a fraction of a second each) than it saves
-            self.disabled = True
-            return _MISS
-        try:
-            expected = fn(owner, *args)
-        except _AmbiguousAdd:
-            self.traces[key] = False
-            return _MISS
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # deprecation notice; shape checks fixed by the key
-                with ops._BELOW_AUTOGRAD():
-                    script = torch.jit.trace(_Traced(owner, fn), tuple(args), check_trace=False, strict=False)
-                    got = script(*args)
-        except Exception:  # noqa: BLE001 - an untraceable forward keeps the Python path
-            self.traces[key] = False
-            return expected
-        if not _same(got, expected):
-            self.disabled = True  # the trace does not compute the same function: never use it
-            return expected
-        self.traces[key] = script
-        return expected
-
-
-def _forward_params(model: nn.Module):
-    """``(number of required positional arguments, {defaulted name: default})`` of the model's
-    class forward, or ``(None, why)`` when its signature cannot be specialised."""
-    try:
-        sig = inspect.signature(type(model).forward)
-    except (TypeError, ValueError) as e:
-        return None, f"its forward has no inspectable signature ({e})"
-    params = list(sig.parameters.values())[1:]
-    required, concrete = 0, {}
-    for p in params:
-        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
-            return None, "its forward takes *args / **kwargs"
-        if p.default is p.empty:
-            if p.kind is p.KEYWORD_ONLY:  # (a required positional cannot follow a defaulted one)
-                return None, "its forward has required keyword-only arguments"
-            required += 1
-        else:
-            concrete[p.name] = p.default
-    return required, concrete
-
-
-def _eval_graph(model: nn.Module):
-    """``(fused forward function or None, number of positional arguments, {name: why not fused})``."""
-    required, concrete = _forward_params(model)
-    if required is None:
-        return None, 0, {"": f"eval fusions need a plain forward signature: {concrete}"}
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()  # control flow on self.training must take its eval branch
-    try:
-        graph = _Tracer().trace(model, concrete_args=concrete or None)
-    except Exception as e:
-        return None, required, {"": f"torch.fx cannot trace the model ({type(e).__name__}: {e}); nothing was fused"}
-    finally:
-        for m, t in modes:
-            m.training = t
-    gm = fx.GraphModule(model, graph, model.__class__.__name__)
-    for node in gm.graph.nodes:  # the code runs against the model itself: every name must be its own
-        if node.op in ("get_attr", "call_module"):
-            try:
-                ok = _resolve(model, node.target) is _resolve(gm, node.target)
-            except AttributeError:
-                ok = False
-            if not ok:
-                return None, required, {"": f"the traced graph refers to {node.target!r}, which is not an attribute "
-                                            "of the model (a constant torch.fx created); nothing was fused"}
-    skipped: Dict[str, str] = {}
-    fused = _rewrite_chains(gm, skipped)
-    if not fused:
-        return None, required, skipped
-    mods = dict(gm.named_modules())
-    for node in list(gm.graph.nodes):
-        if node.op == "call_module" and type(mods.get(node.target)) is nn.Identity and len(node.args) == 1 \
-                and not node.kwargs:
-            with gm.graph.inserting_before(node):
-                new = gm.graph.call_function(call_identity, (gm.graph.get_attr(node.target), node.args[0]))
-            node.replace_all_uses_with(new)
-            gm.graph.erase_node(node)
-    gm.graph.lint()
-    gm.recompile()
-    return type(gm).forward, required, skipped
-
-
-def _rewrite_chains(gm: fx.GraphModule, skipped: Dict[str, str]) -> int:
-    g = gm.graph
-    mods = dict(gm.named_modules())
-    calls = _module_calls(g)
-    fused = 0
-    for node in list(g.nodes):
-        conv = mods.get(node.target) if node.op == "call_module" else None
-        if type(conv) not in _FUSABLE_CONVS or getattr(conv, "fused_relu", False):
-            continue
-        if len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], fx.Node):
-            continue
-        if calls[node.target] > 1:
-            skipped[node.target] = "called more than once: a fused epilogue would apply to every call"
-            continue
-        chain, cur = [node], node
-        bn = add = relu = None
-        user = next(iter(cur.users)) if len(cur.users) == 1 else None
-        if user is not None and user.op == "call_module" and type(mods.get(user.target)) is nn.BatchNorm2d:
-            m = mods[user.target]
-            if m.running_mean is None or m.running_var is None:
-                skipped[user.target] = ("track_running_stats=False: it normalises with batch statistics even in "
-                                        "eval mode, which no conv weight can express")
-            elif calls[user.target] > 1:
-                skipped[user.target] = "the BatchNorm module is called more than once in the model"
-            elif m.num_features != conv.out_channels:
-                skipped[user.target] = f"{m.num_features} features, but {node.target} has {conv.out_channels}"
-            elif len(user.args) == 1 and not user.kwargs:
-                bn, cur = user, user
-                chain.append(cur)
-        elif user is None and len(cur.users) > 1:
-            bn_users = [u for u in cur.users if u.op == "call_module" and type(mods.get(u.target)) is nn.BatchNorm2d]
-            if bn_users:
-                skipped[bn_users[0].target] = f"the output of {node.target} is also used elsewhere"
-        if isinstance(conv, SparseConv2d):
-            user = next(iter(cur.users)) if len(cur.users) == 1 else None
-            if user is not None and user.op == "call_function" and user.target in _ADD and len(user.args) == 2 \
-                    and not user.kwargs:
-                other = user.args[1] if user.args[0] is cur else user.args[0]
-                if isinstance(other, fx.Node) and other is not cur and other.op != "get_attr" and \
-                        not (user.target is operator.iadd and user.args[0] is not cur):
-                    add, cur = user, user
-                    chain.append(cur)
-            user = next(iter(cur.users)) if len(cur.users) == 1 else None
-            if user is not None and _is_relu(user, mods):
-                relu, cur = user, user
-                chain.append(cur)
-        if bn is None and add is None and relu is None:
-            continue
-        with g.inserting_before(cur):
-            conv_ref = g.get_attr(node.target)
-            bn_ref = g.get_attr(bn.target) if bn is not None else None
-            relu_arg = None
-            if relu is not None:
-                relu_arg = g.get_attr(relu.target) if relu.op == "call_module" else True
-            if add is not None:
-                conv_first = add.args[0] is (bn if bn is not None else node)
-                add_args = (add.args[1] if conv_first else add.args[0], "iadd" if add.target is operator.iadd else "add",
-                            conv_first)
-            else:
-                add_args = (None, None, True)
-            new = g.call_function(eval_chain, (conv_ref, node.args[0], bn_ref) + add_args + (relu_arg,))
-        cur.replace_all_uses_with(new)
-        for c in reversed(chain):
-            g.erase_node(c)
-        fused += 1
-    return fused
+def _removed(name: str) -> None:
+    warnings.warn(f"apb_sparse.fuse.{name} is deprecated and does nothing: sparsify keeps the model's own "
+                  "forward; use apb_sparse.deploy(model, example_input) for a fast inference snapshot",
+                  FutureWarning, stacklevel=3)
 
 
 def enable_eval_fusions(model: nn.Module) -> nn.Module:
-    """Give ``model`` a fused forward for eval mode, keeping its modules, names and state_dict.
-
-    The model's forward is traced with ``torch.fx`` (in eval mode, arguments with defaults
-    specialised to their defaults); each conv -> BatchNorm -> residual add -> ReLU chain (every
-    step optional) becomes one :func:`eval_chain` call, which folds the BatchNorm into the conv's
-    weights (cached until a weight or statistic changes) and, for a :class:`SparseConv2d`, moves
-    the add and ReLU into the kernel.  The fused forward runs when the model is in eval mode and
-    is called with the traced positional arguments only; otherwise the class's own forward runs.
-    Modules are looked up on the model at every call, so replacing one is seen; but Python control
-    flow in ``forward`` that depends on attributes other than ``training`` is fixed at tracing
-    time: call this again (or :func:`disable_eval_fusions`) after changing such attributes.
-    torch.fx records ``out += r`` as ``out + r``; for a call where the two differ (``r``
-    would promote the conv output's dtype or broadcast it to a larger shape) the model's own
-    forward computes the result instead (forward hooks of modules before that point then fire
-    twice for that call).
-    Under ``torch.no_grad()`` / ``inference_mode`` the fused forward is run as a TorchScript
-    graph (``torch.jit.trace`` of the fused code, made on the second call with the same argument
-    shapes and model state, the third after a BatchNorm fold is refreshed, and checked against
-    the Python path once): the same op calls dispatched from C++, without the Python around every
-    layer.  The trace is dropped whenever a module,
-    parameter, buffer or attribute changes (see :func:`use_torchscript` to turn this off).
-    What was not fused, and why, is in ``model.apb_fuse_skipped``.  Returns ``model``.
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    disable_eval_fusions(model)
-    fn, n_args, skipped = _eval_graph(model)
-    if fn is not None:
-        model.__dict__["forward"] = _EvalForward(model, fn, n_args)
-    model.apb_fuse_skipped = skipped
+    """Deprecated no-op (warns): use :func:`apb_sparse.deploy`. Returns ``model`` unchanged."""
+    _removed("enable_eval_fusions")
     return model
 
 
 def disable_eval_fusions(model: nn.Module) -> nn.Module:
-    """Undo :func:`enable_eval_fusions` (the class's forward again, in every mode). Returns ``model``."""
-    if isinstance(model.__dict__.get("forward"), _EvalForward):
-        del model.__dict__["forward"]
+    """Deprecated no-op (warns). Returns ``model`` unchanged."""
+    _removed("disable_eval_fusions")
     return model
 
 
 def has_eval_fusions(model: nn.Module) -> bool:
-    """Whether :func:`enable_eval_fusions` gave ``model`` a fused eval forward."""
-    return isinstance(model.__dict__.get("forward"), _EvalForward)
+    """Deprecated (warns): always False, no model has the removed eval fusions."""
+    _removed("has_eval_fusions")
+    return False
+
+
+def use_torchscript(enable: bool) -> bool:
+    """Deprecated no-op (warns): :func:`apb_sparse.deploy` takes ``script=``. Returns True."""
+    if not isinstance(enable, bool):
+        raise TypeError(f"enable must be a bool, got {type(enable).__name__}")
+    _removed("use_torchscript")
+    return True

@@ -27,6 +27,7 @@ registered for them with :func:`register_converter`; linear layers whose parent 
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -324,45 +325,22 @@ def _parents(model: nn.Module) -> Dict[str, nn.Module]:
     return out
 
 
-def _calibrate(model: nn.Module, layers, masks: Mapping[str, Tensor], example_input: Tensor,
-               rounds: int) -> Dict[str, Dict[str, float]]:
-    """Measured cost (median seconds) of each candidate path of every layer on its real input.
+def bake_torch_prune(model: nn.Module) -> nn.Module:
+    """Make ``torch.nn.utils.prune`` reparametrisations permanent, in place: each pruned
+    ``weight_orig`` * ``weight_mask`` becomes a plain ``weight`` with the zeros (what
+    ``prune.remove`` does), so the conversion sees the zeros and no forward pre-hook is left.
+    Returns ``model``."""
+    from torch.nn.utils import prune
 
-    ``layers`` holds ``(name, layer, source)``: the hook sits on the model's layer, the candidates
-    are built from ``source`` (the layer or its registered converter's result).
-    """
-    from .bench.timing import interleaved_medians
-
-    inputs: Dict[str, Tensor] = {}
-    hooks = [layer.register_forward_hook(lambda m, i, o, n=name: inputs.__setitem__(n, i[0].detach()))
-             for name, layer, _ in layers]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(example_input)
-    finally:
-        model.train(was_training)
-        for h in hooks:
-            h.remove()
-    costs = {}
-    for name, _, source in layers:
-        if name not in inputs:
-            continue
-        weight = _effective_weight(source, masks.get(name))
-        candidates = {"dense": _plain(source, weight).eval()}
-        if weight.count_nonzero() < weight.numel():
-            paths = ["unstructured"] + (["structured"] if isinstance(source, nn.Conv2d) and source.groups == 1
-                                        else [])
-            for p in paths:
-                new, _ = _build_sparse(source, weight, p)
-                if new is not None:
-                    candidates[p] = new.eval()
-        x = inputs[name]
-        t = interleaved_medians({k: (lambda m=m: m(x)) for k, m in candidates.items()}, rounds=rounds, warmup=1,
-                                min_time=1e-3)
-        costs[name] = {k: v["median_s"] for k, v in t.items()}
-    return costs
+    for module in model.modules():
+        for hook in list(module._forward_pre_hooks.values()):
+            if isinstance(hook, prune.BasePruningMethod):
+                names = [h._tensor_name for h in getattr(hook, "_pruning_methods", [hook])] \
+                    if isinstance(hook, prune.PruningContainer) else [hook._tensor_name]
+                for name in dict.fromkeys(names):
+                    if hasattr(module, name + "_orig"):
+                        prune.remove(module, name)
+    return model
 
 
 @torch.no_grad()
@@ -378,7 +356,7 @@ def _mask_in_place(layer: nn.Module, mask: Tensor) -> None:
 
 
 def sparsify(model: nn.Module, masks: Optional[Mapping[str, Tensor]] = None, *, inplace: bool = False,
-             path: Union[str, Mapping[str, str]] = "auto", fuse: Union[bool, str] = "auto",
+             path: Union[str, Mapping[str, str]] = "auto", fuse: Union[bool, str] = False,
              calibrate: Optional[Tensor] = None, calibrate_rounds: int = 5) -> nn.Module:
     """Replace each ``nn.Conv2d`` / ``nn.Linear`` (masked ones included) by its sparse counterpart.
 
@@ -401,17 +379,15 @@ def sparsify(model: nn.Module, masks: Optional[Mapping[str, Tensor]] = None, *, 
             grouped convs and linear layers, use the unstructured one); or a mapping
             ``{layer name: path}`` (e.g. the paths of a saved model, to rebuild it before
             ``load_state_dict``; layers not named use ``"auto"``).
-        fuse: ``"auto"`` (default): the model keeps its modules, names and state_dict, and gets a
-            fused forward that runs in eval mode (:func:`apb_sparse.fuse.enable_eval_fusions`):
-            BatchNorms folded into the preceding convs' weights (cached), ReLUs and residual adds
-            in the sparse kernels' epilogue; training mode runs the model's own forward.
-            ``True``: the deployment form (the model must be in eval mode): BatchNorms folded
-            into the weights for good and the model rewritten as an ``fx.GraphModule`` (or the
-            unfused model if it cannot be traced), see :mod:`apb_sparse.fuse`. ``False``: no
-            fusion.  Either way, what was not fused, and why, is in ``model.apb_fuse_skipped``.
-        calibrate: an example input batch; with it, ``"auto"`` layers take the path measured
-            fastest on their real input (interleaved medians of ``calibrate_rounds`` rounds)
-            instead of the analytic cost model, and ``LayerChoice.cost`` holds the seconds.
+        fuse: deprecated. ``False`` (default): layers are swapped and nothing else; the model
+            keeps its own forward.  For inference speed use :func:`apb_sparse.deploy`, which
+            returns a frozen snapshot (BatchNorms folded, ReLU / residual add fused).  ``True``
+            still returns the older folded ``fx.GraphModule`` with a ``DeprecationWarning``;
+            ``"auto"`` (the old default: a fused forward with caches that guessed when the model
+            changed, wrong after in-place updates) now warns and behaves as ``False``.
+        calibrate, calibrate_rounds: deprecated and ignored with a warning (per-layer timing on
+            a loaded machine chose worse paths than the cost model); the analytic cost model
+            decides.
 
     Returns:
         The converted model.  ``model.apb_sparse_choices`` maps each conv / linear layer's name
@@ -434,8 +410,20 @@ def sparsify(model: nn.Module, masks: Optional[Mapping[str, Tensor]] = None, *, 
         raise ValueError(f"masks has keys that are not Conv2d/Linear layers of the model: {unknown}")
     if fuse not in (True, False, "auto"):
         raise ValueError(f"fuse must be True, False or 'auto', got {fuse!r}")
+    if fuse == "auto" and fuse is not True:
+        warnings.warn("sparsify(fuse='auto') is gone: sparsify keeps the model's own forward; for speed use "
+                      "apb_sparse.deploy(model, example_input)", FutureWarning, stacklevel=2)
+        fuse = False
+    elif fuse is True:
+        warnings.warn("sparsify(fuse=True) is deprecated: use apb_sparse.deploy(model, example_input), the "
+                      "deployment snapshot every benchmark times", DeprecationWarning, stacklevel=2)
+    if calibrate is not None:
+        warnings.warn("sparsify(calibrate=...) is deprecated and ignored: the analytic cost model chooses "
+                      "each layer's path", DeprecationWarning, stacklevel=2)
+        calibrate = None
     if not inplace:
         model = copy.deepcopy(model)
+    model = bake_torch_prune(model)
     skipped_fusions: Dict[str, str] = {}
     if fuse is True:
         from .fuse import fold_batchnorm
@@ -454,21 +442,13 @@ def sparsify(model: nn.Module, masks: Optional[Mapping[str, Tensor]] = None, *, 
         if name in masks:
             _mask_in_place(layer, masks[name])
         weight = _effective_weight(layer, None)
-        choices[name] = LayerChoice("dense", float(weight.count_nonzero()) / max(1, weight.numel()), None, {},
-                                    reason=why)
-    measured: Dict[str, Dict[str, float]] = {}
-    if calibrate is not None:
-        if not isinstance(calibrate, Tensor):
-            raise TypeError(f"calibrate must be an example input tensor, got {type(calibrate).__name__}")
-        if calibrate_rounds < 1:
-            raise ValueError(f"calibrate_rounds must be >= 1, got {calibrate_rounds}")
-        measured = _calibrate(model, convertible, masks, calibrate, calibrate_rounds)
+        # A layer whose forward transforms its weight (weight standardisation) computes with a
+        # dense weight whatever zeros the stored one has: it is reported dense.
+        density = 1.0 if not _standard_forward(layer) else float(weight.count_nonzero()) / max(1, weight.numel())
+        choices[name] = LayerChoice("dense", density, None, {}, reason=why)
     for name, layer, source in convertible:
         weight = _effective_weight(source, masks.get(name))
         choice = _choose(source, weight, per_layer.get(name, default))
-        if name in measured and per_layer.get(name, default) == "auto":
-            choice.cost = measured[name]
-            choice.path = min(measured[name], key=measured[name].get)
         new = None
         if choice.path != "dense":
             new, why = _build_sparse(source, weight, choice.path)
@@ -483,10 +463,6 @@ def sparsify(model: nn.Module, masks: Optional[Mapping[str, Tensor]] = None, *, 
         model = fuse_activations(model)
         skipped_fusions.update(getattr(model, "apb_fuse_skipped", {}))
         model.apb_fuse_skipped = skipped_fusions
-    elif fuse == "auto":
-        from .fuse import enable_eval_fusions
-
-        enable_eval_fusions(model)
     model.apb_sparse_choices = {n: choices[n] for n, _ in layers if n in choices}
     return model
 
@@ -505,15 +481,19 @@ def densify(model: nn.Module, *, inplace: bool = False) -> nn.Module:
 
     Fusions are undone first (:func:`apb_sparse.fuse.unfuse`): in a fused ``fx.GraphModule`` the
     ReLU and residual add go back into the graph.  A sparse conv with ``fused_relu`` set outside
-    such a graph becomes ``nn.Sequential(conv, nn.ReLU())``.  The eval fusions of ``fuse="auto"``
-    are dropped (the result runs its own forward in every mode).
+    such a graph becomes ``nn.Sequential(conv, nn.ReLU())``.  A :class:`~apb_sparse.DeployedModel`
+    gives its converted model, densified (BatchNorms stay folded).
     """
     from torch import fx
 
-    from .fuse import disable_eval_fusions, unfuse
+    from .fuse import unfuse
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    from .deploy import DeployedModel
+
+    if isinstance(model, DeployedModel):  # the snapshot's converted model, without the wrapper
+        model = model.module
     if not inplace:
         model = copy.deepcopy(model)
     for sub in list(model.modules()):
@@ -528,8 +508,6 @@ def densify(model: nn.Module, *, inplace: bool = False) -> nn.Module:
             model = _replace(model, name, dense)
     if hasattr(model, "apb_sparse_choices"):
         del model.apb_sparse_choices
-    for sub in model.modules():
-        disable_eval_fusions(sub)
     return model
 
 

@@ -276,28 +276,39 @@ def robustness(model: nn.Module, data, preset: Preset, *, seed: int = 0) -> Dict
 
 
 # ----------------------------------------------------------------------------------- speed
+LATENCY_BASELINE = ("the dense model deployed the same way (apb_sparse.deploy(dense, x, path='dense'): BatchNorm "
+                    "folded, TorchScript graph); speedup_vs_eager is against the eager dense model")
+
+
 def measure_latency(dense: nn.Module, sparse: nn.Module, input_shape: Sequence[int], *, batch: int,
                     rounds: int, device: torch.device) -> Dict[str, Any]:
-    """Median inference latency of the dense and the sparse model, interleaved, same run.
+    """Median inference latency of the deployed dense and sparse models, interleaved, same run.
 
-    Outputs are compared first (a fast wrong model is not a result).
+    Both are timed as :func:`apb_sparse.deploy` snapshots (the form the leaderboard times): the
+    baseline is ``deploy(dense, x, path="dense")``; ``speedup_vs_eager`` is against the eager dense
+    model.  Outputs are compared first (a fast wrong model is not a result).
     """
+    from .. import DeployedModel, deploy
     from . import interleaved_medians
 
-    dense = copy.deepcopy(dense).to(device).eval()
-    sparse = copy.deepcopy(sparse).to(device).eval()
     gen = torch.Generator().manual_seed(0)
     x = torch.rand((batch, *input_shape), generator=gen).to(device)
+    eager = copy.deepcopy(dense).to(device).eval()
+    dense_d = deploy(eager, x, path="dense")
+    sparse_d = sparse if isinstance(sparse, DeployedModel) else deploy(copy.deepcopy(sparse).to(device).eval(), x)
     with torch.inference_mode():
-        ref = dense(x)
-        diff = float((sparse(x) - ref).abs().max())
+        ref = eager(x)
+        diff = float((sparse_d(x) - ref).abs().max())
         scale = max(1.0, float(ref.abs().max()))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    t = interleaved_medians({"dense": lambda: dense(x), "sparse": lambda: sparse(x)}, rounds=rounds, warmup=2,
-                            min_time=0.02, sync=sync)
-    d, s = t["dense"]["median_s"], t["sparse"]["median_s"]
+    with torch.inference_mode():
+        t = interleaved_medians({"eager": lambda: eager(x), "dense": lambda: dense_d(x), "sparse": lambda: sparse_d(x)},
+                                rounds=rounds, warmup=2, min_time=0.02, sync=sync)
+    e, d, s = t["eager"]["median_s"], t["dense"]["median_s"], t["sparse"]["median_s"]
     return {"device": str(device), "batch": batch, "rounds": rounds, "dense_ms": d * 1e3, "sparse_ms": s * 1e3,
-            "speedup": d / s, "dense_times_ms": [v * 1e3 for v in t["dense"]["times_s"]],
+            "dense_eager_ms": e * 1e3, "speedup": d / s, "speedup_vs_eager": e / s,
+            "baseline": LATENCY_BASELINE,
+            "dense_times_ms": [v * 1e3 for v in t["dense"]["times_s"]],
             "sparse_times_ms": [v * 1e3 for v in t["sparse"]["times_s"]], "max_abs_diff": diff,
             "outputs_match": diff <= 1e-3 * scale}
 
@@ -321,9 +332,7 @@ def evaluate_model(model: nn.Module, data, preset: Preset, *, seed: int = 0, dev
         xc = data[0][:n_check]
     bs = preset.latency_batch  # the deployment batch size, as timed below
     if sparse_model is None:
-        # Per-layer paths measured on the deployment batch (not the analytic cost model): on
-        # small layers the dense kernel can win even at high sparsity.
-        sparse_model = sparsify(dense.cpu(), calibrate=xc[:bs].cpu()).eval()
+        sparse_model = sparsify(dense.cpu()).eval()
         dense = dense.to(device)
     sparse_model = sparse_model.eval()
     report = sparsity_report(sparse_model, (1, *input_shape))
@@ -629,8 +638,9 @@ def time_deployed(records: Sequence[Dict[str, Any]], out_dir, preset: Preset, *,
     (the dense reference's weights) is timed in every round, deployed like the sparse models
     (BatchNorm folded, ReLU fused: the speedup is what the sparsity buys) and as eager torch
     (``speedup_vs_eager``), next to each cell's deployment model:
-    ``sparsify(model, path=<the checkpoint's per-layer paths>, fuse=True)`` (BatchNorm folded,
-    ReLU fused). Each round calls every model for ``preset.latency_min_time``
+    ``apb_sparse.deploy(model, x, path=<the checkpoint's per-layer paths>)`` (BatchNorm folded,
+    ReLU / residual add fused, TorchScript graph), the same form as the dense baseline
+    ``deploy(dense, x, path="dense")``. Each round calls every model for ``preset.latency_min_time``
     seconds; ``preset.latency_rounds`` rounds. The speedup of a cell is the folded dense median over
     its median; its spread is the interquartile range (and min / max) of the per-round ratios
     (dense and sparse from the same round).
@@ -639,7 +649,7 @@ def time_deployed(records: Sequence[Dict[str, Any]], out_dir, preset: Preset, *,
         cell key -> ``{"cpu": {...}}`` (and ``"cuda"`` when a GPU is present), to be stored as the
         records' ``latency``.
     """
-    from .. import densify, sparsify
+    from .. import deploy, densify
     from . import interleaved_medians
 
     out_dir = Path(out_dir)
@@ -674,7 +684,7 @@ def time_deployed(records: Sequence[Dict[str, Any]], out_dir, preset: Preset, *,
             # The per-layer paths saved with the checkpoint (chosen by the analytic cost model):
             # measuring them here instead ("calibrate") proved worse on a loaded machine, where
             # three noisy rounds per layer sent half of the 95 %-sparse layers to the dense path.
-            deployed = sparsify(dz, path=cfg.get("paths") or "auto", fuse=True).eval()
+            deployed = deploy(dz, x, path=cfg.get("paths") or "auto")
             with torch.inference_mode():
                 ref, got = dz(x), deployed(x)
             diff = float((got - ref).abs().max())
@@ -690,7 +700,7 @@ def time_deployed(records: Sequence[Dict[str, Any]], out_dir, preset: Preset, *,
             xs = {da: x.to(dev) for da, x in inputs.items()}
             for da, base in baselines.items():
                 b = copy.deepcopy(base).to(dev).eval()
-                bf = sparsify(base, path="dense", fuse=True).to(dev).eval()
+                bf = deploy(base.to(dev), xs[da], path="dense")
                 fns[f"dense:{da}"] = (lambda b=b, x=xs[da]: b(x))
                 fns[f"dense-fused:{da}"] = (lambda b=bf, x=xs[da]: b(x))
             for cid, (m, da, _) in models.items():
@@ -726,7 +736,7 @@ def time_deployed(records: Sequence[Dict[str, Any]], out_dir, preset: Preset, *,
                     "threads": torch.get_num_threads() if dev.type == "cpu" else None,
                     "phase": "exclusive", "models_timed": len(models),
                     "clock": "process CPU time" if cpu_clock else "wall clock",
-                    "baseline": "dense model, BatchNorm folded and ReLU fused (sparsify(dense, path='dense', fuse=True))",
+                    "baseline": LATENCY_BASELINE,
                     "dense_ms": df_med * 1e3, "dense_eager_ms": d_med * 1e3, "sparse_ms": s_med * 1e3,
                     "speedup": df_med / s_med, "speedup_vs_eager": d_med / s_med,
                     "speedup_q25": _quantile(ratios, 0.25), "speedup_q75": _quantile(ratios, 0.75),

@@ -1,0 +1,256 @@
+"""Deployment: a frozen inference snapshot of a model, the form every benchmark times.
+
+:func:`sparsify` swaps layers and keeps the model's own forward, so training, hooks, attributes
+and autograd behave as on the dense model.  Speed comes from one explicit step,
+:func:`deploy`, in the spirit of ``torch.jit.freeze`` and torch.ao's ``fuse_modules``: it copies
+the model and returns a :class:`DeployedModel` with
+
+* every BatchNorm fed only by a conv folded into that conv (timm's ``BatchNormAct2d`` too: its
+  activation stays as a module after the conv),
+* sparse layers chosen per layer by :func:`~apb_sparse.sparsify`'s cost model (or kept from an
+  already sparsified model),
+* ReLUs and residual adds after a sparse conv moved into the kernel's epilogue
+  (:func:`apb_sparse.fuse.fuse_activations`),
+* under ``torch.no_grad()`` / ``inference_mode``, a TorchScript graph of the whole forward
+  (``torch.jit.trace``) per input signature, made once and checked against the Python graph:
+  the same op calls, dispatched from C++ instead of Python.
+
+The snapshot never looks back at the source model: later changes to it (an optimiser step, a
+new attribute, a hook) are not seen, and nothing is revalidated per call.  Deploy again after
+changing the model.  Everything the snapshot cannot reproduce is refused with an error at deploy
+time (training mode, forward hooks) or falls back to the exact Python graph (a forward that
+TorchScript would specialise on data, such as ``.item()`` in control flow, is detected from
+TorchScript's own warnings and never traced).
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules import module as _module_mod
+
+__all__ = ["deploy", "DeployedModel", "MAX_TRACES"]
+
+MAX_TRACES = 4
+"""Input signatures (shapes, strides, dtypes, devices) a deployed model traces at most; calls with
+other signatures run the Python graph (no unbounded growth of compiled graphs)."""
+
+
+def _signature(args: Tuple[Any, ...]) -> Optional[tuple]:
+    key = []
+    for a in args:
+        if not isinstance(a, Tensor) or a.requires_grad:
+            return None
+        key.append((tuple(a.shape), tuple(a.stride()), a.dtype, a.device))
+    return tuple(key)
+
+
+def _same_outputs(a, b) -> bool:
+    if isinstance(a, Tensor) and isinstance(b, Tensor):
+        return a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a.nan_to_num(0.25), b.nan_to_num(0.25))) \
+            and bool(torch.equal(a.isnan(), b.isnan()))
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same_outputs(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_outputs(a[k], b[k]) for k in a)
+    return False
+
+
+class DeployedModel(nn.Module):
+    """A frozen inference snapshot made by :func:`deploy` (eval mode only).
+
+    ``module`` holds the converted model (an ``fx.GraphModule`` when the source could be traced,
+    else the converted model itself), whose ``state_dict`` is this model's under ``module.``.
+    Grad mode, ``torch.compile`` and ``torch.export`` run ``module``; ``no_grad`` /
+    ``inference_mode`` calls run its TorchScript graph for that input signature when one could be
+    made (at most :data:`MAX_TRACES`).  ``apb_deploy_info`` says what was folded, fused and traced.
+    """
+
+    def __init__(self, module: nn.Module, *, script: bool = True):
+        super().__init__()
+        self.module = module
+        self.script = script
+        # Not submodules: they share module's tensors, must not enter state_dict, and are rebuilt
+        # after copying or unpickling.
+        self.__dict__["_scripts"] = {}
+        self.apb_deploy_info: Dict[str, Any] = {}
+        super().train(False)
+
+    def train(self, mode: bool = True) -> "DeployedModel":
+        if mode:
+            raise RuntimeError("a deployed model is an inference snapshot (BatchNorms folded): it has no training "
+                               "mode; train the model apb_sparse.sparsify returned, then deploy it again")
+        return super().train(False)
+
+    @property
+    def apb_sparse_choices(self):
+        return getattr(self.module, "apb_sparse_choices", {})
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_scripts"] = {}
+        return state
+
+    def __deepcopy__(self, memo):
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for k, v in self.__dict__.items():
+            new.__dict__[k] = {} if k == "_scripts" else copy.deepcopy(v, memo)
+        return new
+
+    def _trace(self, args: Tuple[Tensor, ...]):
+        """A checked TorchScript graph of ``module`` for these inputs' signature, or a string saying
+        why there is none.  Traces on copies: the caller's tensors are never written."""
+        probe = tuple(a.clone() for a in args)
+        try:
+            with warnings.catch_warnings():
+                # A TracerWarning means the trace would bake in a value read from data (.item(),
+                # a Python bool of a tensor, ...): such a graph is wrong for other inputs.
+                warnings.simplefilter("error", torch.jit.TracerWarning)
+                # apb_sparse's own layers only compare shapes, and graphs are keyed on shapes.
+                warnings.filterwarnings("ignore", category=torch.jit.TracerWarning, module=r"apb_sparse\.")
+                warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
+                with torch.no_grad():
+                    traced = torch.jit.trace(self.module, probe, check_trace=False, strict=False)
+                    want = self.module(*tuple(a.clone() for a in args))
+                    got = traced(*tuple(a.clone() for a in args))
+        except Exception as e:  # noqa: BLE001 - any tracing failure leaves the exact Python graph
+            return f"not traced ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        if not _same_outputs(want, got):
+            return "not traced: the TorchScript graph's outputs differ from the Python graph's"
+        return traced
+
+    def forward(self, *args, **kwargs):
+        if kwargs or not self.script or torch.is_grad_enabled() or torch.compiler.is_compiling() \
+                or torch.jit.is_tracing() or torch.jit.is_scripting():
+            return self.module(*args, **kwargs)
+        key = _signature(args)
+        if key is None:
+            return self.module(*args)
+        scripts = self.__dict__["_scripts"]
+        fn = scripts.get(key)
+        if fn is None:
+            if len(scripts) >= MAX_TRACES:
+                return self.module(*args)
+            fn = scripts[key] = self._trace(args)
+            self.apb_deploy_info.setdefault("traces", {})[str(key)] = fn if isinstance(fn, str) else "traced"
+        if isinstance(fn, str):
+            return self.module(*args)
+        return fn(*args)
+
+
+def _hooked(model: nn.Module) -> list:
+    names = [n or "<model>" for n, m in model.named_modules()
+             if m._forward_hooks or (m._forward_pre_hooks and not _only_torch_prune(m))]
+    if _module_mod._global_forward_hooks or _module_mod._global_forward_pre_hooks:
+        names.append("<global module hooks>")
+    return names
+
+
+def _only_torch_prune(m: nn.Module) -> bool:
+    from torch.nn.utils import prune
+
+    return all(isinstance(h, prune.BasePruningMethod) for h in m._forward_pre_hooks.values())
+
+
+def deploy(model: nn.Module, example_input: Union[Tensor, Tuple[Tensor, ...]], *,
+           masks: Optional[Mapping[str, Tensor]] = None, path: Union[str, Mapping[str, str]] = "auto",
+           script: bool = True, check: bool = True) -> DeployedModel:
+    """A frozen inference snapshot of ``model``: BatchNorms folded, sparse layers, ReLU / residual
+    add in the kernel epilogue, a TorchScript graph per input signature.
+
+    This is a snapshot: the source model is copied and never read again, so later changes to it
+    are not seen (deploy again).  It is the form ``apb run``, ``apb eval`` and the benchmark
+    scripts time.
+
+    Args:
+        model: a model in eval mode: dense (zeros in the weights are used), masked
+            (:mod:`apb_sparse.nn` masked layers, ``torch.nn.utils.prune``) or already converted by
+            :func:`~apb_sparse.sparsify` (its per-layer paths are kept).
+        example_input: an input batch (or tuple of inputs) of the deployment shape: the graph for
+            its signature is traced and checked now, and the snapshot's output on it is compared
+            with ``model``'s.
+        masks: optional ``{layer name: 0/1 mask}`` applied before conversion (as ``sparsify``).
+        path: per-layer path for layers not already converted (see ``sparsify``).
+        script: make TorchScript graphs for ``no_grad`` calls (False: always the Python graph).
+        check: compare the snapshot's output on ``example_input`` with ``model``'s and raise
+            ``RuntimeError`` when they differ by more than rounding.
+
+    Returns:
+        A :class:`DeployedModel`; ``apb_sparse_choices`` and ``apb_deploy_info`` say which path
+        each layer took, what was folded and fused, and whether the graph was traced.
+
+    Raises:
+        ValueError: ``model`` is in training mode, or has forward hooks (a snapshot would not run
+            them: remove them, or use the model ``sparsify`` returns, which keeps them).
+        TypeError: ``model`` is not an ``nn.Module`` or ``example_input`` is not a tensor (tuple).
+    """
+    from .fuse import fold_batchnorm, fuse_activations
+    from .sparsify import SPARSE_LAYERS, bake_torch_prune, densify, sparsify
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if isinstance(model, DeployedModel):
+        raise TypeError("model is already deployed (a DeployedModel): deploy the source model")
+    args = example_input if isinstance(example_input, tuple) else (example_input,)
+    if not args or not all(isinstance(a, Tensor) for a in args):
+        raise TypeError("example_input must be a tensor or a tuple of tensors, got "
+                        f"{type(example_input).__name__}")
+    if any(m.training for m in model.modules()):
+        raise ValueError("model is in training mode: deploy makes an inference snapshot (BatchNorms folded with "
+                         "their running statistics); call model.eval() first")
+    hooked = _hooked(model)
+    if hooked:
+        raise ValueError(f"model has forward hooks on {hooked[:5]}: a deployed snapshot would not run them; "
+                         "remove them, or use apb_sparse.sparsify(model), which keeps the model's forward")
+    with torch.no_grad():
+        reference = model(*(a.clone() for a in args)) if check else None
+    work = bake_torch_prune(copy.deepcopy(model))
+    paths: Union[str, Dict[str, str]] = path
+    if any(isinstance(m, SPARSE_LAYERS) for m in work.modules()):
+        # Already converted: fold into dense weights, then convert again with the same paths.
+        kept = {n: c.path for n, c in getattr(work, "apb_sparse_choices", {}).items()}
+        work = densify(work, inplace=True)
+        paths = {**({} if isinstance(path, str) else dict(path)), **kept} if kept else path
+    work = fold_batchnorm(work, inplace=True)
+    folded_skipped = dict(getattr(work, "apb_fuse_skipped", {}))
+    work = sparsify(work, masks, inplace=True, path=paths, fuse=False)
+    choices = work.apb_sparse_choices
+    work = fuse_activations(work)
+    fused_skipped = dict(getattr(work, "apb_fuse_skipped", {}))
+    work.apb_sparse_choices = choices
+    deployed = DeployedModel(work, script=script)
+    deployed.apb_deploy_info = {"fx_graph": isinstance(work, torch.fx.GraphModule),
+                                "not_folded": folded_skipped, "not_fused": fused_skipped}
+    with torch.no_grad():
+        got = deployed(*(a.clone() for a in args))
+    if check:
+        _check_close(reference, got)
+    return deployed
+
+
+def _check_close(want, got, where: str = "output") -> None:
+    if isinstance(want, Tensor):
+        if not isinstance(got, Tensor) or want.shape != got.shape:
+            raise RuntimeError(f"deploy: the snapshot's {where} has another type or shape than the model's")
+        w, g = want.detach().float(), got.detach().float()
+        scale = max(1.0, float(w.abs().nan_to_num(0).max())) if w.numel() else 1.0
+        diff = float((w - g).abs().nan_to_num(float("inf")).max()) if w.numel() else 0.0
+        bad_nan = not torch.equal(w.isnan(), g.isnan())
+        tol = (1e-3 if w.dtype == torch.float32 and want.dtype == torch.float32 else 2e-2) * scale
+        if bad_nan or (diff > tol and not (w.isnan().all())):
+            raise RuntimeError(f"deploy: the snapshot's {where} differs from the model's by {diff:.3g} "
+                               f"(tolerance {tol:.3g}); please report this model")
+    elif isinstance(want, (tuple, list)):
+        if not isinstance(got, (tuple, list)) or len(got) != len(want):
+            raise RuntimeError(f"deploy: the snapshot's {where} has another structure than the model's")
+        for i, (w, g) in enumerate(zip(want, got)):
+            _check_close(w, g, f"{where}[{i}]")
+    elif isinstance(want, dict):
+        if not isinstance(got, dict) or got.keys() != want.keys():
+            raise RuntimeError(f"deploy: the snapshot's {where} has other keys than the model's")
+        for k in want:
+            _check_close(want[k], got[k], f"{where}[{k!r}]")
