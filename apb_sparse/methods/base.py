@@ -656,11 +656,14 @@ class PruneContext:
         from ..train import train
 
         config = self.recipe.train_config(epochs, mode=mode, lr=lr, **(config_overrides or {}))
+        # The optimisation budget of the phase (the benchmark compares pipelines by it).
+        entry.update(lr=float(config.lr), scheduler=config.scheduler)
         t0 = time.perf_counter()
         tlog = train(self.model, self.data, config, params=params, loss_fn=loss_fn,
                      extra_loss=extra_loss, on_step=chain_steps(on_step, self.channel_hook()),
                      progress=self.recipe.progress)
         entry["seconds"] = time.perf_counter() - t0
+        entry["steps"] = int(tlog.steps)
         entry["train_log"] = tlog
         return tlog
 
