@@ -7,6 +7,7 @@ in :mod:`apb_sparse.nn` and the ops in :mod:`apb_sparse.ops`.
 from . import fuse, nn, ops
 from .compact import channel_groups, compact, zero_dead_batchnorm
 from .deploy import DeployedModel, deploy
+from .export import export_onnx
 from .sparsify import (apply_masks, densify, magnitude_masks, sparsify, sparsity_report)
 
 __version__ = "0.1.0"
@@ -23,5 +24,5 @@ def __getattr__(name):
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-__all__ = ["nn", "ops", "fuse", "sparsify", "deploy", "DeployedModel", "densify", "compact", "sparsity_report", "magnitude_masks", "apply_masks",
+__all__ = ["nn", "ops", "fuse", "sparsify", "deploy", "DeployedModel", "export_onnx", "densify", "compact", "sparsity_report", "magnitude_masks", "apply_masks",
            "channel_groups", "zero_dead_batchnorm"]

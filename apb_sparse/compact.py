@@ -14,10 +14,9 @@ Only eval-mode (running-statistics) BatchNorm semantics are preserved.
 """
 from __future__ import annotations
 
-import copy
 import operator
 import warnings
-from typing import Dict, List, Optional, Sequence, Set, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.fx as fx
@@ -25,14 +24,21 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from .fuse import ZERO_PRESERVING, batchnorm_tail
+from .fuse import trace as _fx_trace
+
 __all__ = ["compact", "channel_groups", "zero_dead_batchnorm"]
 
-_PASS_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.SiLU, nn.GELU, nn.Sigmoid, nn.Tanh, nn.Identity,
-                 nn.Dropout, nn.Dropout2d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d,
-                 nn.AdaptiveMaxPool2d)
-_PASS_FUNCTIONS = {F.relu, torch.relu, F.relu6, F.leaky_relu, F.silu, F.gelu, torch.sigmoid, torch.tanh,
+# Ops that keep channel c in channel c and map a zero channel to zero (sigmoid does not: a removed
+# all-zero channel would have read 0.5 downstream, so it pins its input).
+_PASS_MODULES = ZERO_PRESERVING + (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+_PASS_FUNCTIONS = {F.relu, torch.relu, F.relu6, F.leaky_relu, F.silu, F.gelu, torch.tanh,
                    F.dropout, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d}
-_PASS_METHODS = {"relu", "relu_", "contiguous", "sigmoid", "tanh", "clone"}
+_PASS_METHODS = {"relu", "relu_", "contiguous", "tanh", "clone"}
+
+
+def _zero_preserving(m: nn.Module) -> bool:
+    return isinstance(m, ZERO_PRESERVING) or (isinstance(m, nn.Sequential) and all(map(_zero_preserving, m)))
 _JOIN = {operator.add, operator.iadd, torch.add, operator.sub, torch.sub, operator.mul, torch.mul}
 
 
@@ -133,7 +139,8 @@ class _Graph:
                 self.space[node] = uf.new()
                 self.producers.append((node.target, self.space[node]))
                 return
-            if type(mod) is nn.BatchNorm2d and src is not None:
+            if src is not None and len(args) == 1 and _zero_preserving(batchnorm_tail(mod) or nn.Sigmoid()):
+                # BatchNorm2d, or BatchNorm + a zero-preserving activation (timm's BatchNormAct2d)
                 self.space[node] = src
                 self.batchnorms.append((node.target, src))
                 return
@@ -220,7 +227,7 @@ class UntraceableModelError(ValueError):
 
 def _build(model: nn.Module, example_input: Optional[Tensor]) -> _Graph:
     try:
-        gm = fx.symbolic_trace(model)
+        gm = _fx_trace(model)
     except Exception as e:
         raise UntraceableModelError(f"torch.fx cannot trace the model ({type(e).__name__}: "
                                     f"{' '.join(str(e).split())}), so its channel groups are unknown") from None
@@ -247,7 +254,8 @@ def compact(model: nn.Module, example_input: Optional[Tensor] = None, *, inplace
 
     Args:
         model: a dense, masked or sparse model (sparse and masked layers are densified first,
-            fusions undone: see :func:`~apb_sparse.densify`).  Layers the trace does not
+            fusions undone: see :func:`~apb_sparse.densify`; ``torch.nn.utils.prune`` masks are
+            made permanent).  Layers the trace does not
             understand (subclasses with their own ``forward``, attention blocks) keep their
             channels; padding modes and ``padding="same"`` are kept.
         example_input: an input the model accepts (shapes are traced with it); by default
@@ -259,11 +267,11 @@ def compact(model: nn.Module, example_input: Optional[Tensor] = None, *, inplace
         producer layer) to the number of channels removed.  A model ``torch.fx`` cannot trace
         comes back densified with nothing removed, and a warning says why.
     """
-    from .sparsify import densify
+    from .sparsify import bake_torch_prune, densify
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    model = densify(model, inplace=inplace)
+    model = bake_torch_prune(densify(model, inplace=inplace))
     try:
         g = _build(model, example_input)
     except UntraceableModelError as e:
@@ -381,7 +389,7 @@ def zero_dead_batchnorm(model: nn.Module) -> List[str]:
     """
     from .nn.masked import MaskedConv2d
 
-    gm = fx.symbolic_trace(model)
+    gm = _fx_trace(model)
     mods = dict(model.named_modules())
     changed = []
     for node in gm.graph.nodes:

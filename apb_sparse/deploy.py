@@ -240,7 +240,7 @@ def _check_close(want, got, where: str = "output") -> None:
         scale = max(1.0, float(w.abs().nan_to_num(0).max())) if w.numel() else 1.0
         diff = float((w - g).abs().nan_to_num(float("inf")).max()) if w.numel() else 0.0
         bad_nan = not torch.equal(w.isnan(), g.isnan())
-        tol = (1e-3 if w.dtype == torch.float32 and want.dtype == torch.float32 else 2e-2) * scale
+        tol = {torch.float64: 1e-9, torch.float32: 1e-3}.get(want.dtype, 2e-2) * scale
         if bad_nan or (diff > tol and not (w.isnan().all())):
             raise RuntimeError(f"deploy: the snapshot's {where} differs from the model's by {diff:.3g} "
                                f"(tolerance {tol:.3g}); please report this model")

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from .nn.masked import MaskedLayer
 from .nn.sparse import ChannelSparseConv2d, SparseConv2d, SparseLinear
 
-__all__ = ["fold_batchnorm", "fuse_activations", "unfuse", "fused_conv_add"]
+__all__ = ["fold_batchnorm", "fuse_activations", "unfuse", "fused_conv_add", "batchnorm_tail", "trace"]
 
 _LEAVES = (SparseConv2d, SparseLinear, ChannelSparseConv2d) + MaskedLayer
 _RELU_FUNCTIONS = {F.relu, torch.relu}
@@ -39,11 +39,43 @@ _ADD = {operator.add, operator.iadd, torch.add}
 _FOLDABLE_CONVS = (nn.Conv2d,) + tuple(t for t in MaskedLayer if issubclass(t, nn.Conv2d))
 
 
+# Activations f with f(0) == 0: a BatchNorm + activation module maps a zero channel to zero when
+# its BatchNorm does (what compact needs), and folding keeps the activation as a module.
+ZERO_PRESERVING = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.SiLU, nn.GELU, nn.Tanh, nn.Hardswish, nn.Mish,
+                   nn.Identity, nn.Dropout, nn.Dropout2d)
+
+
+def batchnorm_tail(bn: nn.Module) -> Optional[nn.Module]:
+    """What stays of a BatchNorm2d module once its normalisation is folded into a conv, or None
+    when it is not a BatchNorm2d whose forward we know.
+
+    ``nn.BatchNorm2d`` (or a subclass that keeps its forward) leaves ``nn.Identity()``.  A
+    BatchNorm + activation module in timm's ``BatchNormAct2d`` layout (a subclass whose forward is
+    batch_norm, then ``self.drop``, then ``self.act``) leaves its ``drop`` and ``act`` modules.
+    """
+    if not isinstance(bn, nn.BatchNorm2d):
+        return None
+    forward = type(bn).forward
+    if forward is nn.BatchNorm2d.forward or forward is nn.modules.batchnorm._BatchNorm.forward:
+        return nn.Identity()
+    drop, act = getattr(bn, "drop", None), getattr(bn, "act", None)
+    if type(bn).__name__.endswith("BatchNormAct2d") and isinstance(drop, nn.Module) and isinstance(act, nn.Module):
+        mods = [m for m in (drop, act) if type(m) is not nn.Identity]
+        return mods[0] if len(mods) == 1 else (nn.Sequential(*mods) if mods else nn.Identity())
+    return None
+
+
 class _Tracer(fx.Tracer):
-    """Keeps apb_sparse layers as leaves (their forward calls custom ops)."""
+    """Keeps apb_sparse layers and BatchNorm2d subclasses (timm's BatchNormAct2d) as leaves."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, _LEAVES) or super().is_leaf_module(m, qualname)
+        return isinstance(m, _LEAVES) or batchnorm_tail(m) is not None or super().is_leaf_module(m, qualname)
+
+
+def trace(model: nn.Module) -> fx.GraphModule:
+    """``torch.fx`` graph of ``model`` with apb_sparse layers and BatchNorm modules as leaves (the
+    one tracer of fold_batchnorm, fuse_activations and compact). Raises what fx raises."""
+    return fx.GraphModule(model, _Tracer().trace(model), model.__class__.__name__)
 
 
 def _trace_or_mark(model: nn.Module):
@@ -57,10 +89,9 @@ def _trace_or_mark(model: nn.Module):
 def _trace(model: nn.Module) -> Tuple[Optional[fx.GraphModule], Optional[str]]:
     """``(graph module, None)``, or ``(None, why fx cannot trace the model)``."""
     try:
-        graph = _Tracer().trace(model)
+        return trace(model), None
     except Exception as e:  # data-dependent control flow, unsupported Python: leave the model alone
         return None, f"torch.fx cannot trace the model ({type(e).__name__}: {e}); nothing was fused"
-    return fx.GraphModule(model, graph, model.__class__.__name__), None
 
 
 def _check_eval(model: nn.Module) -> None:
@@ -77,7 +108,9 @@ def _module_calls(graph: fx.Graph) -> Counter:
 def fold_batchnorm(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     """Fold every BatchNorm2d whose only input is a conv (used by nothing else) into that conv.
 
-    Returns a model whose folded BatchNorm modules are ``nn.Identity``; same outputs in eval mode.
+    Returns a model whose folded BatchNorm modules are ``nn.Identity`` (a BatchNorm + activation
+    module such as timm's ``BatchNormAct2d`` leaves its activation, see :func:`batchnorm_tail`);
+    same outputs in eval mode.
     BatchNorms that cannot be folded stay (see ``apb_fuse_skipped`` in the module docstring).
     """
     _check_eval(model)
@@ -90,7 +123,7 @@ def fold_batchnorm(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     mods = dict(model.named_modules())
     calls = _module_calls(gm.graph)
     for node in gm.graph.nodes:
-        if node.op != "call_module" or type(mods.get(node.target)) is not nn.BatchNorm2d:
+        if node.op != "call_module" or not isinstance(mods.get(node.target), nn.BatchNorm2d):
             continue
         src = node.args[0] if node.args else None
         if not (isinstance(src, fx.Node) and src.op == "call_module" and isinstance(mods.get(src.target), nn.Conv2d)):
@@ -107,10 +140,13 @@ def fold_batchnorm(model: nn.Module, *, inplace: bool = False) -> nn.Module:
             skipped[node.target] = f"the output of {src.target} is also used elsewhere"
         elif bn.num_features != conv.out_channels:
             skipped[node.target] = f"{bn.num_features} features, but {src.target} has {conv.out_channels} channels"
+        elif batchnorm_tail(bn) is None:
+            skipped[node.target] = f"{type(bn).__name__} overrides BatchNorm2d.forward in a way apb_sparse does not know"
         else:
+            tail = batchnorm_tail(bn)
             _fold(conv, bn)
             parent, _, child = node.target.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, nn.Identity())
+            setattr(model.get_submodule(parent) if parent else model, child, tail)
     model.apb_fuse_skipped = skipped
     return model
 
@@ -146,46 +182,10 @@ def _skip_identity(node: fx.Node, mods) -> fx.Node:
     return node
 
 
-def _conv_output_shape(conv: SparseConv2d, input: Tensor) -> torch.Size:
-    n, _, h, w = input.shape
-    if conv.padding == "same":  # stride 1 (nn.Conv2d refuses "same" otherwise)
-        return torch.Size((n, conv.out_channels, h, w))
-    (kh, kw), (sh, sw) = conv.kernel_size, conv.stride
-    (ph, pw), (dh, dw) = (0, 0) if conv.padding == "valid" else conv.padding, conv.dilation
-    return torch.Size((n, conv.out_channels, (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1,
-                       (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1))
-
-
-def _kernel_residual(conv: SparseConv2d, input: Tensor, residual) -> Optional[Tensor]:
-    """``residual`` as the kernel's epilogue takes it (the conv output's shape, dtype and device),
-    or None when ``conv(input) + residual`` cannot be computed there exactly: a non-tensor, another
-    device, or a sum that would promote the dtype or broadcast to a larger shape."""
-    if not (isinstance(residual, Tensor) and input.dim() == 4 and residual.device == input.device):
-        return None
-    shape = _conv_output_shape(conv, input)
-    if residual.shape == shape and residual.dtype == input.dtype:
-        return residual
-    if torch.result_type(input, residual) != input.dtype:
-        return None
-    try:
-        broadcast = torch.broadcast_shapes(shape, residual.shape)
-    except RuntimeError:
-        return None
-    return residual.to(input.dtype).expand(shape).contiguous() if broadcast == shape else None
-
-
 def fused_conv_add(conv: SparseConv2d, input: Tensor, residual) -> Tensor:
-    """``conv(input) + residual`` (then ReLU if ``conv.fused_relu``), the add in the kernel's
-    epilogue when ``residual`` broadcasts to the conv output's shape and the sum keeps the conv's
-    dtype and device; otherwise computed unfused, exactly as eager PyTorch would.
-
-    :func:`fuse_activations` puts calls to it in the graph; it is not meant to be called by hand.
-    """
-    kernel_residual = _kernel_residual(conv, input, residual)
-    if kernel_residual is not None:
-        return conv(input, kernel_residual)
-    out = conv._run(input, conv.values, conv.bias, None, False) + residual
-    return torch.relu(out) if conv.fused_relu else out
+    """``conv(input) + residual`` (then ReLU if ``conv.fused_relu``): ``conv(input, residual)``,
+    the add in the kernel's epilogue where that is exact (see :meth:`SparseConv2d.forward`)."""
+    return conv(input, residual)
 
 
 @torch.no_grad()
@@ -238,8 +238,8 @@ def fuse_activations(model: nn.Module) -> nn.Module:
         relu = next(iter(user.users)) if len(user.users) == 1 else None
         relu = relu if relu is not None and _is_relu(relu, mods) else None
         with gm.graph.inserting_before(user):
-            ref = gm.graph.get_attr(node.target)
-            fused = gm.graph.call_function(fused_conv_add, (ref, node.args[0], other))
+            # A module call (a leaf for every fx tracer, so the graph survives torch.save).
+            fused = gm.graph.call_module(node.target, (node.args[0], other))
         if relu is not None:
             conv.fused_relu = True
         (relu if relu is not None else user).replace_all_uses_with(fused)
@@ -276,7 +276,7 @@ def unfuse(model: nn.Module) -> nn.Module:
     mods = dict(model.named_modules())
     relu_off = []
     for node in list(g.nodes):
-        if node.op == "call_function" and node.target is fused_conv_add:
+        if node.op == "call_function" and node.target is fused_conv_add:  # graphs made before 0.2
             ref, x, residual = node.args
             target = ref.target
         elif node.op == "call_module" and isinstance(mods.get(node.target), SparseConv2d) and \

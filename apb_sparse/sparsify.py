@@ -640,6 +640,10 @@ def sparsity_report(model: nn.Module, input_size: Optional[Sequence[int]] = None
             continue
         w = _layer_weight(layer)
         nnz = int(w.count_nonzero())
+        if not isinstance(layer, SPARSE_LAYERS) and not _standard_forward(layer) and _converter_for(layer) is None:
+            # Its forward may compute with another weight (weight standardisation turns zeros
+            # into nonzeros): reported dense, as sparsify leaves it.
+            nnz = w.numel()
         pos = outputs.get(name)
         layers.append(LayerReport(
             name=name, kind=type(layer).__name__, path=_path_of(layer), shape=list(w.shape), numel=w.numel(),
@@ -674,7 +678,7 @@ def _keep_largest(scores: Tensor, n_keep: int) -> Tensor:
 @torch.no_grad()
 def magnitude_masks(model: nn.Module, sparsity: float, *, structure: str = "unstructured",
                     scope: str = "local", layers: Optional[Sequence[str]] = None,
-                    coupled: bool = False) -> Dict[str, Tensor]:
+                    coupled: bool = False, example_input: Optional[Tensor] = None) -> Dict[str, Tensor]:
     """Lowest-magnitude masks for every conv / linear layer.
 
     Args:
@@ -690,6 +694,8 @@ def magnitude_masks(model: nn.Module, sparsity: float, *, structure: str = "unst
             every conv that writes into one channel space (the convs joined by a residual add, see
             :func:`channel_groups`), so that :func:`compact` can remove all of them; otherwise
             each conv picks its own filters and a residual join keeps the union.
+        example_input: with ``coupled=True``, an input the model accepts, to trace its channel
+            spaces (default: zero images of 32x32, 28x28, then 8x8 pixels are tried).
 
     Returns:
         ``{layer name: 0/1 mask}`` to pass to :func:`sparsify` or :func:`apply_masks`.
@@ -709,13 +715,17 @@ def magnitude_masks(model: nn.Module, sparsity: float, *, structure: str = "unst
     masks: Dict[str, Tensor] = {}
     if coupled and structure != "channels":
         raise ValueError("coupled=True needs structure='channels'")
+    if example_input is not None and not coupled:
+        raise ValueError("example_input is only used with coupled=True (to trace the channel spaces)")
+    if example_input is not None and not isinstance(example_input, Tensor):
+        raise TypeError(f"example_input must be a tensor, got {type(example_input).__name__}")
     if structure == "channels" and coupled:
         from .compact import channel_groups
 
         # Linear layers keep all their weights under structure="channels": with no conv to
         # prune there is nothing to couple (and no image input to trace the model with).
         has_conv = any(isinstance(all_layers[n], nn.Conv2d) for n in names)
-        for group in channel_groups(model) if has_conv else []:
+        for group in channel_groups(model, example_input) if has_conv else []:
             convs = [n for n in group["producers"] if n in names and isinstance(all_layers[n], nn.Conv2d)]
             if not convs:
                 continue

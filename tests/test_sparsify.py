@@ -174,19 +174,6 @@ def test_bad_arguments():
         SparseConv2d.from_dense(model.features[0])(torch.rand(32, 32))
 
 
-def test_calibrated_choice_is_measured_and_correct(inputs):
-    model = _model("vgg16")
-    masked = apply_masks(model, magnitude_masks(model, 0.95))
-    sparse = sparsify(masked, calibrate=inputs[:1], calibrate_rounds=2)
-    for name, choice in sparse.apb_sparse_choices.items():
-        assert set(choice.cost) >= {"dense", "unstructured"}
-        assert choice.path == min(choice.cost, key=choice.cost.get)  # the measured fastest
-    with torch.no_grad():
-        torch.testing.assert_close(sparse(inputs), masked(inputs), rtol=1e-4, atol=1e-5)
-    with pytest.raises(ValueError, match="calibrate_rounds"):
-        sparsify(masked, calibrate=inputs, calibrate_rounds=0)
-
-
 def test_coupled_channel_masks_are_fully_removed_by_compact():
     """Per-conv filter masks on ResNet-18 leave residual channel spaces mostly intact (the union of
     the kept filters survives compact); coupled masks drop the same filters across each join, so
