@@ -394,6 +394,85 @@ def _check_output(flag: str, path, *, suffix: Optional[str] = None) -> Path:
     return out
 
 
+def _check_out_folder(flag: str, out: Path) -> None:
+    """Fail now, as one line naming ``flag``, if ``out`` cannot be the run folder: a file, under a
+    file, or a place this user cannot create or write."""
+    import tempfile
+
+    if out.exists() and not out.is_dir():
+        _fail(f"argument {flag}: {str(out)!r} is a file, expected a folder (for results.jsonl, checkpoints, "
+              "the leaderboard)")
+    ancestor = out
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        _fail(f"argument {flag}: cannot create the folder {str(out)!r}: {str(ancestor)!r} is not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=out, prefix=".apb-write-check-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        _fail(f"argument {flag}: cannot write into {str(out)!r}: {e.strerror or e}")
+
+
+def _available_memory_bytes() -> Optional[int]:
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - not POSIX
+        return None
+
+
+def _check_model_size(flag: str, arch: str, num_classes: int, in_channels: int, model_kwargs) -> None:
+    """Refuse, naming ``flag``, options that would make ``get_model`` allocate more than this
+    machine's free memory (a corrupted or hostile ``model_kwargs`` such as ``width: 1e8`` is
+    otherwise a raw allocator error after a long wait). The model is built on the meta device,
+    which allocates nothing."""
+    import torch
+    from torch.overrides import TorchFunctionMode
+
+    from .models import get_model
+
+    class _FactoriesOnMeta(TorchFunctionMode):
+        # Parameters and buffers come from these factories; small constants built from Python
+        # values (the normalisation statistics, which the model checks with .item()) stay real.
+        FACTORIES = {torch.empty, torch.zeros, torch.ones, torch.full, torch.rand, torch.randn, torch.empty_like}
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = dict(kwargs or {})
+            if func in self.FACTORIES:
+                kwargs["device"] = "meta"
+            return func(*args, **kwargs)
+
+    try:
+        with _FactoriesOnMeta():
+            m = get_model(arch, num_classes=num_classes, in_channels=in_channels, **dict(model_kwargs or {}))
+    except Exception:  # the real build reports its own, named errors
+        return
+    nbytes = sum(t.numel() * t.element_size() for t in list(m.parameters()) + list(m.buffers()))
+    free = _available_memory_bytes()
+    limit = max(free // 2, 1 << 30) if free else 1 << 36
+    if nbytes > limit:
+        _fail(f"argument {flag}: model_kwargs {json.dumps(dict(model_kwargs or {}))} build a {arch} with "
+              f"{nbytes / 2**30:,.1f} GiB of weights, more than half of the {((free or 0) / 2**30):,.1f} GiB "
+              "of free memory; check the width / depth options")
+
+
+def _check_finite_weights(flag: str, model, path) -> None:
+    """Refuse a model whose weights hold NaN or infinite values, naming the first such tensor:
+    every output would be NaN, and the evaluation would report garbage numbers."""
+    import torch
+
+    for name, t in list(model.state_dict().items()):
+        if not torch.is_tensor(t) or not t.is_floating_point() or t.numel() == 0:
+            continue
+        bad = int((~torch.isfinite(t)).sum())
+        if bad:
+            nan = int(torch.isnan(t).sum())
+            what = "all NaN" if nan == t.numel() else f"{bad} non-finite value(s) ({nan} NaN) of {t.numel()}"
+            _fail(f"argument {flag}: {str(path)!r}: tensor {name!r} is {what}; the model cannot be evaluated")
+
+
 def _load_apb_checkpoint(flag: str, path):
     """``load_checkpoint`` with its failures as one-line errors naming ``flag``."""
     from .bench.checkpoint import CheckpointError, load_checkpoint
@@ -518,6 +597,7 @@ def _cmd_run(args, parser) -> int:
                      f"with the given sparsities")
     executor = _check_executor(parser, args)
     out = Path(args.out or os.path.join("runs", preset.name))
+    _check_out_folder("--out", out)
 
     from .bench.executors import interrupt_guard
 
@@ -565,13 +645,19 @@ def _print_summary(summary, seconds: float) -> None:
     from .bench.leaderboard import leaderboard_rows
     from .bench.results import read_records
 
+    from .bench.leaderboard import REFERENCES
+
     rows = leaderboard_rows(read_records(summary.out_dir / "results.jsonl", warn=False))
+    # Reference rows (dense, dense_base) are repeated per structure in the leaderboard: once here.
+    width = max([12] + [len(r["method"]) for r in rows])
+    swidth = max([9] + [len(r["structure"]) for r in rows])
     print()
-    print(f"{'method':<12} {'struct':<6} {'sparsity':>8} {'clean%':>7} {'AA%':>6} {'d_med':>6} "
-          f"{'dense ms':>9} {'sparse ms':>9} {'speedup':>7}  flags")
+    print(f"{'method':<{width}} {'structure':<{swidth}} {'seed':>4} {'sparsity':>8} {'clean%':>7} {'AA%':>6} "
+          f"{'d_med':>6} {'dense ms':>9} {'sparse ms':>9} {'speedup':>7} {'b1 speedup':>10}  flags")
     seen = set()
     for r in rows:
-        key = (r["dataset"], r["arch"], r["method"], r["sparsity"], r["seed"], r["structure"] if r["method"] != "dense" else "")
+        ref = r["method"] in REFERENCES
+        key = (r["dataset"], r["arch"], r["method"], r["sparsity"], r["seed"], "" if ref else r["structure"])
         if key in seen:
             continue
         seen.add(key)
@@ -581,9 +667,11 @@ def _print_summary(summary, seconds: float) -> None:
 
         def pct(v):
             return "-" if v is None else f"{100 * v:.1f}"
-        print(f"{r['method']:<12} {r['structure'][:6]:<6} {100 * r['sparsity']:>7.1f}% {pct(r['clean_acc']):>7} "
+        print(f"{r['method']:<{width}} {'-' if ref else r['structure']:<{swidth}} {r['seed']:>4} "
+              f"{100 * r['sparsity']:>7.1f}% {pct(r['clean_acc']):>7} "
               f"{pct(r['aa_acc']):>6} {f(r['median_min_norm'], '{:.3f}'):>6} {f(r['cpu_dense_ms'], '{:.2f}'):>9} "
-              f"{f(r['cpu_sparse_ms'], '{:.2f}'):>9} {f(r['cpu_speedup'], '{:.2f}x'):>7}  {r['flags']}")
+              f"{f(r['cpu_sparse_ms'], '{:.2f}'):>9} {f(r['cpu_speedup'], '{:.2f}x'):>7} "
+              f"{f(r['b1_speedup'], '{:.2f}x'):>10}  {r['flags']}")
     print()
     print(f"ran {len(summary.ran)} cells ({getattr(summary, 'executor', 'local')} executor), skipped "
           f"{len(summary.skipped)} already finished, {len(summary.failed)} failed; wall time {seconds:.1f} s")
@@ -696,6 +784,10 @@ def _cmd_eval(args, parser) -> int:
     try:
         ours = is_apb_checkpoint(path, strict=True)
         if ours:
+            from .bench.checkpoint import _parse_config, _read_metadata
+            cfg0 = _parse_config(path, (_read_metadata(path) or {})["apb_sparse_config"])
+            _check_model_size("--checkpoint", cfg0["arch"], cfg0["num_classes"], cfg0["in_channels"],
+                              cfg0.get("model_kwargs"))
             sparse, config = load_checkpoint(path)
             arch = config["arch"]
             extra = config.get("extra")
@@ -721,6 +813,7 @@ def _cmd_eval(args, parser) -> int:
             data = load_data(args.dataset, preset, args.data_dir)
             c = int(data.input_shape[0])
             norm_stats = (list(data.mean), list(data.std)) if normalize == "dataset" else ([0.0] * c, [1.0] * c)
+            _check_model_size("--model-kwargs", arch, int(data.num_classes), c, args.model_kwargs)
             model = load_dense_model(path, arch, num_classes=int(data.num_classes), in_channels=c,
                                      model_kwargs=args.model_kwargs, normalization=norm_stats, state=state)
             sparse, kind = None, "dense state dict"
@@ -733,6 +826,7 @@ def _cmd_eval(args, parser) -> int:
         _fail(f"argument --checkpoint: {e}" if isinstance(e, CheckpointError) else str(e))
     except (ValueError, TypeError) as e:  # an --arch / --model-kwargs / --dataset refused by name
         _fail(str(e))
+    _check_finite_weights("--checkpoint", model, path)
     input_shape = tuple(int(s) for s in data.input_shape)
     report = sparsity_report(model, (1, *input_shape))
     print(f"{path} ({kind}): {arch} on {dataset}; detected sparsity {100 * report.sparsity:.2f} % "
@@ -740,12 +834,16 @@ def _cmd_eval(args, parser) -> int:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(args.seed)
         result, sparse = evaluate_model(model, data, preset, seed=args.seed, device=dev, input_shape=input_shape,
-                                        latency=not args.no_latency, sparse_model=sparse)
+                                        latency=not args.no_latency, sparse_model=sparse,
+                                        progress=True)
     print(sparsity_report(sparse, (1, *input_shape)))
     aa, mn = result["autoattack"], result["min_norm"]
     print(f"\nclean {100 * result['clean_accuracy']:.2f} %   {aa['attack']} {preset.norm} eps={preset.eps:.4g}: "
           f"robust {100 * result['robust_accuracy']:.2f} % on {aa['n_samples']} images")
-    print(f"FMN median min-norm distance {mn['median_distance']:.4f} on {mn['n_samples']} images; masking checks: "
+    err = mn.get("clean_error_share")
+    print(f"FMN median min-norm distance {mn['median_distance']:.4f} over the correctly classified of "
+          f"{mn['n_samples']} images" + (f" ({100 * err:.1f} % clean errors)" if err is not None else "")
+          + "; masking checks: "
           + ", ".join(f"{c['name']}={'ok' if c['passed'] else 'FAILED'}" for c in mn["checks"]))
     lat = (result.get("latency") or {})
     for dev_name, l in lat.items():
@@ -755,6 +853,7 @@ def _cmd_eval(args, parser) -> int:
             print(f"{dev_name} latency (batch {l['batch']}, both deployed with apb_sparse.deploy): dense "
                   f"{l['dense_ms']:.3f} ms, sparse {l['sparse_ms']:.3f} ms, speedup {l['speedup']:.2f}x "
                   f"(vs eager dense torch {l['dense_eager_ms']:.3f} ms: {l['speedup_vs_eager']:.2f}x)")
+            print(f"  speedup baseline (the leaderboard's): {l.get('baseline', '?')}")
     sz = result["size_bytes"]
     print(f"state dict size: dense {sz['dense']:,} B, sparse {sz['sparse']:,} B")
     if result["flags"]:

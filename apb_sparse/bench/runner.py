@@ -50,12 +50,16 @@ from .checkpoint import load_checkpoint, save_checkpoint, save_state_dict, state
 from .presets import STRUCTURES, Preset
 from .results import ResultsStore, atomic_write_text, cell_id, cell_key
 
-__all__ = ["resolve_device", "load_data", "build_model", "make_recipe", "get_base_model",
+__all__ = ["DENSE", "DENSE_BASE", "REFERENCES", "resolve_device", "load_data", "build_model", "make_recipe", "get_base_model",
            "quick_autoattack", "robustness", "measure_latency", "evaluate_model", "Cell",
            "plan_cells", "run_benchmark", "RunSummary", "run_cell", "train_base", "time_deployed",
            "lr_sum", "training_budget"]
 
 DENSE = "dense"
+#: The dense base model of pipeline-A methods (the model they prune), evaluated as its own row: it
+#: has the budget of the base phase only, so it sits below the equal-budget "dense" reference.
+DENSE_BASE = "dense_base"
+REFERENCES = (DENSE, DENSE_BASE)
 
 
 # ----------------------------------------------------------------------------------- setup
@@ -220,8 +224,10 @@ def quick_autoattack(model: nn.Module, x: Tensor, y: Tensor, *, norm: str, eps: 
             "seconds": time.perf_counter() - t0}
 
 
-def robustness(model: nn.Module, data, preset: Preset, *, seed: int = 0) -> Dict[str, Any]:
-    """AutoAttack (standard or the quick subset) and FMN min-norm with masking checks.
+def robustness(model: nn.Module, data, preset: Preset, *, seed: int = 0,
+               on_autoattack_done: Optional[Callable[[], None]] = None) -> Dict[str, Any]:
+    """AutoAttack (standard or the quick subset) and FMN min-norm with masking checks
+    (``on_autoattack_done`` is called between the two, for progress reports).
 
     Returns:
         ``{"clean_accuracy", "robust_accuracy", "autoattack": {...}, "min_norm": {...},
@@ -244,6 +250,8 @@ def robustness(model: nn.Module, data, preset: Preset, *, seed: int = 0) -> Dict
                               n_targets=preset.aa_targets, seed=seed, batch_size=preset.eval_batch)
     else:
         raise ValueError(f"preset.attack must be 'quick' or 'standard', got {preset.attack!r}")
+    if on_autoattack_done is not None:
+        on_autoattack_done()
 
     grid = [preset.curve_max * i / 49 for i in range(50)]
     fmn = evaluate(model, data, attack="fmn", norm=preset.norm, eps=preset.eps, n_samples=preset.fmn_samples,
@@ -324,14 +332,38 @@ def measure_latency(dense: nn.Module, sparse: nn.Module, input_shape: Sequence[i
 
 def evaluate_model(model: nn.Module, data, preset: Preset, *, seed: int = 0, device: torch.device,
                    input_shape: Sequence[int], latency: bool = True, robust: bool = True,
-                   sparse_model: Optional[nn.Module] = None) -> Tuple[Dict[str, Any], nn.Module]:
+                   sparse_model: Optional[nn.Module] = None, progress: bool = False) -> Tuple[Dict[str, Any], nn.Module]:
     """Everything measured on one model (dense, masked or dense-with-zeros).
+
+    Args:
+        progress: show a progress bar over the phases (conversion, AutoAttack, FMN and the
+            masking checks, latency) on stderr.
 
     Returns:
         ``(record_part, sparse_model)``: the measured sparsity, robustness, sparse/dense agreement,
         latency and sizes, and the ``apb_sparse.sparsify`` deployment model.
     """
+    from tqdm.auto import tqdm
+
+    phases = ["sparsify and check"] + (["AutoAttack", "FMN min-norm + masking checks"] if robust else []) \
+        + (["latency"] if latency else [])
+    bar = tqdm(total=len(phases), disable=not progress, unit="phase", dynamic_ncols=True,
+               bar_format="{desc} [{n_fmt}/{total_fmt} phases, {elapsed}]")
+    bar.set_description(phases[0])
+    try:
+        return _evaluate_model(model, data, preset, seed=seed, device=device, input_shape=input_shape,
+                               latency=latency, robust=robust, sparse_model=sparse_model, bar=bar, phases=phases)
+    finally:
+        bar.close()
+
+
+def _evaluate_model(model, data, preset, *, seed, device, input_shape, latency, robust, sparse_model, bar, phases):
     from .. import densify, sparsify, sparsity_report
+
+    def step():
+        bar.update(1)
+        if bar.n < len(phases):
+            bar.set_description(phases[bar.n])
 
     dense = densify(model).to(device).eval()
     n_check = max(preset.aa_samples, 1)
@@ -366,11 +398,13 @@ def evaluate_model(model: nn.Module, data, preset: Preset, *, seed: int = 0, dev
                            "max_abs_diff": float((ref - got).abs().max())}
     if agreement < 0.99:
         out["flags"].append("sparse!=dense")
+    step()
 
     if robust:
-        rob = robustness(dense, data, preset, seed=seed)
+        rob = robustness(dense, data, preset, seed=seed, on_autoattack_done=step)
         out["flags"] += rob.pop("flags")
         out.update(rob)
+        step()
     if latency:
         lat = {"cpu": measure_latency(dense, sparse_model, input_shape, batch=preset.latency_batch,
                                       rounds=preset.latency_rounds, device=torch.device("cpu"))}
@@ -383,6 +417,7 @@ def evaluate_model(model: nn.Module, data, preset: Preset, *, seed: int = 0, dev
         out["latency"] = lat
         if not lat["cpu"]["outputs_match"]:
             out["flags"].append("latency-output-mismatch")
+        step()
     return out, sparse_model
 
 
@@ -469,6 +504,8 @@ def plan_cells(preset: Preset, *, methods: Sequence[str], structures: Sequence[s
         for arch in _unique(archs):
             for seed in _unique([int(s) for s in seeds]):
                 add(Cell(DENSE, arch, dataset, "none", 0.0, seed))
+                if any(registry.get(m).tags.pipeline == "A" for m in methods):
+                    add(Cell(DENSE_BASE, arch, dataset, "none", 0.0, seed))
                 for structure in _unique(structures):
                     for s in sparsities.get(structure, ()):
                         for m in methods:
@@ -491,13 +528,13 @@ class RunSummary:
 
 
 def _method_tags(name: str) -> Optional[Dict[str, Any]]:
-    if name == DENSE:
+    if name in REFERENCES:
         return None
     from .. import methods as registry
 
     cls = registry.get(name)
     # The method's one-line differences from its authors' code go with its tags (leaderboard notes).
-    return dict(cls.tags.as_dict(), notes=getattr(cls, "notes", "") or "")
+    return dict(cls.tags.as_dict(), notes=getattr(cls, "notes", "") or "", caveat=getattr(cls, "caveat", "") or "")
 
 
 def _check_run_config(out_dir: Path, preset: Preset) -> None:
@@ -621,6 +658,20 @@ def run_cell(preset: Preset, cell: Cell, out_dir: str, data_dir: Optional[str] =
                          "budget": training_budget([{"phase": "dense training", "epochs": epochs,
                                                      "steps": tlog.steps, "lr": recipe.lr,
                                                      "scheduler": recipe.scheduler}])}
+            elif cell.method == DENSE_BASE:
+                base_file = _base_path(out, preset, cell.arch, cell.dataset, cell.seed)
+                if not base_file.is_file():
+                    raise RuntimeError(f"dense base model {base_file} missing (it is trained before the "
+                                       "pipeline-A cells; on a cluster the run folder must be shared storage)")
+                model, _ = load_checkpoint(base_file)
+                model = model.to(dev).eval()
+                base_info = json.loads(base_file.with_suffix(".json").read_text())
+                prune_seconds = 0.0
+                extra = {"role": "dense base of the pipeline-A methods (the model they prune)",
+                         "epochs": base_info.get("epochs"),
+                         "budget": training_budget([{"phase": "dense base", "epochs": base_info.get("epochs"),
+                                                     "steps": (base_info.get("train_log") or {}).get("steps"),
+                                                     "lr": recipe.lr, "scheduler": recipe.scheduler}])}
             else:
                 cls = registry.get(cell.method)
                 if cls.tags.pipeline == "A":
@@ -660,7 +711,7 @@ def run_cell(preset: Preset, cell: Cell, out_dir: str, data_dir: Optional[str] =
                                                     input_shape=input_shape, latency=False,
                                                     sparse_model=deployed)
         flags = measured.pop("flags")
-        if cell.method != DENSE and abs(prune_log.get("sparsity", cell.sparsity) - cell.sparsity) > 0.005:
+        if cell.method not in REFERENCES and abs(prune_log.get("sparsity", cell.sparsity) - cell.sparsity) > 0.005:
             flags.append("sparsity!=target")
         ckpt = out / "checkpoints" / f"{cell.id}.safetensors"
         save_checkpoint(sparse_model, ckpt, arch=cell.arch, num_classes=int(data.num_classes),
@@ -952,7 +1003,7 @@ def _run_cells(todo: List[Cell], preset, out_dir: Path, store: ResultsStore, sum
     from .leaderboard import write_leaderboard
 
     def needs_base(c: Cell) -> bool:
-        return c.method != DENSE and registry.get(c.method).tags.pipeline == "A"
+        return c.method == DENSE_BASE or (c.method != DENSE and registry.get(c.method).tags.pipeline == "A")
 
     bases_needed = []
     for c in todo:
