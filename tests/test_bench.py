@@ -351,3 +351,80 @@ def test_latency_script_lanes_ab_smoke(tmp_path):
     assert row["median_ms"]["ours_no_lanes"] > 0 and row["speedup"]["ours_no_lanes"] > 0
     assert data["environment"]["apb_sparse_kernel"] in ("avx512", "avx2+fma", "portable")
     assert "apb_sparse, lanes off" in latency.markdown_table(data)
+
+
+# ----------------------------------------------------------------------------------- issue 24: the APB view
+def _issue24_records():
+    recs = []
+    for seed in (0, 1):
+        dense = _record("dense", 0.0, aa=0.80, clean=0.99, structure="none", seed=seed, speedup=1.0)
+        dense["role"] = "dense reference, trained with every method's total epoch budget"
+        dense["budget"] = {"epochs": 14, "steps": 168, "lr_sum": 4.225,
+                           "phases": [{"phase": "dense training", "epochs": 14, "steps": 168, "lr": 0.05, "lr_sum": 4.225}]}
+        base = _record("dense_base", 0.0, aa=0.75, clean=0.97, structure="none", seed=seed, speedup=1.0)
+        base["role"] = "dense base of the pipeline-A methods (the model they prune)"
+        recs += [dense, base]
+        for m, aas in (("hydra", (0.70, 0.60)), ("flyingbird", (0.72, 0.70)), ("mad", (0.09, 0.08))):
+            for s, aa in zip((0.9, 0.95), aas):
+                r = _record(m, s, aa=aa + 0.01 * seed, clean=0.95, seed=seed, speedup=2.0 if s == 0.9 else 3.0)
+                r["tags"] = dict(r["tags"], training=["AT(TRADES)", "AT(TRADES)"] if m == "hydra" else ["AT(PGD)", "AT(PGD)"],
+                                 caveat="needs the authors' long finetuning" if m == "mad" else "")
+                r["config"]["preset"]["recipe"] = {"mode": "pgd"}
+                r["dense_macs"], r["sparse_macs"] = 1000, int(1000 * (1 - s))
+                r["latency"]["cpu"]["batch1"] = {"speedup": 1.5, "sparse_ms": 0.1, "dense_ms": 0.15}
+                r["budget"] = {"epochs": 14, "steps": 168, "lr_sum": 4.25,
+                               "phases": [{"phase": "dense base (shared)", "epochs": 8, "steps": 96, "lr": 0.05},
+                                          {"phase": "finetune", "epochs": 6, "steps": 72, "lr": 0.05}]}
+                recs.append(r)
+    return recs
+
+
+def test_leaderboard_pivot_budgets_flags_and_speed_columns():
+    from apb_sparse.bench.leaderboard import pivot_rows
+
+    md = to_markdown(_issue24_records())
+    pivot = _table_after(md, "### Clean / AA % by sparsity")
+    assert pivot[0].split("|")[3:5] == [" 90 % ", " 95 % "]
+    names = [l.split("|")[1].strip() for l in pivot[2:]]
+    assert names == ["dense", "dense_base", "flyingbird", "hydra", "mad"]  # references, then by mean AA
+    fb = pivot[4].split("|")
+    assert fb[3].strip() == "**95.0 / 72.5**" and fb[4].strip() == "**95.0 / 70.5**"  # best of both columns
+    hydra = pivot[5].split("|")
+    assert hydra[3].strip() == "95.0 / 70.5" and hydra[4].strip() == "95.0 / 60.5"  # seed means, not bold
+    assert "needs-long-finetune" in pivot[6] and "needs-long-finetune" not in pivot[5]
+    # under the pivot: best and median method against the dense reference (80.0 AA)
+    assert ("- 90 %: best **flyingbird** 95.0 / 72.5 (-7.5 vs dense); median of 3 methods 95.0 / 70.5 "
+            "(-9.5 vs dense); dense reference 99.0 / 80.0") in md
+    # the taxonomy says what ran (the recipe's PGD), not HYDRA's TRADES
+    assert "A AT(PGD)/AT(PGD) 1S US L LWM" in pivot[5] and "TRADES" not in md.split("## Method notes")[0]
+    budget = _table_after(md, "### Optimisation budget")
+    assert any(l.startswith("| dense |") and "| 168 | 4.22 |" in l for l in budget)
+    assert any(l.startswith("| hydra |") and "dense base (shared) 8 ep (96 steps, lr 0.05)" in l and "| 168 |" in l
+               for l in budget)
+    long = _table_after(md, "### All columns")
+    header = [h.strip() for h in long[0].split("|")]
+    for col in ("kept MACs %", "ideal speedup", "CPU speedup (batch 64)", "CPU speedup (batch 1)", "clean errors %"):
+        assert col in header
+    row = next(l for l in long if l.startswith("| hydra ") and "| 95.0 |" in l).split("|")
+    assert row[header.index("kept MACs %")].strip() == "5.0" and row[header.index("ideal speedup")].strip() == "20.00x"
+    assert row[header.index("CPU speedup (batch 1)")].strip() == "1.50x"
+    sps, prows, summary = pivot_rows(aggregate_rows_for(_issue24_records()))
+    assert summary[0.95]["best_method"] == "flyingbird" and summary[0.95]["median_aa"] == pytest.approx(0.605)
+
+
+def aggregate_rows_for(records):
+    from apb_sparse.bench.leaderboard import aggregate_rows
+
+    return [r for r in aggregate_rows(leaderboard_rows(records)) if r["structure"] == "unstructured"]
+
+
+def test_leaderboard_html_is_self_contained_sortable_and_has_the_pareto_plot(tmp_path):
+    recs = _issue24_records()
+    write_leaderboard(recs, tmp_path)
+    pngs = sorted(p.name for p in (tmp_path / "plots").glob("*.png"))
+    assert any(p.startswith("pareto_") for p in pngs) and any(p.startswith("speedup_vs_sparsity") for p in pngs)
+    page = (tmp_path / "leaderboard.html").read_text()
+    assert page.count("src='data:image/png;base64,") == len(pngs)  # plots embedded, the page travels alone
+    assert "class='sortable'" in page and "class='filter'" in page and "<script>" in page
+    assert "max-width:1400px" in page
+    assert "td class=' best'" in page  # best AA per column marked in the pivot
