@@ -1,4 +1,4 @@
-"""Whole models: sparsify / compact / densify equal the masked dense model; reports; bad inputs."""
+"""Whole models: sparsify / deploy / compact / densify equal the masked dense model; reports; bad inputs."""
 import pytest
 import torch
 from torch import nn
@@ -49,6 +49,9 @@ def test_sparsify_compact_densify_match_masked_model(arch, structure, sparsity, 
             assert report.sparsity == pytest.approx(sparsity, abs=2e-3)
             assert report.sparse_macs < (1 - sparsity + 0.02) * report.dense_macs
         torch.testing.assert_close(densify(sparse)(inputs), ref, **tol)
+        deployed = apb_sparse.deploy(masked, inputs)  # the snapshot: folded, fused, TorchScript
+        torch.testing.assert_close(deployed(inputs), ref, **tol)
+        torch.testing.assert_close(deployed(inputs[:1]), ref[:1], **tol)  # another signature
         small = compact(sparse)
         torch.testing.assert_close(small(inputs), ref, **tol)
         torch.testing.assert_close(compact(masked)(inputs), ref, **tol)  # from the masked dense model too
