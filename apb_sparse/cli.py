@@ -122,13 +122,16 @@ what `apb run` does, per dataset / architecture / seed:
      evaluate clean accuracy, AutoAttack, FMN minimum-norm distances (security curve) with
      gradient-masking checks, convert with apb_sparse.sparsify and check the sparse model agrees
      with the dense one, measure model sizes. The "dense" row is a dense model trained with that
-     same total budget. Cells run concurrently with --executor ray (logs in OUT/logs/)
+     same total budget (same SGD steps and learning rates); "dense_base" is the base model of
+     step 1, evaluated as is. Cells run concurrently with --executor ray (logs in OUT/logs/)
   3. append one JSON record per cell to OUT/results.jsonl (a rerun skips finished cells, an
      interrupted run loses nothing finished), save OUT/checkpoints/<cell>.safetensors (nonzeros
      only)
-  4. time every deployed model of the run (sparsify(..., fuse=True)) against the dense baseline in
-     one exclusive interleaved phase on this machine (CPU, and GPU if present), then write
-     OUT/leaderboard.{md,csv,html} and OUT/plots/*.png
+  4. time every deployed model of the run (apb_sparse.deploy, at the preset's batch and batch 1)
+     against the dense model deployed the same way, in one exclusive interleaved phase on this
+     machine (CPU, and GPU if present), then write OUT/leaderboard.{md,csv,html} (an APB-style
+     pivot first, then budgets and every column) and OUT/plots/*.png (robustness vs sparsity,
+     security curves, speedup with its ideal, robustness-vs-speedup Pareto view); docs/benchmark.md
 
 executors:
   --executor auto (default) uses Ray when it is installed and the machine has more than one CPU,
@@ -146,7 +149,8 @@ presets:
 {presets}
 
 examples:
-  apb run                                   # quick preset, every method, 2 seeds, into runs/quick
+  apb run                                   # quick preset, every method, seed 0, into runs/quick
+  apb run --seeds 0 1                       # add seed 1 to the same folder: error bars, Kendall tau
   apb run --methods hydra lwm_local --sparsities 0.9 0.99
   apb run --executor ray --workers 4 --gpus-per-cell 1 --preset paper --data-dir ~/data --out runs/paper
   apb run --executor ray --ray-address auto --gpus-per-cell 1 --preset paper --out /shared/runs/paper

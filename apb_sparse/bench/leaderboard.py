@@ -904,7 +904,8 @@ def write_plots(records: Iterable[Dict[str, Any]], out_dir) -> List[Path]:
                 if l not in handles:
                     handles[l] = h
                     labels.append(l)
-        fig.legend([handles[l] for l in labels], labels, loc="center left", bbox_to_anchor=(1.0, 0.5),
+        fig.tight_layout(rect=(0, 0, 0.83, 0.94))
+        fig.legend([handles[l] for l in labels], labels, loc="center left", bbox_to_anchor=(0.835, 0.5),
                    fontsize=8, frameon=False)
 
     # Security curves of every seed, by (dataset, arch, structure, method, sparsity).
