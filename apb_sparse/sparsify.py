@@ -608,6 +608,10 @@ def sparsity_report(model: nn.Module, input_size: Optional[Sequence[int]] = None
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    from .deploy import DeployedModel
+
+    if isinstance(model, DeployedModel):  # its converted model (layer names as in the source)
+        model = model.module
     outputs: Dict[str, int] = {}
     if input_size is not None:
         input_size = [int(s) for s in input_size]

@@ -341,13 +341,15 @@ def test_latency_script_lanes_ab_smoke(tmp_path):
     threads = torch.get_num_threads()
     try:  # the script sets the thread count and flush-denormal mode for its process
         assert latency.main(["--archs", "resnet18", "--batches", "8", "--masks", "us@0.95", "--rounds", "1",
-                             "--min-time", "0", "--no-stock", "--lanes-ab", "--threads", "1", "--out", str(out)]) == 0
+                             "--min-time", "0", "--no-stock", "--lanes-ab", "--script-ab", "--threads", "1",
+                             "--out", str(out)]) == 0
     finally:
         torch.set_num_threads(threads)
         torch.set_flush_denormal(False)
     data = json.loads(out.read_text())
     (row,) = data["results"]
-    assert set(row["median_ms"]) >= {"dense", "ours", "ours_no_lanes"}
+    assert set(row["median_ms"]) >= {"dense", "dense_deployed", "ours", "ours_no_lanes", "ours_no_script"}
+    assert "deploy(dense, x, path='dense')" in row["baseline"]  # the speedup's baseline is named
     assert row["median_ms"]["ours_no_lanes"] > 0 and row["speedup"]["ours_no_lanes"] > 0
     assert data["environment"]["apb_sparse_kernel"] in ("avx512", "avx2+fma", "portable")
     assert "apb_sparse, lanes off" in latency.markdown_table(data)
