@@ -430,3 +430,51 @@ def test_leaderboard_html_is_self_contained_sortable_and_has_the_pareto_plot(tmp
     assert "class='sortable'" in page and "class='filter'" in page and "<script>" in page
     assert "max-width:1400px" in page
     assert "td class=' best'" in page  # best AA per column marked in the pivot
+
+
+# ----------------------------------------------------------------------------------- issue 24: equal budgets
+def _budget_recipe(**kw):
+    from apb_sparse.methods import Recipe
+
+    # The quick preset's shape (digits at batch 128: 12 SGD steps per epoch); natural training keeps
+    # the tests fast, the step counts do not depend on the loss.
+    base = dict(arch="small_cnn", dataset="digits", mode="natural", eps=0.1, steps=1, pretrain_epochs=8,
+                prune_epochs=1, finetune_epochs=5, batch_size=128, lr=0.05, finetune_lr=0.05, seed=0)
+    base.update(kw)
+    return Recipe(**base)
+
+
+def test_admm_methods_take_their_lengthened_phase_out_of_the_retraining():
+    from apb_sparse import methods
+    from apb_sparse.bench.runner import training_budget
+
+    data = apb_sparse.data.get_dataset("digits")
+    model = get_model("small_cnn", num_classes=10, in_channels=1, width=4)
+    res = methods.RADMM().prune(model, data, sparsity=0.8, recipe=_budget_recipe(), pretrained=True)
+    phases = [(p["phase"], p["epochs"]) for p in res.log["phases"] if p["epochs"]]
+    assert phases == [("prune (ADMM)", 5), ("finetune", 1)]  # 1 + 5 epochs of the recipe, not 5 + 5
+    assert res.log["admm_borrowed_epochs"] == 4 and res.log["finetune_epochs_after_admm"] == 1
+    budget = training_budget(res.log["phases"])
+    assert budget["epochs"] == 6 and budget["steps"] == 72
+
+
+def test_li20_search_is_a_sixth_of_the_total_budget():
+    from apb_sparse import methods
+
+    li = methods.Li20()
+    assert [li.search_epochs(_budget_recipe(finetune_epochs=f)) for f in (5, 8)] == [2, 3]  # 14 and 17 epochs
+    assert li.search_epochs(_budget_recipe(pretrain_epochs=0, finetune_epochs=0)) == 1  # never below prune_epochs
+    with pytest.raises(ValueError, match="search_share"):
+        methods.Li20(search_share=1.0)
+    data = apb_sparse.data.get_dataset("digits")
+    res = li.prune(get_model("small_cnn", num_classes=10, in_channels=1, width=4), data, sparsity=0.9,
+                   recipe=_budget_recipe(pretrain_epochs=2, finetune_epochs=2), pretrained=False)
+    phases = [(p["phase"], p["epochs"], p["steps"]) for p in res.log["phases"] if p["epochs"]]
+    assert phases == [("ticket search", 1, 12), ("train ticket", 4, 48)]  # total 5 = the recipe's
+
+
+def test_lr_sum_follows_the_cosine_schedule():
+    from apb_sparse.bench.runner import lr_sum
+
+    assert lr_sum(0.05, 168, "cosine") == pytest.approx(0.05 * 169 / 2)  # sum of (1 + cos) / 2 over a half period
+    assert lr_sum(0.1, 10, "none") == pytest.approx(1.0) and lr_sum(0.1, 0, "cosine") == 0.0
