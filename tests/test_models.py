@@ -31,7 +31,7 @@ def n_params(model):
 
 
 def test_registry_lists_every_model():
-    assert available_models() == sorted(c[0] for c in CASES)
+    assert available_models() == sorted([c[0] for c in CASES] + ["robustbench:wrn"])  # wrn: depth/widen required
 
 
 @pytest.mark.parametrize("name,in_ch,size,mparams,tol", CASES)
@@ -111,6 +111,11 @@ def test_names_are_canonicalised():
     assert canonical_name("timm:resnet18") == "timm:resnet18"
     with pytest.raises(ValueError, match="robustbench:wrn28_10"):  # the message lists the names
         canonical_name("robustbench:wrn40_2")
+    assert canonical_name("robustbench:WRN") == "robustbench:wrn"
+    with pytest.raises(ValueError, match="depth"):
+        get_model("robustbench:wrn")
+    with pytest.raises(ValueError, match="robustbench:wrn28_10 fixes depth=28"):
+        get_model("robustbench:wrn28_10", depth=34)
     with pytest.raises(TypeError, match="width"):  # an option the architecture does not take
         get_model("vgg16", width=8)
 

@@ -4,7 +4,8 @@ Use ``get_model(name, num_classes=10, in_channels=3, **kw)``; ``available_models
 Besides this package's own architectures, names with a prefix select:
 
 * ``robustbench:<arch>``: CIFAR architectures in RobustBench's checkpoint key layout
-  (``wrn28_10``, ``wrn34_10``, ``preact_resnet18``, ``preact_resnet18_v2``), so that RobustBench's
+  (``wrn28_10``, ``wrn34_10``, ``wrn`` with ``depth`` / ``widen`` options, ``preact_resnet18``,
+  ``preact_resnet18_v2``), so that RobustBench's
   checkpoint files load as they are (:mod:`.robustbench`);
 * ``timm:<name>``: any timm model (optional dependency, :mod:`.timm_models`).
 

@@ -1,4 +1,4 @@
-"""CIFAR architectures in RobustBench's checkpoint key layout (WRN-28-10, WRN-34-10, PreAct-ResNet-18).
+"""CIFAR architectures in RobustBench's checkpoint key layout (WRN-28-10, WRN-34-10, any WRN, PreAct-ResNet-18).
 
 A checkpoint downloaded by RobustBench (``models/cifar10/Linf/<name>.pt``) is a plain state dict
 whose key names come from RobustBench's model classes (``robustbench/model_zoo/architectures/
@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from .common import check_classes, make_normalize
 
-__all__ = ["RobustBenchWideResNet", "RobustBenchPreActResNet", "rb_wrn28_10", "rb_wrn34_10",
+__all__ = ["RobustBenchWideResNet", "RobustBenchPreActResNet", "rb_wrn", "rb_wrn28_10", "rb_wrn34_10",
            "rb_preact_resnet18", "rb_preact_resnet18_v2", "adapt_state_dict", "ROBUSTBENCH_ARCHS"]
 
 
@@ -206,6 +206,17 @@ def _no_override(kw: dict, fixed: Dict[str, object], name: str) -> None:
         kw.pop(k, None)
 
 
+def rb_wrn(num_classes: int = 10, in_channels: int = 3, **kw) -> RobustBenchWideResNet:
+    """Any WRN-depth-widen in RobustBench's layout: ``depth`` and ``widen`` are required options
+    (e.g. ``{"depth": 34, "widen": 20}`` for Rice2020Overfitting, ``{"depth": 28, "widen": 4}`` for
+    Ding2020MMA, ``{"depth": 40, "widen": 2}`` for Hendrycks2020AugMix_WRN)."""
+    missing = [k for k in ("depth", "widen") if k not in kw]
+    if missing:
+        raise ValueError(f"robustbench:wrn needs the options {missing}, e.g. --model-kwargs "
+                         "'{\"depth\": 34, \"widen\": 20}' (or use robustbench:wrn28_10 / robustbench:wrn34_10)")
+    return RobustBenchWideResNet(kw.pop("depth"), kw.pop("widen"), num_classes, in_channels, **kw)
+
+
 def rb_wrn28_10(num_classes: int = 10, in_channels: int = 3, **kw) -> RobustBenchWideResNet:
     """WRN-28-10 in RobustBench's layout (36.5 M parameters; e.g. Carmon2019Unlabeled, Standard)."""
     _no_override(kw, {"depth": 28, "widen": 10}, "robustbench:wrn28_10")
@@ -232,6 +243,7 @@ def rb_preact_resnet18_v2(num_classes: int = 10, in_channels: int = 3, **kw) -> 
 
 
 ROBUSTBENCH_ARCHS = {
+    "wrn": rb_wrn,
     "wrn28_10": rb_wrn28_10,
     "wrn34_10": rb_wrn34_10,
     "preact_resnet18": rb_preact_resnet18,
