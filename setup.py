@@ -9,7 +9,7 @@ import os
 import shutil
 import sys
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -90,28 +90,16 @@ else:
 print(f"apb_sparse: building CPU kernels{' + CUDA kernels (CUDA_HOME=' + cuda_home + ', arch ' + os.environ['TORCH_CUDA_ARCH_LIST'] + ')' if with_cuda else ''}",
       file=sys.stderr)
 
-setup(
-    name="apb_sparse",
-    version="0.1.0",
-    description="Adversarial pruning with real sparse inference: sparse conv kernels, pruning methods, benchmark",
-    packages=find_packages(include=["apb_sparse", "apb_sparse.*"]),
-    python_requires=">=3.10",
-    install_requires=[
-        "torch>=2.4,<3",
-        "torchvision>=0.19",
-        "numpy",
-        "scikit-learn",
-        "scipy",
-        "tqdm",
-        "safetensors",
-        "matplotlib",
-        "pyautoattack>=0.2",
-        "secml-torch>=1.5",
-    ],
-    extras_require={"test": ["pytest", "ninja"], "ray": ["ray>=2.9", "psutil"], "slurm": ["submitit"],
-                    "timm": ["timm"]},
-    entry_points={"console_scripts": ["apb=apb_sparse.cli:main"]},
-    ext_modules=[ext],
-    cmdclass={"build_ext": BuildExtension},
-    zip_safe=False,
-)
+class _BuildExt(BuildExtension):
+    """torch's BuildExtension with a fixed build folder: pip's editable installs build in a fresh
+    temporary folder each time, so ninja recompiled every file on every ``pip install -e .``; in
+    ``build/`` the objects of unchanged sources are reused."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        self.build_temp = os.path.join(ROOT, "build", "temp-" + ("cuda" if with_cuda else "cpu"))
+
+
+# Metadata, dependencies, extras and the version live in pyproject.toml; this file only builds the
+# extension.
+setup(ext_modules=[ext], cmdclass={"build_ext": _BuildExt}, zip_safe=False)

@@ -11,7 +11,7 @@ from . import compact as _compact_module, deploy as _deploy_module, export, fuse
 from .convert import (DeployedModel, apply_masks, channel_groups, compact, densify, deploy, export_onnx,
                       magnitude_masks, sparsify, sparsity_report, zero_dead_batchnorm)
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # Heavier subpackages load on first use (``apb_sparse.methods.available()`` works after a plain
 # ``import apb_sparse``) without making ``import apb_sparse`` pay for them.
