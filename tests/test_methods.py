@@ -119,6 +119,30 @@ def test_bad_arguments_raise():
         methods.Recipe(pretrain_epochs=-1)
 
 
+def test_recipe_carries_every_train_config_field():
+    from dataclasses import asdict
+
+    from apb_sparse.train import TrainConfig
+
+    default = asdict(TrainConfig(epochs=3))
+    assert asdict(methods.Recipe().train_config(3)) == default
+    changed = dict(mode="trades", batch_size=64, lr=0.05, momentum=0.8, weight_decay=1e-4,
+                   optimizer="adam", scheduler="step", norm="L2", eps=0.5, alpha=0.1, steps=3,
+                   trades_beta=1.0, seed=7)
+    assert set(changed) == set(default) - {"epochs"}, "a TrainConfig field is missing from this test"
+    config = methods.Recipe(**changed).train_config(2, lr=0.2)
+    assert asdict(config) == {**changed, "epochs": 2, "lr": 0.2}
+
+
+def test_the_old_import_path_still_names_everything():
+    from apb_sparse.methods import base, context, masks, recipe, registry, structure, tags
+
+    for name in base.__all__:
+        obj = getattr(base, name)
+        homes = [m for m in (context, masks, recipe, registry, structure, tags) if getattr(m, name, None) is obj]
+        assert homes or name in ("PruningMethod", "reinitialize_"), name
+
+
 # ------------------------------------------------------------------------------- trained runs
 @pytest.mark.parametrize("case", CASES, ids=_ids)
 def test_runs_hit_sparsity_and_keep_zeros(case):

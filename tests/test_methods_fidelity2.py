@@ -77,16 +77,16 @@ def test_mask_follows_scores_updated_without_a_version_bump(path):
 
 
 def test_mask_cache_still_reuses_the_sort_between_updates(monkeypatch):
-    from apb_sparse.methods import base
+    from apb_sparse.methods import masks
 
     calls = {"n": 0}
-    real = base.topk_mask
+    real = masks.topk_mask
 
     def counting(scores, k):
         calls["n"] += 1
         return real(scores, k)
 
-    monkeypatch.setattr(base, "topk_mask", counting)
+    monkeypatch.setattr(masks, "topk_mask", counting)
     s = nn.Parameter(torch.randn(30))
     mask_fn = cached_ste_topk(s, lambda: 5)
     for _ in range(5):

@@ -14,8 +14,13 @@ Example::
     result = methods.get("hydra")().prune(None, sparsity=0.9, recipe=recipe)
     result.model, result.log["sparsity"]
 """
-from .base import (PruneContext, PruneResult, PruningMethod, Recipe, STRUCTURES, TaxonomyTags,
-                   available, get, global_masks, local_masks, register, topk_mask)
+from .base import PruningMethod
+from .context import PruneContext, PruneResult
+from .masks import global_masks, local_masks, topk_mask
+from .recipe import Recipe
+from .registry import available, get, register
+from .structure import STRUCTURES
+from .tags import TaxonomyTags
 from .magnitude import LWMGlobal, LWMLocal, RandomPruning
 from .radmm import RADMM
 from .hydra import HYDRA

@@ -40,9 +40,13 @@ import math
 from typing import List, Optional, Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from .base import PruneContext, PruningMethod, TaxonomyTags, largest_remainder, register, topk_mask
+from .base import PruningMethod
+from .context import PruneContext
+from .masks import largest_remainder, topk_mask
+from .registry import register
+from .tags import TaxonomyTags
 
 __all__ = ["FlyingBird", "erk_keep", "igq_keep", "flyingbird_update_steps"]
 

@@ -47,8 +47,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import (PruneContext, topk_mask_cached, PruningMethod, TaxonomyTags, expand_filter_mask, largest_remainder,
-                   register, topk_mask)
+from .base import PruningMethod
+from .context import PruneContext
+from .masks import expand_filter_mask, largest_remainder, topk_mask, topk_mask_cached
+from .registry import register
+from .tags import TaxonomyTags
 
 __all__ = ["HARP", "harp_stage_bounds"]
 

@@ -34,8 +34,11 @@ from typing import List, Sequence
 import torch
 from torch import Tensor, nn
 
-from .base import (PruneContext, PruningMethod, TaxonomyTags, largest_remainder, register,
-                   cached_ste_topk, topk_mask)
+from .base import PruningMethod
+from .context import PruneContext
+from .masks import cached_ste_topk, largest_remainder, topk_mask
+from .registry import register
+from .tags import TaxonomyTags
 
 __all__ = ["HYDRA", "ScoreMasks", "freeze_model", "hydra_init", "batchnorm_parameters", "local_keep"]
 

@@ -33,9 +33,10 @@ from __future__ import annotations
 
 import copy
 
-import torch
-
-from .base import PruneContext, PruningMethod, TaxonomyTags, register
+from .base import PruningMethod
+from .context import PruneContext
+from .registry import register
+from .tags import TaxonomyTags
 
 __all__ = ["Li20", "mean_normalized_magnitude"]
 

@@ -55,7 +55,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from .base import PruneContext, PruningMethod, TaxonomyTags, global_masks, register, topk_mask
+from ..train import adversarial_examples
+from .base import PruningMethod
+from .context import PruneContext
+from .masks import global_masks, topk_mask
+from .registry import register
+from .tags import TaxonomyTags
 
 __all__ = ["MAD", "kfac_damage", "softplus_inv"]
 
@@ -170,8 +175,6 @@ class MAD(PruningMethod):
     # ------------------------------------------------------------------ saliency
     def saliency(self, ctx: PruneContext) -> List[Tensor]:
         """Per-weight adversarial damage of every prunable layer (shaped like its weight)."""
-        from ..train import adversarial_examples
-
         config = ctx.recipe.train_config(1, mode="pgd")
         model, layers, names = ctx.model, ctx.layers, [n for n, _ in ctx.named_layers]
         damage = [torch.zeros_like(l.weight) for l in layers]

@@ -21,7 +21,11 @@ from __future__ import annotations
 
 import torch
 
-from .base import PruneContext, PruningMethod, TaxonomyTags, filter_norms, register
+from .base import PruningMethod
+from .context import PruneContext
+from .masks import filter_norms
+from .registry import register
+from .tags import TaxonomyTags
 
 __all__ = ["RandomPruning", "LWMLocal", "LWMGlobal"]
 

@@ -42,13 +42,16 @@ ever run.
 from __future__ import annotations
 
 import copy
-from typing import Dict, List, Sequence
+from typing import Dict, List
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import PruneContext, PruningMethod, TaxonomyTags, register
+from .base import PruningMethod
+from .context import PruneContext
+from .registry import register
+from .tags import TaxonomyTags
 from .radmm import ADMMState, _check_schedule, admm_finetune_epochs, local_unit_keep, run_admm
 
 __all__ = ["PwoA", "hsic", "normalized_hsic", "hidden_modules", "DistillHSICLoss"]

@@ -51,8 +51,11 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from .base import (PruneContext, PruningMethod, TaxonomyTags, expand_filter_mask, largest_remainder,
-                   register, topk_mask)
+from .base import PruningMethod
+from .context import PruneContext
+from .masks import expand_filter_mask, largest_remainder, topk_mask
+from .registry import register
+from .tags import TaxonomyTags
 
 __all__ = ["RADMM", "ADMMState", "admm_schedule", "admm_phase_epochs", "admm_finetune_epochs", "run_admm"]
 

@@ -43,7 +43,11 @@ from typing import List, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .base import PruneContext, PruningMethod, TaxonomyTags, global_masks, register
+from .base import PruningMethod
+from .context import PruneContext
+from .masks import global_masks
+from .registry import register
+from .tags import TaxonomyTags
 from ..nn import MaskedConv2d
 
 __all__ = ["RobustBird", "EarlyBirdTest"]

@@ -35,7 +35,10 @@ import math
 import torch
 from torch import nn
 
-from .base import PruneContext, PruningMethod, TaxonomyTags, register
+from .base import PruningMethod
+from .context import PruneContext
+from .registry import register
+from .tags import TaxonomyTags
 from .hydra import ScoreMasks, freeze_model, local_keep
 
 __all__ = ["RST", "signed_constant_"]

@@ -43,8 +43,11 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .base import (PruneContext, PruningMethod, TaxonomyTags, expand_filter_mask, global_masks,
-                   register, unit_masks_global)
+from .base import PruningMethod
+from .context import PruneContext
+from .masks import expand_filter_mask, global_masks, unit_masks_global
+from .registry import register
+from .tags import TaxonomyTags
 
 __all__ = ["TwinRep", "TwinFactor", "ChannelFactor"]
 
