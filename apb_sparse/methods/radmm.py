@@ -26,8 +26,8 @@ accumulates faster than W follows and the iteration drifts away from the sparse 
 updates every 2 steps on digits left ``||W - Z|| / ||W|| = 1.2``). A phase too short for the
 minimum is lengthened (logged as ``admm_epochs`` > ``admm_epochs_requested``): the quick preset
 (digits, 12 steps per epoch, ``prune_epochs=1``) runs 5 ADMM epochs with 5 updates. The epochs
-added are taken out of the masked retraining (``admm_finetune_epochs``; quick preset: 5 - 4 = 1
-retraining epoch), so the method's total budget stays the recipe's, the same as every other
+added are taken out of the masked retraining (``admm_finetune_epochs``; quick preset: 8 - 4 = 4
+retraining epochs), so the method's total budget stays the recipe's, the same as every other
 method's.
 
 Differences from the authors' code, and why:
