@@ -967,6 +967,11 @@ def _cmd_taxonomy(args, parser) -> int:
     return 0
 
 
+# Import names of the "bench" extra's packages (pyproject.toml).
+_BENCH_MODULES = {"torchvision", "sklearn", "scipy", "tqdm", "safetensors", "matplotlib", "pyautoattack", "secml",
+                  "secmlt"}
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``apb`` console script.
 
@@ -980,8 +985,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    from .bench.checkpoint import CheckpointError
-
+    try:
+        from .bench.checkpoint import CheckpointError
+    except ModuleNotFoundError as e:
+        return _missing_module(e)
     try:
         return _dispatch(parser, args)
     except _CliError as e:
@@ -991,10 +998,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("\napb: interrupted", file=sys.stderr)
         return 130
+    except ModuleNotFoundError as e:
+        return _missing_module(e)
     except Exception as e:
         if os.environ.get("APB_DEBUG"):
             raise
         return _report(f"{type(e).__name__}: {e} (set APB_DEBUG=1 for the traceback)", 1)
+
+
+def _missing_module(e: ModuleNotFoundError) -> int:
+    if e.name and e.name.split(".")[0] in _BENCH_MODULES:  # the core install has torch + numpy only
+        return _report(f"the apb command needs the 'bench' extra (module {e.name!r} is missing): "
+                       "pip install 'apb_sparse[bench]'", 1)
+    if os.environ.get("APB_DEBUG"):
+        raise e
+    return _report(f"{type(e).__name__}: {e} (set APB_DEBUG=1 for the traceback)", 1)
 
 
 def _report(message: str, code: int) -> int:
