@@ -478,3 +478,21 @@ def test_lr_sum_follows_the_cosine_schedule():
 
     assert lr_sum(0.05, 168, "cosine") == pytest.approx(0.05 * 169 / 2)  # sum of (1 + cos) / 2 over a half period
     assert lr_sum(0.1, 10, "none") == pytest.approx(1.0) and lr_sum(0.1, 0, "cosine") == 0.0
+
+
+def test_an_early_stopped_search_counts_its_steps_in_the_budget():
+    from apb_sparse import methods
+    from apb_sparse.bench.runner import lr_sum, training_budget
+
+    data = apb_sparse.data.get_dataset("digits")
+    # tol 1.0: every mask distance passes, so the early-bird test stops at its first full window
+    rb = methods.RobustBird(tol=1.0, window=2, min_draws=12)
+    res = rb.prune(get_model("small_cnn", num_classes=10, in_channels=1, width=4), data, sparsity=0.9,
+                   recipe=_budget_recipe(pretrain_epochs=1, prune_epochs=1, finetune_epochs=1), pretrained=False)
+    assert res.log["early_bird_step"] is not None and res.log["search_steps_used"] < 12
+    search = res.log["phases"][0]
+    assert search["phase"] == "ticket search" and search["steps"] == res.log["search_steps_used"] > 0
+    budget = training_budget(res.log["phases"])
+    assert budget["steps"] == search["steps"] + res.log["phases"][1]["steps"]
+    # the first steps of the planned cosine, not a whole cosine squeezed into them
+    assert lr_sum(0.05, 3, "cosine", 12) > lr_sum(0.05, 3, "cosine")

@@ -178,6 +178,11 @@ class RobustBird(PruningMethod):
         except _EarlyBird:
             stopped = True
         used = state["n"] if stopped else search_steps
+        # The early-bird stop leaves train() before it records the phase's steps: record the steps
+        # taken (of a schedule planned for the whole search), so that budgets count the search.
+        search = next(p for p in reversed(ctx.log["phases"]) if p["phase"] == "ticket search")
+        if stopped:
+            search.update(steps=used, schedule_steps=search_steps)
         extra_epochs = int(round((search_steps - used) / steps_per_epoch))
         ctx.log["early_bird_step"] = state["n"] if stopped else None
         ctx.log["mask_draws"] = len(state["history"])
