@@ -896,6 +896,7 @@ def _cmd_bench_latency(args, parser) -> int:
     if args.checkpoint:
         from . import densify
         sparse, cfg = _load_apb_checkpoint("--checkpoint", args.checkpoint)
+        _check_finite_weights("--checkpoint", sparse, args.checkpoint)  # else "differs from dense by nan"
         shape = args.input_shape or ((1, 8, 8) if cfg["arch"] == "small_cnn" else (cfg["in_channels"], 32, 32))
         variants = [(f"checkpoint {Path(args.checkpoint).name}", densify(sparse), sparse)]
     else:

@@ -327,6 +327,8 @@ def test_absurd_model_sizes_and_nan_weights_are_one_line_errors(apb_checkpoint, 
               metadata={"apb_sparse_config": json.dumps(config)})
     line = _one_line_error(capsys, ["eval", "--checkpoint", str(nan_values), *EVAL_FAST])
     assert "--checkpoint" in line and key in line and "NaN" in line
+    line = _one_line_error(capsys, ["bench", "latency", "--checkpoint", str(nan_values), "--batch", "1", "--rounds", "1"])
+    assert "--checkpoint" in line and "NaN" in line and "differs from dense" not in line
 
 
 def test_run_out_must_be_a_writable_folder(tmp_path, capsys):
