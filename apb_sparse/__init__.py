@@ -1,11 +1,15 @@
 """apb_sparse: adversarial pruning with real sparse inference.
 
-Core API: :func:`sparsify`, :func:`densify`, :func:`compact`, :func:`sparsity_report`, the layers
+Core API: :func:`sparsify` (swap layers, keep the model's semantics), :func:`deploy` (a frozen,
+fast inference snapshot), :func:`densify`, :func:`compact`, :func:`sparsity_report`, the layers
 in :mod:`apb_sparse.nn` and the ops in :mod:`apb_sparse.ops`.
 """
-from . import fuse, nn, ops
-from .compact import channel_groups, compact, zero_dead_batchnorm
-from .sparsify import (apply_masks, densify, magnitude_masks, sparsify, sparsity_report)
+from . import nn, ops
+# The modules' old import paths (apb_sparse.sparsify, .fuse, .compact, .deploy, .export) are aliases
+# of apb_sparse.convert.*; imported first so that the functions below keep their names here.
+from . import compact as _compact_module, deploy as _deploy_module, export, fuse, sparsify as _sparsify_module  # noqa: F401,I001
+from .convert import (DeployedModel, apply_masks, channel_groups, compact, densify, deploy, export_onnx,
+                      magnitude_masks, sparsify, sparsity_report, zero_dead_batchnorm)
 
 __version__ = "0.1.0"
 
@@ -21,5 +25,5 @@ def __getattr__(name):
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-__all__ = ["nn", "ops", "fuse", "sparsify", "densify", "compact", "sparsity_report", "magnitude_masks", "apply_masks",
-           "channel_groups", "zero_dead_batchnorm"]
+__all__ = ["nn", "ops", "fuse", "sparsify", "deploy", "DeployedModel", "export_onnx", "densify", "compact",
+           "sparsity_report", "magnitude_masks", "apply_masks", "channel_groups", "zero_dead_batchnorm"]

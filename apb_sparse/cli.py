@@ -122,30 +122,40 @@ what `apb run` does, per dataset / architecture / seed:
      evaluate clean accuracy, AutoAttack, FMN minimum-norm distances (security curve) with
      gradient-masking checks, convert with apb_sparse.sparsify and check the sparse model agrees
      with the dense one, measure model sizes. The "dense" row is a dense model trained with that
-     same total budget. Cells run concurrently with --executor ray (logs in OUT/logs/)
+     same total budget (same SGD steps and learning rates); "dense_base" is the base model of
+     step 1, evaluated as is. Cells run concurrently with --executor ray (logs in OUT/logs/)
   3. append one JSON record per cell to OUT/results.jsonl (a rerun skips finished cells, an
      interrupted run loses nothing finished), save OUT/checkpoints/<cell>.safetensors (nonzeros
      only)
-  4. time every deployed model of the run (sparsify(..., fuse=True)) against the dense baseline in
-     one exclusive interleaved phase on this machine (CPU, and GPU if present), then write
-     OUT/leaderboard.{md,csv,html} and OUT/plots/*.png
+  4. time every deployed model of the run (apb_sparse.deploy, at the preset's batch and batch 1)
+     against the dense model deployed the same way, in one exclusive interleaved phase on this
+     machine (CPU, and GPU if present), then write OUT/leaderboard.{md,csv,html} (an APB-style
+     pivot first, then budgets and every column) and OUT/plots/*.png (robustness vs sparsity,
+     security curves, speedup with its ideal, robustness-vs-speedup Pareto view); docs/benchmark.md
 
 executors:
   --executor auto (default) uses Ray when it is installed and the machine has more than one CPU,
   else the in-process loop (local). With Ray each cell is a task (--cpus-per-cell, --gpus-per-cell
-  resources; --workers cells at a time); --ray-address auto joins a running cluster (`ray start
-  --head` on one node, `ray start --address HEAD:6379` on the others; OUT must then be shared
-  storage). A worker killed mid-cell is retried (--max-retries); a cell that raises is recorded as
-  failed (OUT/failed.jsonl, OUT/errors.log) and runs again on resume.
+  resources; --workers cells at a time); --ray-address HEAD:6379 (or auto) joins a running cluster
+  (`ray start --head` on one node, `ray start --address HEAD:6379` on the others; OUT must then be
+  shared storage; a head with token authentication needs its token on this machine, in
+  ~/.ray/auth_token or RAY_AUTH_TOKEN; --ray-timeout bounds the connection). --executor slurm
+  submits one SLURM job per cell with submitit (--slurm-partition, --slurm-time, --gpus-per-cell,
+  --cpus-per-cell; job files in OUT/slurm); --slurm-local runs those jobs on this machine. A worker
+  or job that dies mid-cell is retried (--max-retries); a cell that raises is recorded as failed
+  (OUT/failed.jsonl, OUT/errors.log) and runs again on resume. See docs/cluster.md.
 
 presets:
 {presets}
 
 examples:
-  apb run                                   # quick preset, every method, 2 seeds, into runs/quick
+  apb run                                   # quick preset, every method, seed 0, into runs/quick
+  apb run --seeds 0 1                       # add seed 1 to the same folder: error bars, Kendall tau
   apb run --methods hydra lwm_local --sparsities 0.9 0.99
   apb run --executor ray --workers 4 --gpus-per-cell 1 --preset paper --data-dir ~/data --out runs/paper
   apb run --executor ray --ray-address auto --gpus-per-cell 1 --preset paper --out /shared/runs/paper
+  apb run --executor slurm --slurm-partition gpu --gpus-per-cell 1 --slurm-time 720 --preset paper \
+          --out /shared/runs/paper
 """
 
 
@@ -181,21 +191,43 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: the preset's; quick: 1, others: torch's)")
     r.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
     r.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    r.add_argument("--executor", choices=("auto", "local", "ray"), default="auto",
+    r.add_argument("--executor", choices=("auto", "local", "ray", "slurm"), default="auto",
                    help="where cells run: 'local' (one after another in this process), 'ray' (Ray tasks), "
+                        "'slurm' (one SLURM job per cell, through submitit), "
                         "'auto' (ray if installed and the machine has > 1 CPU, else local)")
     r.add_argument("--workers", type=_positive_int, default=None, metavar="N",
                    help="cells at a time with --executor ray (default: what the cluster's CPUs / GPUs hold "
-                        "at --cpus-per-cell / --gpus-per-cell)")
+                        "at --cpus-per-cell / --gpus-per-cell) or slurm (jobs queued at once, default 32)")
     r.add_argument("--ray-address", default=None, metavar="ADDR",
                    help="an existing Ray cluster ('auto', 'HOST:6379', 'ray://HOST:10001'); default: start a "
-                        "local one on this machine")
+                        "local one on this machine. A token-authenticated head (Ray >= 2.5x) needs its token "
+                        "here: ~/.ray/auth_token or RAY_AUTH_TOKEN")
+    r.add_argument("--ray-timeout", type=_positive_float, default=60.0, metavar="S",
+                   help="seconds to reach --ray-address before failing")
+    r.add_argument("--slurm-partition", default=None, metavar="P", help="SLURM partition of the cell jobs")
+    r.add_argument("--slurm-time", type=_positive_int, default=24 * 60, metavar="MIN",
+                   help="time limit of one cell job in minutes")
+    r.add_argument("--slurm-mem-gb", type=_positive_float, default=None, metavar="GB",
+                   help="memory of one cell job (default: the partition's)")
+    r.add_argument("--slurm-account", default=None, metavar="A", help="SLURM account to charge")
+    r.add_argument("--slurm-qos", default=None, metavar="Q", help="SLURM quality of service")
+    r.add_argument("--slurm-constraint", default=None, metavar="C", help="SLURM node constraint (e.g. a GPU type)")
+    r.add_argument("--slurm-folder", default=None, metavar="DIR",
+                   help="submitit's job scripts and logs (default OUT/slurm; must be on shared storage)")
+    r.add_argument("--slurm-local", action="store_true",
+                   help="run the SLURM jobs as processes on this machine (submitit's local executor): try a "
+                        "configuration without a cluster")
     r.add_argument("--cpus-per-cell", type=_positive_float, default=1.0, metavar="C",
-                   help="Ray CPUs reserved by one cell")
+                   help="CPUs of one cell (Ray resources; SLURM --cpus-per-task)")
     r.add_argument("--gpus-per-cell", type=_nonneg_float, default=0.0, metavar="G",
-                   help="Ray GPUs reserved by one cell (1 = one cell per GPU; fractions share a GPU)")
+                   help="GPUs of one cell (Ray: 1 = one cell per GPU, fractions share a GPU; SLURM: whole GPUs "
+                        "per job)")
     r.add_argument("--max-retries", type=_nonneg_int, default=3, metavar="N",
-                   help="reruns of a cell whose Ray worker process died (a cell that raises is not rerun)")
+                   help="reruns of a cell whose Ray worker process or SLURM job died (a cell that raises is "
+                        "not rerun)")
+    r.add_argument("--download", action="store_true",
+                   help="download missing torchvision datasets (cifar10, svhn, mnist, fashion-mnist) into "
+                        "--data-dir first (needs internet)")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
     # ---------------------------------------------------------------- prune
@@ -216,6 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--work-dir", default=None, help="where the base model is cached (default runs/<preset>)")
     pr.add_argument("--out", default=None, help="output .safetensors (default pruned-<method>-<sparsity>.safetensors)")
     pr.add_argument("--data-dir", default=None, help="dataset folder")
+    pr.add_argument("--download", action="store_true",
+                    help="download a missing torchvision dataset into --data-dir first (needs internet)")
     pr.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None, help="device")
     pr.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
@@ -229,14 +263,17 @@ def build_parser() -> argparse.ArgumentParser:
                                     "(.safetensors, or a torch.save file loaded with weights_only=True; never "
                                     "unpickled) for which --arch and --dataset are required. Loading is strict.")
     ev.add_argument("--checkpoint", required=True, metavar="FILE", help="the checkpoint")
-    ev.add_argument("--arch", default=None, help="architecture of a plain state dict")
+    ev.add_argument("--arch", default=None,
+                    help="architecture of a plain state dict: ours, robustbench:<arch> (RobustBench's key layout, "
+                         "e.g. robustbench:wrn28_10) or timm:<name>")
     ev.add_argument("--dataset", default=None, help="test data (required unless the checkpoint records it)")
     ev.add_argument("--model-kwargs", type=_json_dict, default=None, metavar="JSON",
                     help="extra get_model options of a plain state dict, e.g. '{\"width\": 16}'")
-    ev.add_argument("--normalize", choices=("dataset", "none"), default="dataset",
+    ev.add_argument("--normalize", choices=("dataset", "none"), default=None,
                     help="for a plain state dict without normalize.mean/std buffers (saved by another tool, "
                          "its normalisation outside the model): normalise inputs with the dataset's statistics "
-                         "(default) or not at all")
+                         "or not at all (default: 'none' for robustbench:* architectures, whose checkpoints take "
+                         "[0, 1] inputs, else 'dataset')")
     ev.add_argument("--preset", choices=("quick", "fmnist", "paper"), default="quick",
                     help="evaluation settings (attack budget, samples, latency batch)")
     ev.add_argument("--attack", choices=("quick", "standard"), default=None,
@@ -253,6 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also save the sparsified model as an apb_sparse checkpoint")
     ev.add_argument("--out", default=None, metavar="JSON", help="write the full result as JSON")
     ev.add_argument("--data-dir", default=None, help="dataset folder")
+    ev.add_argument("--download", action="store_true",
+                    help="download a missing torchvision dataset into --data-dir first (needs internet)")
     ev.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="attack device")
 
     # ---------------------------------------------------------------- bench latency
@@ -359,6 +398,85 @@ def _check_output(flag: str, path, *, suffix: Optional[str] = None) -> Path:
     return out
 
 
+def _check_out_folder(flag: str, out: Path) -> None:
+    """Fail now, as one line naming ``flag``, if ``out`` cannot be the run folder: a file, under a
+    file, or a place this user cannot create or write."""
+    import tempfile
+
+    if out.exists() and not out.is_dir():
+        _fail(f"argument {flag}: {str(out)!r} is a file, expected a folder (for results.jsonl, checkpoints, "
+              "the leaderboard)")
+    ancestor = out
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        _fail(f"argument {flag}: cannot create the folder {str(out)!r}: {str(ancestor)!r} is not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=out, prefix=".apb-write-check-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        _fail(f"argument {flag}: cannot write into {str(out)!r}: {e.strerror or e}")
+
+
+def _available_memory_bytes() -> Optional[int]:
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - not POSIX
+        return None
+
+
+def _check_model_size(flag: str, arch: str, num_classes: int, in_channels: int, model_kwargs) -> None:
+    """Refuse, naming ``flag``, options that would make ``get_model`` allocate more than this
+    machine's free memory (a corrupted or hostile ``model_kwargs`` such as ``width: 1e8`` is
+    otherwise a raw allocator error after a long wait). The model is built on the meta device,
+    which allocates nothing."""
+    import torch
+    from torch.overrides import TorchFunctionMode
+
+    from .models import get_model
+
+    class _FactoriesOnMeta(TorchFunctionMode):
+        # Parameters and buffers come from these factories; small constants built from Python
+        # values (the normalisation statistics, which the model checks with .item()) stay real.
+        FACTORIES = {torch.empty, torch.zeros, torch.ones, torch.full, torch.rand, torch.randn, torch.empty_like}
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = dict(kwargs or {})
+            if func in self.FACTORIES:
+                kwargs["device"] = "meta"
+            return func(*args, **kwargs)
+
+    try:
+        with _FactoriesOnMeta():
+            m = get_model(arch, num_classes=num_classes, in_channels=in_channels, **dict(model_kwargs or {}))
+    except Exception:  # the real build reports its own, named errors
+        return
+    nbytes = sum(t.numel() * t.element_size() for t in list(m.parameters()) + list(m.buffers()))
+    free = _available_memory_bytes()
+    limit = max(free // 2, 1 << 30) if free else 1 << 36
+    if nbytes > limit:
+        _fail(f"argument {flag}: model_kwargs {json.dumps(dict(model_kwargs or {}))} build a {arch} with "
+              f"{nbytes / 2**30:,.1f} GiB of weights, more than half of the {((free or 0) / 2**30):,.1f} GiB "
+              "of free memory; check the width / depth options")
+
+
+def _check_finite_weights(flag: str, model, path) -> None:
+    """Refuse a model whose weights hold NaN or infinite values, naming the first such tensor:
+    every output would be NaN, and the evaluation would report garbage numbers."""
+    import torch
+
+    for name, t in list(model.state_dict().items()):
+        if not torch.is_tensor(t) or not t.is_floating_point() or t.numel() == 0:
+            continue
+        bad = int((~torch.isfinite(t)).sum())
+        if bad:
+            nan = int(torch.isnan(t).sum())
+            what = "all NaN" if nan == t.numel() else f"{bad} non-finite value(s) ({nan} NaN) of {t.numel()}"
+            _fail(f"argument {flag}: {str(path)!r}: tensor {name!r} is {what}; the model cannot be evaluated")
+
+
 def _load_apb_checkpoint(flag: str, path):
     """``load_checkpoint`` with its failures as one-line errors naming ``flag``."""
     from .bench.checkpoint import CheckpointError, load_checkpoint
@@ -384,6 +502,74 @@ def _dedupe(values, flag: str, key=lambda v: v) -> list:
     return out
 
 
+def _check_arch(parser, name: str, flag: str) -> str:
+    """The registry spelling of an architecture name, or a usage error naming ``flag``."""
+    from .models import canonical_name, timm_available
+
+    try:
+        key = canonical_name(name)
+    except (ValueError, TypeError) as e:
+        parser.error(f"argument {flag}: {e}")
+    if key.startswith("timm:") and not timm_available():
+        parser.error(f"argument {flag}: {name!r} needs timm: pip install timm (or apb_sparse[timm])")
+    return key
+
+
+def _check_executor(parser, args) -> str:
+    """The executor ``apb run`` uses; options of another executor are usage errors."""
+    from .bench.executors import default_executor, ray_available, submitit_available
+
+    executor = default_executor() if args.executor == "auto" else args.executor
+    if executor == "ray" and not ray_available():
+        parser.error("argument --executor: 'ray' needs Ray: pip install 'ray>=2.9' (or apb_sparse[ray])")
+    if executor == "slurm" and not submitit_available():
+        parser.error("argument --executor: 'slurm' needs submitit: pip install submitit (or apb_sparse[slurm])")
+    ray_only = (("--ray-address", args.ray_address, None), ("--ray-timeout", args.ray_timeout, 60.0))
+    slurm_only = (("--slurm-partition", args.slurm_partition, None), ("--slurm-time", args.slurm_time, 24 * 60),
+                  ("--slurm-mem-gb", args.slurm_mem_gb, None), ("--slurm-account", args.slurm_account, None),
+                  ("--slurm-qos", args.slurm_qos, None), ("--slurm-constraint", args.slurm_constraint, None),
+                  ("--slurm-folder", args.slurm_folder, None), ("--slurm-local", args.slurm_local, False))
+    if executor == "local":
+        for flag, value, default in (("--workers", args.workers, None), ("--gpus-per-cell", args.gpus_per_cell, 0.0)):
+            if value != default and not (flag == "--workers" and value == 1):
+                parser.error(f"argument {flag}: needs --executor ray or slurm (the local executor runs one cell "
+                             f"at a time in this process)")
+    for flag, value, default in (ray_only if executor != "ray" else ()) + (slurm_only if executor != "slurm" else ()):
+        if value != default:
+            parser.error(f"argument {flag}: needs --executor {'ray' if flag.startswith('--ray') else 'slurm'} "
+                         f"(the executor is {executor})")
+    if executor == "slurm":
+        for flag, value, low in (("--gpus-per-cell", args.gpus_per_cell, 0), ("--cpus-per-cell", args.cpus_per_cell, 1)):
+            if value != int(value) or value < low:
+                parser.error(f"argument {flag}: --executor slurm gives a job whole {flag[2:5].upper()}s; "
+                             f"expected an integer >= {low}, got {value:g}")
+    return executor
+
+
+def _make_executor(executor: str, args, out: Path):
+    """The executor instance of ``apb run`` (connected, for Ray); the caller shuts it down."""
+    from .bench.executors import make_executor
+
+    slurm = None
+    folder = None
+    if executor == "slurm":
+        slurm = dict(partition=args.slurm_partition, time_min=args.slurm_time, mem_gb=args.slurm_mem_gb,
+                     account=args.slurm_account, qos=args.slurm_qos, constraint=args.slurm_constraint,
+                     cluster="local" if args.slurm_local else "slurm")
+        folder = Path(args.slurm_folder) / "%j" if args.slurm_folder else out.resolve() / "slurm" / "%j"
+    return make_executor(executor, workers=args.workers, address=args.ray_address, cpus_per_cell=args.cpus_per_cell,
+                         gpus_per_cell=args.gpus_per_cell, max_retries=args.max_retries, ray_timeout=args.ray_timeout,
+                         folder=folder, slurm=slurm)
+
+
+def _download(datasets: Sequence[str], data_dir) -> None:
+    """``--download``: fetch the torchvision datasets that are missing, before any work."""
+    from .data import get_dataset
+
+    for name in datasets:
+        get_dataset(name, data_dir=data_dir, download=True)
+
+
 def _cmd_run(args, parser) -> int:
     from .bench.presets import get_preset
     from .data.datasets import available_datasets
@@ -407,36 +593,38 @@ def _cmd_run(args, parser) -> int:
     archs = _dedupe(args.archs or list(preset.archs), "--archs")
     from .data.datasets import _ALIASES
     _check_names(parser, datasets, "--datasets", set(_ALIASES))
-    _check_names(parser, [a.lower().replace("-", "_") for a in archs], "--archs", set(available_models()))
+    archs = [_check_arch(parser, a, "--archs") for a in archs]
     from . import methods as registry
     if not any(structure in registry.get(m).structures and sparsities.get(structure)
                for m in methods for structure in structures):
         parser.error(f"argument --structures: none of the methods {methods} supports {structures} "
                      f"with the given sparsities")
-    from .bench.executors import default_executor, ray_available
-    executor = default_executor() if args.executor == "auto" else args.executor
-    if executor == "ray" and not ray_available():
-        parser.error("argument --executor: 'ray' needs Ray: pip install 'ray>=2.9' (or apb_sparse[ray])")
-    if executor == "local":
-        for flag, value, default in (("--workers", args.workers, None), ("--ray-address", args.ray_address, None),
-                                     ("--gpus-per-cell", args.gpus_per_cell, 0.0)):
-            if value != default and not (flag == "--workers" and value == 1):
-                parser.error(f"argument {flag}: needs --executor ray (the local executor runs one cell at a "
-                             f"time in this process)")
+    executor = _check_executor(parser, args)
     out = Path(args.out or os.path.join("runs", preset.name))
+    _check_out_folder("--out", out)
 
+    from .bench.executors import interrupt_guard
+
+    grid = dict(methods=methods, structures=structures, sparsities=sparsities, seeds=seeds, archs=archs,
+                datasets=datasets)
+    # Ctrl-C stops the driver even while it is blocked in native code (Ray's connection).
+    with interrupt_guard():
+        return _run_grid(args, preset, executor, out, grid)
+
+
+def _run_grid(args, preset, executor: str, out: Path, grid: dict) -> int:
     from .bench.runner import run_benchmark
     from .data.datasets import DatasetNotFoundError
 
     t0 = time.perf_counter()
+    ex = None
     try:
-        summary = run_benchmark(preset, out, methods=methods, structures=structures, sparsities=sparsities,
-                                seeds=seeds, archs=archs, datasets=datasets,
-                                data_dir=args.data_dir, device=preset.device, progress=not args.quiet,
-                                latency=not args.no_latency, plots=not args.no_plots, executor=executor,
-                                workers=args.workers, ray_address=args.ray_address,
-                                cpus_per_cell=args.cpus_per_cell, gpus_per_cell=args.gpus_per_cell,
-                                max_retries=args.max_retries)
+        if args.download:
+            _download(grid["datasets"], args.data_dir)
+        ex = _make_executor(executor, args, out)
+        summary = run_benchmark(preset, out, **grid, data_dir=args.data_dir, device=preset.device,
+                                progress=not args.quiet, latency=not args.no_latency, plots=not args.no_plots,
+                                executor=ex, max_retries=args.max_retries)
     except DatasetNotFoundError as e:
         print(f"apb run: error: {e}", file=sys.stderr)
         return 2
@@ -450,6 +638,9 @@ def _cmd_run(args, parser) -> int:
         print(f"\ninterrupted: the {n} finished cell(s) are kept in {out / 'results.jsonl'}; rerun the same "
               f"command (same --out {out}) to resume with the rest", file=sys.stderr)
         return 130
+    finally:
+        if ex is not None:
+            ex.shutdown()
     _print_summary(summary, time.perf_counter() - t0)
     return 1 if summary.failed else 0
 
@@ -458,13 +649,19 @@ def _print_summary(summary, seconds: float) -> None:
     from .bench.leaderboard import leaderboard_rows
     from .bench.results import read_records
 
+    from .bench.leaderboard import REFERENCES
+
     rows = leaderboard_rows(read_records(summary.out_dir / "results.jsonl", warn=False))
+    # Reference rows (dense, dense_base) are repeated per structure in the leaderboard: once here.
+    width = max([12] + [len(r["method"]) for r in rows])
+    swidth = max([9] + [len(r["structure"]) for r in rows])
     print()
-    print(f"{'method':<12} {'struct':<6} {'sparsity':>8} {'clean%':>7} {'AA%':>6} {'d_med':>6} "
-          f"{'dense ms':>9} {'sparse ms':>9} {'speedup':>7}  flags")
+    print(f"{'method':<{width}} {'structure':<{swidth}} {'seed':>4} {'sparsity':>8} {'clean%':>7} {'AA%':>6} "
+          f"{'d_med':>6} {'dense ms':>9} {'sparse ms':>9} {'speedup':>7} {'b1 speedup':>10}  flags")
     seen = set()
     for r in rows:
-        key = (r["dataset"], r["arch"], r["method"], r["sparsity"], r["seed"], r["structure"] if r["method"] != "dense" else "")
+        ref = r["method"] in REFERENCES
+        key = (r["dataset"], r["arch"], r["method"], r["sparsity"], r["seed"], "" if ref else r["structure"])
         if key in seen:
             continue
         seen.add(key)
@@ -474,9 +671,11 @@ def _print_summary(summary, seconds: float) -> None:
 
         def pct(v):
             return "-" if v is None else f"{100 * v:.1f}"
-        print(f"{r['method']:<12} {r['structure'][:6]:<6} {100 * r['sparsity']:>7.1f}% {pct(r['clean_acc']):>7} "
+        print(f"{r['method']:<{width}} {'-' if ref else r['structure']:<{swidth}} {r['seed']:>4} "
+              f"{100 * r['sparsity']:>7.1f}% {pct(r['clean_acc']):>7} "
               f"{pct(r['aa_acc']):>6} {f(r['median_min_norm'], '{:.3f}'):>6} {f(r['cpu_dense_ms'], '{:.2f}'):>9} "
-              f"{f(r['cpu_sparse_ms'], '{:.2f}'):>9} {f(r['cpu_speedup'], '{:.2f}x'):>7}  {r['flags']}")
+              f"{f(r['cpu_sparse_ms'], '{:.2f}'):>9} {f(r['cpu_speedup'], '{:.2f}x'):>7} "
+              f"{f(r['b1_speedup'], '{:.2f}x'):>10}  {r['flags']}")
     print()
     print(f"ran {len(summary.ran)} cells ({getattr(summary, 'executor', 'local')} executor), skipped "
           f"{len(summary.skipped)} already finished, {len(summary.failed)} failed; wall time {seconds:.1f} s")
@@ -508,7 +707,7 @@ def _cmd_prune(args, parser) -> int:
 
     preset = get_preset(args.preset).with_overrides(device=args.device)
     dataset = args.dataset or preset.datasets[0]
-    arch = args.arch or preset.archs[0]
+    arch = _check_arch(parser, args.arch, "--arch") if args.arch else preset.archs[0]
     out = Path(args.out or f"pruned-{name}-{args.structure}-{args.sparsity:g}.safetensors")
     if out.suffix != ".safetensors":
         out = out.with_suffix(".safetensors")
@@ -522,6 +721,8 @@ def _cmd_prune(args, parser) -> int:
             _fail(f"argument --base: {e}")
     dev = resolve_device(preset.device)
     try:
+        if args.download:
+            _download([dataset], args.data_dir)
         data = load_data(dataset, preset, args.data_dir)
     except DatasetNotFoundError as e:
         _fail(str(e))
@@ -587,12 +788,18 @@ def _cmd_eval(args, parser) -> int:
     try:
         ours = is_apb_checkpoint(path, strict=True)
         if ours:
+            from .bench.checkpoint import _parse_config, _read_metadata
+            cfg0 = _parse_config(path, (_read_metadata(path) or {})["apb_sparse_config"])
+            _check_model_size("--checkpoint", cfg0["arch"], cfg0["num_classes"], cfg0["in_channels"],
+                              cfg0.get("model_kwargs"))
             sparse, config = load_checkpoint(path)
             arch = config["arch"]
             extra = config.get("extra")
             dataset = args.dataset or (extra.get("dataset") if isinstance(extra, dict) else None)
             if not isinstance(dataset, str):
                 _fail(f"argument --dataset: required ({path} does not record its dataset)")
+            if args.download:
+                _download([dataset], args.data_dir)
             data = load_data(dataset, preset.with_overrides(), args.data_dir)
             model, kind = sparse, "apb_sparse checkpoint"
         else:
@@ -600,20 +807,30 @@ def _cmd_eval(args, parser) -> int:
             if not args.arch or not args.dataset:
                 parser.error(f"arguments --arch and --dataset are required for a plain state dict checkpoint "
                              f"({path} is not an apb_sparse checkpoint)")
+            from .models import adapt_state_dict
+            arch, dataset = _check_arch(parser, args.arch, "--arch"), args.dataset
+            # RobustBench's and bare timm state dicts differ from our layouts in names only.
+            state, notes = adapt_state_dict(arch, state)
+            normalize = args.normalize or ("none" if arch.startswith("robustbench:") else "dataset")
+            if args.download:
+                _download([dataset], args.data_dir)
             data = load_data(args.dataset, preset, args.data_dir)
-            arch, dataset = args.arch, args.dataset
             c = int(data.input_shape[0])
-            norm_stats = (list(data.mean), list(data.std)) if args.normalize == "dataset" else ([0.0] * c, [1.0] * c)
+            norm_stats = (list(data.mean), list(data.std)) if normalize == "dataset" else ([0.0] * c, [1.0] * c)
+            _check_model_size("--model-kwargs", arch, int(data.num_classes), c, args.model_kwargs)
             model = load_dense_model(path, arch, num_classes=int(data.num_classes), in_channels=c,
                                      model_kwargs=args.model_kwargs, normalization=norm_stats, state=state)
             sparse, kind = None, "dense state dict"
             if model.apb_normalization == "supplied":
                 kind += (f", no normalisation buffers: inputs normalised with the {dataset} statistics"
-                         if args.normalize == "dataset" else ", no normalisation buffers: inputs not normalised")
+                         if normalize == "dataset" else ", no normalisation buffers: inputs not normalised")
+            if notes:
+                kind += "; " + "; ".join(notes)
     except (CheckpointError, DatasetNotFoundError, FileNotFoundError) as e:
         _fail(f"argument --checkpoint: {e}" if isinstance(e, CheckpointError) else str(e))
     except (ValueError, TypeError) as e:  # an --arch / --model-kwargs / --dataset refused by name
         _fail(str(e))
+    _check_finite_weights("--checkpoint", model, path)
     input_shape = tuple(int(s) for s in data.input_shape)
     report = sparsity_report(model, (1, *input_shape))
     print(f"{path} ({kind}): {arch} on {dataset}; detected sparsity {100 * report.sparsity:.2f} % "
@@ -621,20 +838,26 @@ def _cmd_eval(args, parser) -> int:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(args.seed)
         result, sparse = evaluate_model(model, data, preset, seed=args.seed, device=dev, input_shape=input_shape,
-                                        latency=not args.no_latency, sparse_model=sparse)
+                                        latency=not args.no_latency, sparse_model=sparse,
+                                        progress=True)
     print(sparsity_report(sparse, (1, *input_shape)))
     aa, mn = result["autoattack"], result["min_norm"]
     print(f"\nclean {100 * result['clean_accuracy']:.2f} %   {aa['attack']} {preset.norm} eps={preset.eps:.4g}: "
           f"robust {100 * result['robust_accuracy']:.2f} % on {aa['n_samples']} images")
-    print(f"FMN median min-norm distance {mn['median_distance']:.4f} on {mn['n_samples']} images; masking checks: "
+    err = mn.get("clean_error_share")
+    print(f"FMN median min-norm distance {mn['median_distance']:.4f} over the correctly classified of "
+          f"{mn['n_samples']} images" + (f" ({100 * err:.1f} % clean errors)" if err is not None else "")
+          + "; masking checks: "
           + ", ".join(f"{c['name']}={'ok' if c['passed'] else 'FAILED'}" for c in mn["checks"]))
     lat = (result.get("latency") or {})
     for dev_name, l in lat.items():
         if "error" in l:
             print(f"{dev_name} latency: {l['error']}")
         else:
-            print(f"{dev_name} latency (batch {l['batch']}): dense {l['dense_ms']:.3f} ms, sparse {l['sparse_ms']:.3f} ms, "
-                  f"speedup {l['speedup']:.2f}x")
+            print(f"{dev_name} latency (batch {l['batch']}, both deployed with apb_sparse.deploy): dense "
+                  f"{l['dense_ms']:.3f} ms, sparse {l['sparse_ms']:.3f} ms, speedup {l['speedup']:.2f}x "
+                  f"(vs eager dense torch {l['dense_eager_ms']:.3f} ms: {l['speedup_vs_eager']:.2f}x)")
+            print(f"  speedup baseline (the leaderboard's): {l.get('baseline', '?')}")
     sz = result["size_bytes"]
     print(f"state dict size: dense {sz['dense']:,} B, sparse {sz['sparse']:,} B")
     if result["flags"]:

@@ -1,9 +1,11 @@
 #!/usr/bin/env python
-"""CPU inference latency: dense torch vs apb_sparse vs stock torch sparse (unfold + CSR mm).
+"""CPU inference latency: the deployed sparse model vs the deployed and eager dense model vs stock
+torch sparse (unfold + CSR mm).
 
 For each architecture, batch size and mask: check the outputs agree, warm up, then time every
-variant once per round, interleaved, and report medians and speedups over the dense model timed in
-the same run.  Writes a table to stdout and JSON (with the environment) to --out.
+variant once per round, interleaved, and report medians and speedups over the dense model
+deployed the same way (``apb_sparse.deploy(dense, x, path="dense")``), and over eager torch,
+timed in the same run.  Writes a table to stdout and JSON (with the environment) to --out.
 
     python benchmarks/latency.py --quick          # ResNet-18 only, fewer rounds
     python benchmarks/latency.py                  # ResNet-18 and VGG-16, batch 1 and 32
@@ -16,7 +18,7 @@ import argparse
 import json
 import os
 import sys
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 import torch.nn.functional as F
@@ -77,11 +79,8 @@ def stock_sparse(model: nn.Module) -> nn.Module:
     return model
 
 
-def build_variants(arch: str, mask_name: str, dense: nn.Module, stock: bool, fuse: bool = True,
-                   calibrate: Optional[torch.Tensor] = None) -> Dict[str, nn.Module]:
-    """Masked dense model, our sparsified model (and compacted one for channels), stock baseline;
-    with ``calibrate`` (the timed batch) also ``sparsify(calibrate=...)``, whose per-layer choice
-    between the sparse and dense kernels is measured on that batch."""
+def make_masks(dense: nn.Module, mask_name: str) -> nn.Module:
+    """The masked dense model of ``mask_name`` (us@S, global@S, ch@S, chc@S)."""
     kind, _, value = mask_name.partition("@")
     sparsity = float(value)
     if kind in ("us", "global"):
@@ -93,15 +92,30 @@ def build_variants(arch: str, mask_name: str, dense: nn.Module, stock: bool, fus
     masked = apb_sparse.apply_masks(dense, masks)
     if kind in ("ch", "chc"):
         apb_sparse.zero_dead_batchnorm(masked)
-    variants = {"masked": masked, "ours": apb_sparse.sparsify(masked, fuse=fuse)}
-    if fuse:
-        # sparsify's default (fuse="auto"): the model's own modules, fused in eval mode
-        variants["default"] = apb_sparse.sparsify(masked)
-    if calibrate is not None:
-        variants["calibrated"] = apb_sparse.sparsify(masked, fuse=fuse, calibrate=calibrate)
+    return masked
+
+
+def build_variants(mask_name: str, dense: nn.Module, x: torch.Tensor, stock: bool,
+                   script_ab: bool = False) -> Dict[str, nn.Module]:
+    """What is timed, all on the same weights:
+
+    * ``dense``: eager torch on the dense model (the model as users have it);
+    * ``dense_deployed``: ``apb_sparse.deploy(dense, x, path="dense")``, the dense model deployed the
+      same way as ours (BatchNorm folded, TorchScript graph): the speedup baseline;
+    * ``ours``: ``apb_sparse.deploy(masked, x)``, the deployed sparse model;
+    * ``ours_no_script`` (``script_ab``): the same without its TorchScript graph;
+    * ``compact`` (channel masks): ``deploy(compact(masked), x, path="dense")``;
+    * ``stock``: unfold + torch CSR matmul (what stock torch offers).
+    ``masked`` (the reference for the output check) is not timed.
+    """
+    kind = mask_name.partition("@")[0]
+    masked = make_masks(dense, mask_name)
+    variants = {"masked": masked, "dense_deployed": apb_sparse.deploy(dense, x, path="dense"),
+                "ours": apb_sparse.deploy(masked, x)}
+    if script_ab:
+        variants["ours_no_script"] = apb_sparse.deploy(masked, x, script=False)
     if kind in ("ch", "chc"):
-        small = apb_sparse.compact(masked)
-        variants["compact"] = apb_sparse.fuse.fold_batchnorm(small) if fuse else small
+        variants["compact"] = apb_sparse.deploy(apb_sparse.compact(masked, x), x, path="dense")
     if stock:
         variants["stock"] = stock_sparse(masked)
     return variants
@@ -138,34 +152,33 @@ def run(args) -> dict:
         for batch in args.batches:
             x = torch.rand(batch, 3, 32, 32)
             for mask_name in args.masks:
-                variants = build_variants(arch, mask_name, dense, stock=not args.no_stock, fuse=not args.no_fuse,
-                                          calibrate=x if args.calibrate else None)
+                variants = build_variants(mask_name, dense, x, stock=not args.no_stock, script_ab=args.script_ab)
                 with torch.inference_mode():
-                    ref = variants["masked"](x)
-                    scale = max(1.0, ref.abs().max().item())
+                    refs = {"masked": variants["masked"](x), "dense": dense(x)}
                     for name, model in variants.items():
+                        ref = refs["dense" if name == "dense_deployed" else "masked"]
+                        scale = max(1.0, ref.abs().max().item())
                         err = (model(x) - ref).abs().max().item()
                         if err > 1e-3 * scale:
                             raise RuntimeError(f"{arch} {mask_name} {name}: output differs from the masked "
                                                f"model by {err:.3g}")
                 fns = {"dense": (lambda m=dense: m(x))}
-                if args.dense_fused:
-                    folded = apb_sparse.fuse.fold_batchnorm(dense)
-                    fns["dense_folded"] = lambda m=folded: m(x)
                 fns.update({k: (lambda m=m: m(x)) for k, m in variants.items() if k != "masked"})
                 if args.lanes_ab:
                     fns["ours_no_lanes"] = lambda m=variants["ours"]: _without_lanes(m, x)
-                if args.script_ab and "default" in variants:
-                    fns["default_no_script"] = lambda m=variants["default"]: _without_script(m, x)
                 timing = interleaved_medians(fns, rounds=args.rounds, warmup=2, min_time=args.min_time)
                 report = apb_sparse.sparsity_report(variants["ours"], (batch, 3, 32, 32))
-                base = timing["dense"]["median_s"]
+                base = timing["dense_deployed"]["median_s"]
+                eager = timing["dense"]["median_s"]
                 row = {"arch": arch, "batch": batch, "mask": mask_name, "sparsity": report.sparsity,
+                       "baseline": "dense_deployed: apb_sparse.deploy(dense, x, path='dense'); "
+                                   "speedup_vs_eager: against eager dense torch ('dense')",
                        "dense_macs": report.dense_macs, "sparse_macs": report.sparse_macs,
                        "paths": {p: sum(1 for c in variants["ours"].apb_sparse_choices.values() if c.path == p)
                                  for p in ("dense", "unstructured", "structured")},
                        "median_ms": {k: v["median_s"] * 1e3 for k, v in timing.items()},
-                       "speedup": {k: base / v["median_s"] for k, v in timing.items() if k != "dense"},
+                       "speedup": {k: base / v["median_s"] for k, v in timing.items() if k != "dense_deployed"},
+                       "speedup_vs_eager": {k: eager / v["median_s"] for k, v in timing.items() if k != "dense"},
                        "times_ms": {k: [t * 1e3 for t in v["times_s"]] for k, v in timing.items()}}
                 if "compact" in variants:
                     row["compact_macs"] = apb_sparse.sparsity_report(variants["compact"], (batch, 3, 32, 32)).dense_macs
@@ -188,23 +201,14 @@ def _without_lanes(model, x):
     return _with_switch_off(apb_sparse.ops.use_lanes, model, x)
 
 
-def _without_script(model, x):
-    """``model(x)`` with the fused forward's TorchScript graph turned off."""
-    return _with_switch_off(apb_sparse.fuse.use_torchscript, model, x)
-
-
 def _format_row(r: dict) -> str:
     ms, sp = r["median_ms"], r["speedup"]
-    cells = [f"{r['arch']:<9}", f"b={r['batch']:<3}", f"{r['mask']:<10}", f"dense {ms['dense']:8.2f} ms",
-             f"ours {ms['ours']:8.2f} ms ({sp['ours']:5.2f}x)"]
-    if "default" in ms:
-        cells.append(f"default {ms['default']:8.2f} ms ({sp['default']:5.2f}x)")
-    if "default_no_script" in ms:
-        cells.append(f"default, no script {ms['default_no_script']:8.2f} ms ({sp['default_no_script']:5.2f}x)")
+    cells = [f"{r['arch']:<9}", f"b={r['batch']:<3}", f"{r['mask']:<10}", f"eager dense {ms['dense']:8.2f} ms",
+             f"deployed dense {ms['dense_deployed']:8.2f} ms", f"ours {ms['ours']:8.2f} ms ({sp['ours']:5.2f}x)"]
+    if "ours_no_script" in ms:
+        cells.append(f"no script {ms['ours_no_script']:8.2f} ms ({sp['ours_no_script']:5.2f}x)")
     if "ours_no_lanes" in ms:
         cells.append(f"lanes off {ms['ours_no_lanes']:8.2f} ms ({sp['ours_no_lanes']:5.2f}x)")
-    if "calibrated" in ms:
-        cells.append(f"calibrated {ms['calibrated']:8.2f} ms ({sp['calibrated']:5.2f}x)")
     if "compact" in ms:
         cells.append(f"compact {ms['compact']:8.2f} ms ({sp['compact']:5.2f}x)")
     if "stock" in ms:
@@ -213,21 +217,21 @@ def _format_row(r: dict) -> str:
 
 
 def markdown_table(data: dict) -> str:
-    """The results as a Markdown table (speedups over dense torch in the same run)."""
-    optional = [(k, title) for k, title in (("default", "sparsify(model) default"),
-                                            ("default_no_script", "default, TorchScript off"),
-                                            ("ours_no_lanes", "apb_sparse, lanes off"), ("calibrated", "calibrated"))
+    """The results as a Markdown table (speedups over the deployed dense model in the same run)."""
+    optional = [(k, title) for k, title in (("ours_no_script", "deploy(script=False)"),
+                                            ("ours_no_lanes", "apb_sparse, lanes off"))
                 if any(k in r["median_ms"] for r in data["results"])]
-    head = "| arch | batch | mask | dense ms | apb_sparse ms (speedup) |"
+    head = "| arch | batch | mask | eager dense ms | deployed dense ms | deploy(sparse) ms (speedup) |"
     head += "".join(f" {title} ms (speedup) |" for _, title in optional)
     lines = [head + " compact ms (speedup) | unfold+CSR ms (speedup) |",
-             "|---|---|---|---|---|---|---|" + "---|" * len(optional)]
+             "|---|---|---|---|---|---|---|---|" + "---|" * len(optional)]
     for r in data["results"]:
         ms, sp = r["median_ms"], r["speedup"]
 
         def cell(k):
             return f"{ms[k]:.2f} ({sp[k]:.2f}x)" if k in ms else "-"
-        lines.append(f"| {r['arch']} | {r['batch']} | {r['mask']} | {ms['dense']:.2f} | {cell('ours')} | "
+        lines.append(f"| {r['arch']} | {r['batch']} | {r['mask']} | {ms['dense']:.2f} | {ms['dense_deployed']:.2f} | "
+                     f"{cell('ours')} | "
                      + "".join(f"{cell(k)} | " for k, _ in optional) + f"{cell('compact')} | {cell('stock')} |")
     return "\n".join(lines)
 
@@ -241,8 +245,8 @@ def per_layer(args) -> dict:
         for batch in args.batches:
             x = torch.rand(batch, 3, 32, 32)
             for mask_name in args.masks:
-                variants = build_variants(arch, mask_name, dense, stock=False, fuse=False)
-                sparse, masked = variants["ours"], variants["masked"]
+                masked = make_masks(dense, mask_name)
+                sparse = apb_sparse.sparsify(masked)  # per layer: the layers themselves, unfused
                 inputs = {}
                 hooks = [m.register_forward_hook(lambda m, i, o, n=n: inputs.__setitem__(n, i[0]))
                          for n, m in masked.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
@@ -296,14 +300,8 @@ def main(argv: List[str] = None) -> int:
     p.add_argument("--lanes-ab", action="store_true",
                    help="also time apb_sparse with the images-in-lanes layout turned off (in-run A/B)")
     p.add_argument("--script-ab", action="store_true",
-                   help="also time the default sparsify(model) with its TorchScript graph turned off (in-run A/B)")
+                   help="also time deploy(model, script=False): the snapshot without its TorchScript graph")
     p.add_argument("--per-layer", action="store_true", help="per-layer profile instead of end to end")
-    p.add_argument("--no-fuse", action="store_true",
-                   help="do not fold BatchNorm / fuse ReLU and residual adds into our sparse layers")
-    p.add_argument("--calibrate", action="store_true",
-                   help="also time sparsify(calibrate=batch): per-layer sparse/dense choice measured on the batch")
-    p.add_argument("--dense-fused", action="store_true",
-                   help="also time the dense model with BatchNorm folded (torch gets the same folding)")
     p.add_argument("--weights", nargs="+", default=None, metavar="ARCH=FILE",
                    help="trained weights (safetensors state dict, e.g. from benchmarks/train_for_latency.py) "
                         "for an architecture; default: random initialisation")

@@ -9,6 +9,7 @@ import copy
 import csv
 import io
 import json
+import os
 import warnings
 
 import pytest
@@ -86,14 +87,26 @@ def test_store_rejects_records_without_a_key(tmp_path):
 
 
 # ----------------------------------------------------------------------------------- leaderboard
+def _table_after(md: str, heading: str):
+    """The Markdown table lines that follow the first line starting with ``heading``."""
+    lines = md.splitlines()
+    i = next(k for k, l in enumerate(lines) if l.startswith(heading))
+    j = next(k for k in range(i + 1, len(lines)) if lines[k].startswith("|"))
+    out = []
+    while j < len(lines) and lines[j].startswith("|"):
+        out.append(lines[j])
+        j += 1
+    return out
+
+
 def test_leaderboard_markdown_and_csv_content():
     recs = [_record("dense", 0.0, aa=0.6, clean=0.95, speedup=1.0),
             _record("hydra", 0.9, aa=0.40, clean=0.88, flags=["masking?:eps_monotone"]),
             _record("rst", 0.9, aa=0.45, clean=0.80, speedup=3.0),
             _record("hydra", 0.5, aa=0.55, clean=0.92)]
     md = to_markdown(recs)
-    lines = md.splitlines()
-    header = next(l for l in lines if l.startswith("| method"))
+    lines = _table_after(md, "### All columns")
+    header = lines[0]
     for col in ("taxonomy", "sparsity %", "clean %", "AA %", "median min-norm", "CPU dense ms", "CPU sparse ms",
                 "CPU speedup", "size dense", "size sparse", "flags"):
         assert col in header
@@ -104,7 +117,7 @@ def test_leaderboard_markdown_and_csv_content():
     assert methods == ["dense", "hydra", "rst", "hydra"]
     rst = body[2].split("|")
     assert rst[3].strip() == "90.0" and rst[5].strip() == "80.0" and rst[6].strip() == "45.0"
-    assert rst[10].strip() == "3.00x"
+    assert rst[11].strip() == "3.00x"
     assert "A AT/AT 1S US L LWM" in body[1]
     assert "masking?:eps_monotone" in body[3]
     assert "custom AutoAttack subset" in md  # the quick preset says it is not AA standard
@@ -126,7 +139,7 @@ def test_leaderboard_repeats_dense_row_per_structure_and_shows_gpu():
     md = to_markdown(recs)
     assert "## digits / small_cnn / filter" in md and "## digits / small_cnn / unstructured" in md
     assert "GPU speedup" in md
-    assert "<table>" in to_html(recs)
+    assert "<table class='sortable'" in to_html(recs)
 
 
 def test_write_leaderboard_files_and_plots(tmp_path):
@@ -218,7 +231,7 @@ def test_run_resumes_skipping_finished_cells_and_rerunning_torn_ones(tmp_path):
               seeds=[0], archs=["small_cnn"], datasets=["digits"], progress=False, latency=True, plots=False,
               log=lambda s: None)
     s1 = run_benchmark(TINY, out, **kw)
-    assert {k[0] for k in s1.ran} == {"dense", "random"}, s1.failed
+    assert {k[0] for k in s1.ran} == {"dense", "dense_base", "random"}, s1.failed
     assert [k[0] for k in s1.skipped] == ["lwm_local"]
     assert not s1.failed
     recs = {r["method"]: r for r in read_records(out / "results.jsonl")}
@@ -229,12 +242,26 @@ def test_run_resumes_skipping_finished_cells_and_rerunning_torn_ones(tmp_path):
     assert r["min_norm"]["checks"] and "environment" in r and r["config"]["preset"]["name"] == "tiny"
     model, _ = load_checkpoint(out / r["checkpoint"])
     assert apb_sparse.sparsity_report(model).sparsity == pytest.approx(r["measured_sparsity"])
+    assert r["latency"]["cpu"]["batch1"]["speedup"] > 0 and r["latency"]["cpu"]["batch1"]["sparse_ms"] > 0
+    # Budgets: one epoch of 128 digits at batch 64 is 2 SGD steps; every model gets 2 epochs
+    # (pipeline A: the shared 1-epoch base + 1 finetuning epoch), the dense base only its own.
+    base = recs["dense_base"]
+    assert "dense base" in base["role"] and base["budget"]["epochs"] == 1 and base["budget"]["steps"] == 2
+    assert r["budget"]["epochs"] == recs["dense"]["budget"]["epochs"] == 2
+    assert r["budget"]["steps"] == recs["dense"]["budget"]["steps"] == 4
+    assert [p["phase"] for p in r["budget"]["phases"] if p["steps"]] == ["dense base (shared)", "finetune"]
+    mn = r["min_norm"]
+    assert 0.0 <= mn["clean_error_share"] <= 1.0 and "median_distance_all" in mn
     base_files = list((out / "base").glob("*.safetensors"))
     assert len(base_files) == 1
     mtime = base_files[0].stat().st_mtime_ns
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for f in (out / "leaderboard.md", out / "leaderboard.html", base_files[0], out / r["checkpoint"]):
+        assert f.stat().st_mode & 0o777 == 0o666 & ~umask, f  # readable by others under umask 022
 
     s2 = run_benchmark(TINY, out, **kw)                      # nothing left: all skipped, base reused
-    assert s2.ran == [] and len(s2.skipped) == 3
+    assert s2.ran == [] and len(s2.skipped) == 4
     assert base_files[0].stat().st_mtime_ns == mtime
     assert "| random |" in (out / "leaderboard.md").read_text()
 
@@ -250,9 +277,10 @@ def test_plan_cells_deduplicates_repeated_sparsities_and_seeds_keeping_order():
                        sparsities={"unstructured": [0.9, 0.5, 0.9, 0.5000000001]}, seeds=[1, 0, 1],
                        archs=["small_cnn"], datasets=["digits"])
     keys = [c.key for c in cells]
-    assert len(keys) == len(set(keys)) == 2 * (1 + 2 * 2)
+    assert len(keys) == len(set(keys)) == 2 * (2 + 2 * 2)  # dense, dense_base (pipeline-A methods), cells
     assert [c.seed for c in cells if c.method == "dense"] == [1, 0]
-    assert [(c.method, c.sparsity) for c in cells if c.seed == 1][1:] == \
+    assert [c.seed for c in cells if c.method == "dense_base"] == [1, 0]
+    assert [(c.method, c.sparsity) for c in cells if c.seed == 1][2:] == \
         [("random", 0.9), ("hydra", 0.9), ("random", 0.5), ("hydra", 0.5)]
 
 
@@ -271,10 +299,11 @@ def test_leaderboard_mean_std_over_seeds_kendall_tau_and_spread():
     assert "one exclusive phase" in md and "dense reference" in md
     # 3 methods: (hydra, rst) and (hydra, harp) agree, (rst, harp) swap: tau = (2 - 1) / 3
     assert "Kendall tau +0.33 over 3 methods" in md
-    table = [l for l in md.splitlines() if l.startswith("| rst ")][0].split("|")
+    long = _table_after(md, "### All columns")
+    table = [l for l in long if l.startswith("| rst ")][0].split("|")
     assert table[3].strip() == "2" and table[7].strip() == "35.0 ± 7.1" and table[6].strip() == "90.0 ± 0.0"
-    assert table[12].strip() == "1.80-3.20"  # widest IQR over the seeds
-    hydra = [l for l in md.splitlines() if l.startswith("| hydra ")][0].split("|")
+    assert table[13].strip() == "1.80-3.20"  # widest IQR over the seeds
+    hydra = [l for l in long if l.startswith("| hydra ")][0].split("|")
     assert hydra[7].strip() == "50.0 ± 0.0"
     rows = list(csv.DictReader(io.StringIO(to_csv(recs))))
     assert len(rows) == 8
@@ -312,13 +341,92 @@ def test_latency_script_lanes_ab_smoke(tmp_path):
     threads = torch.get_num_threads()
     try:  # the script sets the thread count and flush-denormal mode for its process
         assert latency.main(["--archs", "resnet18", "--batches", "8", "--masks", "us@0.95", "--rounds", "1",
-                             "--min-time", "0", "--no-stock", "--lanes-ab", "--threads", "1", "--out", str(out)]) == 0
+                             "--min-time", "0", "--no-stock", "--lanes-ab", "--script-ab", "--threads", "1",
+                             "--out", str(out)]) == 0
     finally:
         torch.set_num_threads(threads)
         torch.set_flush_denormal(False)
     data = json.loads(out.read_text())
     (row,) = data["results"]
-    assert set(row["median_ms"]) >= {"dense", "ours", "ours_no_lanes"}
+    assert set(row["median_ms"]) >= {"dense", "dense_deployed", "ours", "ours_no_lanes", "ours_no_script"}
+    assert "deploy(dense, x, path='dense')" in row["baseline"]  # the speedup's baseline is named
     assert row["median_ms"]["ours_no_lanes"] > 0 and row["speedup"]["ours_no_lanes"] > 0
     assert data["environment"]["apb_sparse_kernel"] in ("avx512", "avx2+fma", "portable")
     assert "apb_sparse, lanes off" in latency.markdown_table(data)
+
+
+# ----------------------------------------------------------------------------------- issue 24: the APB view
+def _issue24_records():
+    recs = []
+    for seed in (0, 1):
+        dense = _record("dense", 0.0, aa=0.80, clean=0.99, structure="none", seed=seed, speedup=1.0)
+        dense["role"] = "dense reference, trained with every method's total epoch budget"
+        dense["budget"] = {"epochs": 14, "steps": 168, "lr_sum": 4.225,
+                           "phases": [{"phase": "dense training", "epochs": 14, "steps": 168, "lr": 0.05, "lr_sum": 4.225}]}
+        base = _record("dense_base", 0.0, aa=0.75, clean=0.97, structure="none", seed=seed, speedup=1.0)
+        base["role"] = "dense base of the pipeline-A methods (the model they prune)"
+        recs += [dense, base]
+        for m, aas in (("hydra", (0.70, 0.60)), ("flyingbird", (0.72, 0.70)), ("mad", (0.09, 0.08))):
+            for s, aa in zip((0.9, 0.95), aas):
+                r = _record(m, s, aa=aa + 0.01 * seed, clean=0.95, seed=seed, speedup=2.0 if s == 0.9 else 3.0)
+                r["tags"] = dict(r["tags"], training=["AT(TRADES)", "AT(TRADES)"] if m == "hydra" else ["AT(PGD)", "AT(PGD)"],
+                                 caveat="needs the authors' long finetuning" if m == "mad" else "")
+                r["config"]["preset"]["recipe"] = {"mode": "pgd"}
+                r["dense_macs"], r["sparse_macs"] = 1000, int(1000 * (1 - s))
+                r["latency"]["cpu"]["batch1"] = {"speedup": 1.5, "sparse_ms": 0.1, "dense_ms": 0.15}
+                r["budget"] = {"epochs": 14, "steps": 168, "lr_sum": 4.25,
+                               "phases": [{"phase": "dense base (shared)", "epochs": 8, "steps": 96, "lr": 0.05},
+                                          {"phase": "finetune", "epochs": 6, "steps": 72, "lr": 0.05}]}
+                recs.append(r)
+    return recs
+
+
+def test_leaderboard_pivot_budgets_flags_and_speed_columns():
+    from apb_sparse.bench.leaderboard import pivot_rows
+
+    md = to_markdown(_issue24_records())
+    pivot = _table_after(md, "### Clean / AA % by sparsity")
+    assert pivot[0].split("|")[3:5] == [" 90 % ", " 95 % "]
+    names = [l.split("|")[1].strip() for l in pivot[2:]]
+    assert names == ["dense", "dense_base", "flyingbird", "hydra", "mad"]  # references, then by mean AA
+    fb = pivot[4].split("|")
+    assert fb[3].strip() == "**95.0 / 72.5**" and fb[4].strip() == "**95.0 / 70.5**"  # best of both columns
+    hydra = pivot[5].split("|")
+    assert hydra[3].strip() == "95.0 / 70.5" and hydra[4].strip() == "95.0 / 60.5"  # seed means, not bold
+    assert "needs-long-finetune" in pivot[6] and "needs-long-finetune" not in pivot[5]
+    # under the pivot: best and median method against the dense reference (80.0 AA)
+    assert ("- 90 %: best **flyingbird** 95.0 / 72.5 (-7.5 vs dense); median of 3 methods 95.0 / 70.5 "
+            "(-9.5 vs dense); dense reference 99.0 / 80.0") in md
+    # the taxonomy says what ran (the recipe's PGD), not HYDRA's TRADES
+    assert "A AT(PGD)/AT(PGD) 1S US L LWM" in pivot[5] and "TRADES" not in md.split("## Method notes")[0]
+    budget = _table_after(md, "### Optimisation budget")
+    assert any(l.startswith("| dense |") and "| 168 | 4.22 |" in l for l in budget)
+    assert any(l.startswith("| hydra |") and "dense base (shared) 8 ep (96 steps, lr 0.05)" in l and "| 168 |" in l
+               for l in budget)
+    long = _table_after(md, "### All columns")
+    header = [h.strip() for h in long[0].split("|")]
+    for col in ("kept MACs %", "ideal speedup", "CPU speedup (batch 64)", "CPU speedup (batch 1)", "clean errors %"):
+        assert col in header
+    row = next(l for l in long if l.startswith("| hydra ") and "| 95.0 |" in l).split("|")
+    assert row[header.index("kept MACs %")].strip() == "5.0" and row[header.index("ideal speedup")].strip() == "20.00x"
+    assert row[header.index("CPU speedup (batch 1)")].strip() == "1.50x"
+    sps, prows, summary = pivot_rows(aggregate_rows_for(_issue24_records()))
+    assert summary[0.95]["best_method"] == "flyingbird" and summary[0.95]["median_aa"] == pytest.approx(0.605)
+
+
+def aggregate_rows_for(records):
+    from apb_sparse.bench.leaderboard import aggregate_rows
+
+    return [r for r in aggregate_rows(leaderboard_rows(records)) if r["structure"] == "unstructured"]
+
+
+def test_leaderboard_html_is_self_contained_sortable_and_has_the_pareto_plot(tmp_path):
+    recs = _issue24_records()
+    write_leaderboard(recs, tmp_path)
+    pngs = sorted(p.name for p in (tmp_path / "plots").glob("*.png"))
+    assert any(p.startswith("pareto_") for p in pngs) and any(p.startswith("speedup_vs_sparsity") for p in pngs)
+    page = (tmp_path / "leaderboard.html").read_text()
+    assert page.count("src='data:image/png;base64,") == len(pngs)  # plots embedded, the page travels alone
+    assert "class='sortable'" in page and "class='filter'" in page and "<script>" in page
+    assert "max-width:1400px" in page
+    assert "td class=' best'" in page  # best AA per column marked in the pivot

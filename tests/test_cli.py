@@ -294,3 +294,77 @@ def test_run_repeated_grid_values_are_reported_and_local_executor_takes_no_worke
     assert "--gpus-per-cell" in err
     err = _error(capsys, ["run", "--cpus-per-cell", "0"])
     assert "--cpus-per-cell" in err
+
+
+# ------------------------------------------------------------------ issue 24: sizes, NaN, run folders, summary
+def test_absurd_model_sizes_and_nan_weights_are_one_line_errors(apb_checkpoint, plain_checkpoint, tmp_path, capsys):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(apb_checkpoint), "pt") as f:
+        config = json.loads(f.metadata()["apb_sparse_config"])
+    state = load_file(str(apb_checkpoint))
+    huge = tmp_path / "huge.safetensors"
+    save_file(state, str(huge), metadata={"apb_sparse_config": json.dumps(dict(config, model_kwargs={"width": 10 ** 8}))})
+    line = _one_line_error(capsys, ["eval", "--checkpoint", str(huge), *EVAL_FAST])
+    assert "--checkpoint" in line and '"width": 100000000' in line and "GiB" in line  # not an allocator error
+
+    path, _ = plain_checkpoint
+    line = _one_line_error(capsys, ["eval", "--checkpoint", str(path), "--arch", "small_cnn", "--model-kwargs",
+                                    '{"width": 100000000}', *EVAL_FAST])
+    assert "--model-kwargs" in line and "GiB" in line
+
+    sd = torch.load(path, weights_only=True)
+    sd = {k: (torch.full_like(v, float("nan")) if v.is_floating_point() else v) for k, v in sd.items()}
+    nan = tmp_path / "nan.pt"
+    torch.save(sd, nan)
+    line = _one_line_error(capsys, ["eval", "--checkpoint", str(nan), "--arch", "small_cnn", "--model-kwargs",
+                                    '{"width": 4}', *EVAL_FAST])
+    assert "--checkpoint" in line and "all NaN" in line and "nan.pt" in line
+    key = next(k for k in state if k.endswith("values"))
+    nan_values = tmp_path / "nan_values.safetensors"
+    save_file(dict(state, **{key: torch.full_like(state[key], float("nan"))}), str(nan_values),
+              metadata={"apb_sparse_config": json.dumps(config)})
+    line = _one_line_error(capsys, ["eval", "--checkpoint", str(nan_values), *EVAL_FAST])
+    assert "--checkpoint" in line and key in line and "NaN" in line
+
+
+def test_run_out_must_be_a_writable_folder(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    base = ["run", "--methods", "random", "--sparsities", "0.9", "--executor", "local", "-q"]
+    line = _one_line_error(capsys, base + ["--out", str(blocker)])
+    assert "--out" in line and "is a file" in line
+    line = _one_line_error(capsys, base + ["--out", str(blocker / "sub")])
+    assert "--out" in line and "not a directory" in line
+    assert not list(tmp_path.glob("**/results.jsonl"))  # refused before any work
+
+
+def test_run_summary_has_a_seed_column_and_full_structure_names(tmp_path, capsys):
+    from apb_sparse.bench.runner import RunSummary
+    from apb_sparse.cli import _print_summary
+
+    store = ResultsStore(tmp_path / "results.jsonl")
+    for seed in (0, 1):
+        for method, structure, sparsity in (("dense", "none", 0.0), ("dense_base", "none", 0.0),
+                                            ("hydra", "unstructured", 0.9), ("radmm", "filter", 0.5)):
+            store.append({"method": method, "arch": "small_cnn", "dataset": "digits", "structure": structure,
+                          "sparsity": sparsity, "seed": seed, "clean_accuracy": 0.9, "robust_accuracy": 0.5})
+    _print_summary(RunSummary(tmp_path), 1.0)
+    lines = capsys.readouterr().out.splitlines()
+    header = next(l for l in lines if l.startswith("method"))
+    assert "structure" in header and "seed" in header.split()
+    rows = [l.split() for l in lines if l.split() and l.split()[0] in ("dense", "dense_base", "hydra", "radmm")]
+    assert sorted((r[0], r[2]) for r in rows if r[0] == "dense") == [("dense", "0"), ("dense", "1")]  # once per seed
+    assert {r[1] for r in rows if r[0] == "hydra"} == {"unstructured"}  # not cut to "unstru"
+    assert {r[1] for r in rows if r[0] == "radmm"} == {"filter"}
+
+
+def test_eval_shows_progress_and_names_its_speedup_baseline(apb_checkpoint, capsys):
+    from apb_sparse.bench.runner import LATENCY_BASELINE
+
+    assert main(["eval", "--checkpoint", str(apb_checkpoint), *EVAL_FAST]) == 0
+    captured = capsys.readouterr()
+    for phase in ("sparsify and check", "AutoAttack", "FMN min-norm", "latency"):
+        assert phase in captured.err  # the tqdm bar names every phase as it starts
+    assert f"speedup baseline (the leaderboard's): {LATENCY_BASELINE}" in captured.out

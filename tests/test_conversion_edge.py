@@ -219,8 +219,7 @@ def test_fuse_handles_broadcasting_and_mixed_dtype_adds(kind):
         got = fused(x)
     assert got.dtype == ref.dtype and got.shape == ref.shape
     _close(got.float(), ref.float())
-    from apb_sparse.fuse import fused_conv_add
-    residual_fused = any(n.target is fused_conv_add for n in fused.graph.nodes)
+    residual_fused = any(n.op == "call_module" and len(n.args) == 2 for n in fused.graph.nodes)
     assert residual_fused == (kind in ("pooled", "float64"))  # checked at run time, unfused there
     if kind == "param":
         assert "parameter or buffer" in fused.apb_fuse_skipped["conv"]

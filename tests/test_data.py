@@ -136,3 +136,64 @@ def test_synthetic_cifar10_is_deterministic_in_its_seed():
     assert not torch.equal(a.tensors("train")[0], c.tensors("train")[0])
     # train and test are different draws
     assert not torch.equal(a.tensors("train")[0][:20], a.tensors("test")[0])
+
+
+def test_download_fetches_missing_data_with_torchvision(tmp_path, monkeypatch):
+    """download=True (``apb ... --download``) lets torchvision fetch the files; here its download
+    step is replaced by one writing small idx files, so no network is used."""
+    import torchvision
+
+    monkeypatch.setenv("APB_SPARSE_DATA_DIR", str(tmp_path / "cache"))
+    calls = []
+
+    def fake_download(self):
+        raw = tmp_path / "data" / "MNIST" / "raw"
+        raw.mkdir(parents=True, exist_ok=True)
+        if not calls:
+            _write_idx(raw, "train", 6, gz=False)
+            _write_idx(raw, "t10k", 4, gz=False)
+        calls.append(self.train)
+
+    monkeypatch.setattr(torchvision.datasets.MNIST, "download", fake_download)
+    with pytest.raises(DatasetNotFoundError, match="--download"):
+        get_dataset("mnist", data_dir=tmp_path / "data")
+    assert not calls  # nothing is downloaded unless asked
+    d = get_dataset("mnist", data_dir=tmp_path / "data", download=True)
+    assert calls and (len(d.train), len(d.test)) == (6, 4)
+
+
+@pytest.mark.parametrize("name", ["cifar10", "svhn", "mnist"])
+def test_failed_download_says_what_to_fetch_and_where(tmp_path, monkeypatch, name):
+    import urllib.error
+
+    import torchvision
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(torchvision.datasets.utils, "urlopen", offline, raising=False)
+    for cls in (torchvision.datasets.CIFAR10, torchvision.datasets.SVHN, torchvision.datasets.MNIST):
+        monkeypatch.setattr(cls, "download", offline)
+    with pytest.raises(DatasetNotFoundError, match="download failed") as e:
+        get_dataset(name, data_dir=tmp_path, download=True)
+    msg = str(e.value)
+    assert str(tmp_path) in msg and "URLError" in msg and "without download" in msg
+    assert {"cifar10": "cifar-10-python.tar.gz", "svhn": "train_32x32.mat", "mnist": "idx"}[name] in msg
+
+
+def test_cli_download_flag_reaches_the_loader(tmp_path, monkeypatch, capsys):
+    import urllib.error
+
+    import torchvision
+
+    from apb_sparse.cli import main
+
+    def offline(self):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(torchvision.datasets.CIFAR10, "download", offline)
+    rc = main(["run", "--executor", "local", "--datasets", "cifar10", "--archs", "small_cnn", "--methods", "random",
+               "--download", "--data-dir", str(tmp_path / "d"), "--out", str(tmp_path / "o"), "-q"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "download failed" in err and str(tmp_path / "d") in err

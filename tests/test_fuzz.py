@@ -201,14 +201,14 @@ def model_cases(draw):
     return dict(c=draw(st.integers(1, 6)), size=draw(st.integers(3, 9)), batch=draw(st.integers(1, 3)),
                 mode=draw(st.sampled_from(MODES)), sparsity=draw(st.sampled_from([0.0, 0.5, 0.8, 0.95, 1.0])),
                 path=draw(st.sampled_from(["auto", "unstructured", "structured"])),
-                fuse=draw(st.sampled_from([False, True, "auto"])),
+                form=draw(st.sampled_from(["sparsify", "deploy"])),
                 seed=draw(st.integers(0, 2**31 - 1)))
 
 
 @_settings("model")
 @given(model_cases())
 def test_fuzz_small_models(case):
-    from apb_sparse import sparsify
+    from apb_sparse import deploy, sparsify
 
     COUNTS["model"] += 1
     torch.manual_seed(case["seed"])
@@ -225,15 +225,17 @@ def test_fuzz_small_models(case):
         for name, m in model.named_modules():
             if name in masks:
                 m.weight.mul_(masks[name])
-    deployed = sparsify(model, masks, path=case["path"], fuse=case["fuse"])
     x = torch.randn(case["batch"], 3, case["size"], case["size"], dtype=torch.float64)
-    _compare(deployed, model, x, torch.float64)
-    if case["fuse"] == "auto":
-        # no_grad: the second call traces the fused forward (TorchScript), the third runs the trace
-        with torch.no_grad():
-            want = model(x)
-            for _ in range(3):
-                torch.testing.assert_close(deployed(x), want, **TOL[torch.float64])
+    if case["form"] == "sparsify":
+        converted = sparsify(model, masks, path=case["path"])
+    else:  # the snapshot: BatchNorm folded, ReLU / residual fused, a TorchScript graph for x's shape
+        converted = deploy(model, x, masks=masks, path=case["path"])
+    _compare(converted, model, x, torch.float64)
+    if case["form"] == "deploy":
+        with torch.no_grad():  # the TorchScript graph, and the Python graph for another shape
+            torch.testing.assert_close(converted(x), model(x), **TOL[torch.float64])
+            x2 = torch.randn(case["batch"] + 1, 3, case["size"], case["size"], dtype=torch.float64)
+            torch.testing.assert_close(converted(x2), model(x2), **TOL[torch.float64])
 
 
 def test_fuzz_counts(capsys):

@@ -15,7 +15,14 @@ CASES = [
     ("preact_resnet18", 3, 32, 11.17, 0.05),
     ("vgg16", 3, 32, 14.72, 0.05),
     ("wrn28_4", 3, 32, 5.85, 0.05),
+    ("wrn28_10", 3, 32, 36.48, 0.05),
+    ("wrn34_10", 3, 32, 46.16, 0.05),
     ("small_cnn", 1, 8, 0.24, 0.02),
+    # RobustBench's layouts: the published sizes of WRN-28-10 / WRN-34-10 / PreAct-ResNet-18
+    ("robustbench:wrn28_10", 3, 32, 36.48, 0.05),
+    ("robustbench:wrn34_10", 3, 32, 46.16, 0.05),
+    ("robustbench:preact_resnet18", 3, 32, 11.17, 0.05),
+    ("robustbench:preact_resnet18_v2", 3, 32, 11.17, 0.05),
 ]
 
 
@@ -84,6 +91,30 @@ def test_to_masked_keeps_outputs():
         assert torch.allclose(model(x), masked(x), atol=1e-5)
 
 
+def test_wrn_depth_and_widen_options():
+    """'{"widen": 10}' on wrn28_4 used to fail with "got multiple values for argument 'widen'"."""
+    a = get_model("wrn28_4", widen=10)
+    b = get_model("wrn28_10")
+    assert [tuple(p.shape) for p in a.parameters()] == [tuple(p.shape) for p in b.parameters()]
+    assert n_params(get_model("wrn28_4", depth=10, widen=1)) < 0.1e6
+    with pytest.raises(ValueError, match="widen"):
+        get_model("wrn28_4", widen=0)
+    with pytest.raises(ValueError, match="depth"):
+        get_model("wrn28_10", depth=27)
+
+
+def test_names_are_canonicalised():
+    from apb_sparse.models import canonical_name
+    assert canonical_name("RobustBench:WRN-28-10") == "robustbench:wrn28_10"
+    assert canonical_name("robustbench:wrn_34_10") == "robustbench:wrn34_10"
+    assert canonical_name("WRN-28-4") == "wrn28_4"
+    assert canonical_name("timm:resnet18") == "timm:resnet18"
+    with pytest.raises(ValueError, match="robustbench:wrn28_10"):  # the message lists the names
+        canonical_name("robustbench:wrn40_2")
+    with pytest.raises(TypeError, match="width"):  # an option the architecture does not take
+        get_model("vgg16", width=8)
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="name"):
         get_model("resnet19")
@@ -93,3 +124,31 @@ def test_bad_arguments():
         get_model("vgg16", in_channels=3, mean=[0.5, 0.5], std=[0.5, 0.5])
     with pytest.raises(ValueError, match="std"):
         get_model("small_cnn", in_channels=1, mean=[0.5], std=[0.0])
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenetv3_small_050"])
+def test_timm_model_by_name_sparsifies_with_the_same_outputs(name):
+    pytest.importorskip("timm")
+    import apb_sparse
+
+    torch.manual_seed(0)
+    model = get_model(f"timm:{name}", num_classes=7).eval()
+    assert isinstance(model.normalize, Normalize)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        dense = model(x)
+    assert dense.shape == (2, 7)
+    masked = apb_sparse.apply_masks(model, apb_sparse.magnitude_masks(model, 0.9)).eval()
+    sparse = apb_sparse.sparsify(masked).eval()
+    n_sparse = sum(isinstance(m, apb_sparse.nn.SparseConv2d) for m in sparse.modules())
+    assert n_sparse > 0
+    with torch.no_grad():
+        torch.testing.assert_close(sparse(x), masked(x), rtol=1e-4, atol=1e-4)
+
+
+def test_timm_errors():
+    pytest.importorskip("timm")
+    with pytest.raises(ValueError, match="unknown timm model 'no_such_net'"):
+        get_model("timm:no_such_net")
+    with pytest.raises(ValueError, match="timm model name"):
+        get_model("timm:")

@@ -2,14 +2,14 @@
 
 Each sample (weight, bias, stride, padding incl. "same"/"valid", dilation, groups, batched and
 unbatched inputs) becomes an ``nn.Conv2d``, is converted with ``SparseConv2d.from_dense`` and
-``MaskedConv2d.from_dense`` (dense and pruned), and must give F.conv2d's output and input gradient.
+``MaskedConv2d.from_dense`` (dense and pruned) and deployed with ``apb_sparse.deploy``, and must give F.conv2d's output and input gradient.
 """
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from apb_sparse import ops
+from apb_sparse import deploy, ops
 from apb_sparse.nn import MaskedConv2d, SparseConv2d
 
 pytest.importorskip("expecttest")  # torch.testing._internal needs it
@@ -73,6 +73,16 @@ def test_opinfo_conv2d_samples(dtype):
             "MaskedConv2d": (MaskedConv2d.from_dense(_as_module(weight, kw)), weight),
             "MaskedConv2d pruned": (MaskedConv2d.from_dense(_as_module(weight, kw), mask), weight * mask),
         }
+        # The deployment snapshot of the pruned layer (its TorchScript graph under no_grad).
+        deployed = deploy(nn.Sequential(MaskedConv2d.from_dense(_as_module(weight, kw), mask)).eval(), x,
+                          path="unstructured")
+        with torch.no_grad():
+            ref = F.conv2d(x, weight * mask, bias.detach() if bias is not None else None, **conv_kw)
+            try:
+                torch.testing.assert_close(deployed(x), ref, **TOL[dtype])
+            except Exception as exc:
+                failures.append(f"sample {i} deployed (no_grad): {type(exc).__name__}: {str(exc)[:300]}")
+        variants["deployed pruned"] = (deployed, weight * mask)
         ok = True
         for name, (layer, w) in variants.items():
             conv_b = bias.detach() if bias is not None else None

@@ -130,6 +130,31 @@ def test_masking_checks_pass_on_a_sound_model_and_flag_masking(robust_model, dig
     assert quick.checks == [] and not quick.masking_suspected
 
 
+class _Constant(nn.Module):
+    """A collapsed model: one class for every input (with an input gradient, so no masking)."""
+
+    def __init__(self, label: int, classes: int = 10):
+        super().__init__()
+        self.register_buffer("logits", torch.nn.functional.one_hot(torch.tensor(label), classes).float() * 5)
+
+    def forward(self, x):
+        return self.logits.expand(x.shape[0], -1) + 0.01 * x.flatten(1).mean(1, keepdim=True)
+
+
+def test_large_eps_check_bar_is_the_majority_prediction_share(digits):
+    """A constant predictor keeps its class's images at any eps (about 10 % of digits, above the
+    0.05 tolerance): that is collapse, not gradient masking, and must not be flagged."""
+    x, y = digits.tensors("test", 64)
+    label = int(torch.bincount(y).argmax())
+    share = float((y == label).float().mean())
+    assert share > 0.05  # the old fixed bar (tolerance 0.05) flagged this model
+    res = evaluate(_Constant(label), (x, y), attack="pgd", eps=EPS, check_samples=64)
+    big = next(c for c in res.checks if c.name == "large_eps_breaks")
+    assert big.passed, big.detail
+    assert big.detail["pgd_accuracy"] == pytest.approx(share)
+    assert big.detail["majority_prediction_share"] == 1.0 and big.detail["tolerance"] == 0.05
+
+
 def test_evaluate_accepts_tensors_and_restores_mode(robust_model, digits):
     x, y = digits.tensors("test", 30)
     robust_model.train()

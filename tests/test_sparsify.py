@@ -1,4 +1,4 @@
-"""Whole models: sparsify / compact / densify equal the masked dense model; reports; bad inputs."""
+"""Whole models: sparsify / deploy / compact / densify equal the masked dense model; reports; bad inputs."""
 import pytest
 import torch
 from torch import nn
@@ -49,6 +49,9 @@ def test_sparsify_compact_densify_match_masked_model(arch, structure, sparsity, 
             assert report.sparsity == pytest.approx(sparsity, abs=2e-3)
             assert report.sparse_macs < (1 - sparsity + 0.02) * report.dense_macs
         torch.testing.assert_close(densify(sparse)(inputs), ref, **tol)
+        deployed = apb_sparse.deploy(masked, inputs)  # the snapshot: folded, fused, TorchScript
+        torch.testing.assert_close(deployed(inputs), ref, **tol)
+        torch.testing.assert_close(deployed(inputs[:1]), ref[:1], **tol)  # another signature
         small = compact(sparse)
         torch.testing.assert_close(small(inputs), ref, **tol)
         torch.testing.assert_close(compact(masked)(inputs), ref, **tol)  # from the masked dense model too
@@ -172,19 +175,6 @@ def test_bad_arguments():
         sparsify("resnet18")
     with pytest.raises(ValueError, match="4-D"):
         SparseConv2d.from_dense(model.features[0])(torch.rand(32, 32))
-
-
-def test_calibrated_choice_is_measured_and_correct(inputs):
-    model = _model("vgg16")
-    masked = apply_masks(model, magnitude_masks(model, 0.95))
-    sparse = sparsify(masked, calibrate=inputs[:1], calibrate_rounds=2)
-    for name, choice in sparse.apb_sparse_choices.items():
-        assert set(choice.cost) >= {"dense", "unstructured"}
-        assert choice.path == min(choice.cost, key=choice.cost.get)  # the measured fastest
-    with torch.no_grad():
-        torch.testing.assert_close(sparse(inputs), masked(inputs), rtol=1e-4, atol=1e-5)
-    with pytest.raises(ValueError, match="calibrate_rounds"):
-        sparsify(masked, calibrate=inputs, calibrate_rounds=0)
 
 
 def test_coupled_channel_masks_are_fully_removed_by_compact():

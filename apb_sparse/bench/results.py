@@ -162,12 +162,26 @@ class ResultsStore:
             os.fsync(f.fileno())
 
 
+def _umask() -> int:
+    # os.umask can only be read by setting it; set it straight back (no thread creates files
+    # between the two calls in this module's use).
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
 def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
+    """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``.
+
+    The file gets the mode a plain ``open(path, "w")`` would give (``0o666`` less the umask, so
+    0644 under the usual umask 022): ``mkstemp`` creates 0600 files, which other users of a
+    shared run folder (a Ray cluster's workers, a web server) could not read.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -1,12 +1,14 @@
 """Dataset loaders returning [0, 1] image tensors and integer labels.
 
 Only ``digits`` ships with a dependency (scikit-learn); the others are read with torchvision from a
-data directory. Nothing is downloaded unless ``download=True``.  ``synthetic-cifar10`` is generated
+data directory. Nothing is downloaded unless ``download=True`` (``apb ... --download``); a failed
+download says what to fetch by hand and where to put it.  ``synthetic-cifar10`` is generated
 (random CIFAR-shaped images with a learnable class signal), for smoke tests of the CIFAR pipeline
 on machines without the data; its name says "synthetic" wherever results name their dataset.
 """
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
 import shutil
@@ -144,6 +146,21 @@ class _UInt8Images(Dataset):
         return self.images[i].float().div_(255.0), int(self.labels[i])
 
 
+@contextlib.contextmanager
+def _download_errors(name: str, folder: Path, what: str):
+    """A failed torchvision download (no internet, a proxy, a checksum mismatch) as a
+    :class:`DatasetNotFoundError` that says what to fetch by hand and where to put it."""
+    try:
+        yield
+    except DatasetNotFoundError:
+        raise
+    except (OSError, RuntimeError, ValueError) as e:  # URLError is an OSError
+        raise DatasetNotFoundError(
+            f"{name}: the download failed ({type(e).__name__}: {' '.join(str(e).split())[:300]}). Without "
+            f"internet here, fetch {what} on a machine with internet, put them in {folder}, then pass the same "
+            "data_dir (--data-dir) without download.") from None
+
+
 # ----------------------------------------------------------------------------- digits
 def _digits() -> DatasetBundle:
     from sklearn.datasets import load_digits
@@ -215,15 +232,17 @@ def _mnist_like(name: str, data_dir: Optional[Path], download: bool) -> DatasetB
     if root is None and download:
         root = roots[0]
         root.mkdir(parents=True, exist_ok=True)
-        cls(str(root), train=True, download=True)
-        cls(str(root), train=False, download=True)
+        with _download_errors(name, root / cls_name / "raw", "the four idx files (.gz is fine)"):
+            cls(str(root), train=True, download=True)
+            cls(str(root), train=False, download=True)
     if root is None:
         hint = ("install Debian's package (`apt-get install dataset-fashion-mnist`, files go to "
                 f"{DEBIAN_FASHION_MNIST_DIR}), " if name == "fashion-mnist" else "")
         raise DatasetNotFoundError(
             f"{name}: the four idx files ({', '.join(_IDX_FILES)}, optionally .gz) were not found; "
             f"looked in {looked}. To get them: {hint}put them in <data_dir>/{cls_name}/raw and pass "
-            f"data_dir, or pass download=True (needs internet).")
+            f"data_dir (--data-dir), or let torchvision download them: `apb ... --download` / "
+            f"get_dataset(..., download=True) (needs internet).")
     tr = cls(str(root), train=True, download=False)
     te = cls(str(root), train=False, download=False)
     train = _UInt8Images(tr.data, tr.targets)
@@ -245,6 +264,17 @@ def _rgb(name: str, data_dir: Optional[Path], download: bool, augment: bool) -> 
 
     root = data_dir if data_dir is not None else default_data_dir()
     to_tensor = T.ToTensor()
+    if download:
+        root.mkdir(parents=True, exist_ok=True)
+        what = ("cifar-10-python.tar.gz from https://www.cs.toronto.edu/~kriz/ (unpacked: cifar-10-batches-py/)"
+                if name == "cifar10" else "train_32x32.mat and test_32x32.mat from http://ufldl.stanford.edu/housenumbers/")
+        with _download_errors(name, root, what):
+            if name == "cifar10":
+                tvd.CIFAR10(str(root), train=True, download=True)
+                tvd.CIFAR10(str(root), train=False, download=True)
+            else:
+                tvd.SVHN(str(root), split="train", download=True)
+                tvd.SVHN(str(root), split="test", download=True)
     try:
         if name == "cifar10":
             aug = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), to_tensor]) if augment else to_tensor
@@ -262,8 +292,9 @@ def _rgb(name: str, data_dir: Optional[Path], download: bool, augment: bool) -> 
             raise
         where = root / "cifar-10-batches-py" if name == "cifar10" else root / "train_32x32.mat"
         raise DatasetNotFoundError(
-            f"{name}: not found under {root} (expected {where}). Pass data_dir pointing at a folder "
-            f"that holds it, or download=True (needs internet). torchvision said: {e}") from None
+            f"{name}: not found under {root} (expected {where}). Pass data_dir (--data-dir) pointing at a "
+            f"folder that holds it, or let torchvision download it: `apb ... --download` / "
+            f"get_dataset(..., download=True) (needs internet). torchvision said: {e}") from None
     return DatasetBundle(name, train, test, 10, (3, 32, 32), mean, std)
 
 

@@ -49,6 +49,7 @@ import copy
 import math
 import time
 from dataclasses import asdict, dataclass, field, replace
+import warnings
 from typing import Any, Callable, ClassVar, Dict, Iterable, List, Optional, Sequence, Tuple, Type
 
 import torch
@@ -60,7 +61,7 @@ __all__ = [
     "Recipe", "TaxonomyTags", "PruneResult", "PruneContext", "PruningMethod", "register", "get",
     "available", "STRUCTURES", "normalize_structure", "prunable_layers", "largest_remainder",
     "topk_mask", "local_masks", "global_masks", "unit_masks_local", "unit_masks_global",
-    "expand_filter_mask", "filter_norms", "magnitude_scores", "apply_masks", "measured_sparsity",
+    "expand_filter_mask", "filter_norms", "magnitude_scores", "install_masks", "apply_masks", "measured_sparsity",
     "following_batchnorms", "zero_pruned_channels_", "ste_topk", "cached_ste_topk",
     "topk_mask_cached", "chain_steps", "reinitialize_",
 ]
@@ -407,11 +408,19 @@ def magnitude_scores(layers: Iterable[nn.Module]) -> List[Tensor]:
 
 
 @torch.no_grad()
-def apply_masks(layers: Sequence[nn.Module], masks: Sequence[Tensor]) -> None:
-    """Install final masks (removing any ``mask_fn``) and zero the pruned weights."""
+def install_masks(layers: Sequence[nn.Module], masks: Sequence[Tensor]) -> None:
+    """Install final masks on masked layers (removing any ``mask_fn``) and zero the pruned weights.
+
+    (Not :func:`apb_sparse.apply_masks`, which applies ``{name: mask}`` to a model's layers.)"""
     for layer, mask in zip(layers, masks):
         layer.mask_fn = None
         layer.set_mask(mask.to(device=layer.weight.device, dtype=layer.weight.dtype))
+
+
+def apply_masks(layers: Sequence[nn.Module], masks: Sequence[Tensor]) -> None:
+    """Deprecated name of :func:`install_masks` (one ``apply_masks`` in the package: the model one)."""
+    warnings.warn("apb_sparse.methods.base.apply_masks is renamed install_masks", DeprecationWarning, stacklevel=2)
+    install_masks(layers, masks)
 
 
 def measured_sparsity(layers: Iterable[nn.Module]) -> float:
@@ -656,11 +665,14 @@ class PruneContext:
         from ..train import train
 
         config = self.recipe.train_config(epochs, mode=mode, lr=lr, **(config_overrides or {}))
+        # The optimisation budget of the phase (the benchmark compares pipelines by it).
+        entry.update(lr=float(config.lr), scheduler=config.scheduler)
         t0 = time.perf_counter()
         tlog = train(self.model, self.data, config, params=params, loss_fn=loss_fn,
                      extra_loss=extra_loss, on_step=chain_steps(on_step, self.channel_hook()),
                      progress=self.recipe.progress)
         entry["seconds"] = time.perf_counter() - t0
+        entry["steps"] = int(tlog.steps)
         entry["train_log"] = tlog
         return tlog
 
@@ -695,7 +707,7 @@ class PruneContext:
         return [expand_filter_mask(l, m) for l, m in zip(self.layers, fm)]
 
     def set_masks(self, masks: Sequence[Tensor]) -> None:
-        apply_masks(self.layers, masks)
+        install_masks(self.layers, masks)
         if self.structured:
             zero_pruned_channels_(self.layers, self.bn_of)
 

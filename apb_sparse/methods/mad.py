@@ -145,6 +145,12 @@ class MAD(PruningMethod):
     paper = "Lee et al., Masking Adversarial Damage, CVPR 2022"
     code_url = "https://github.com/ByungKwanLee/Masking-Adversarial-Damage"
     notes = "finetuned with the recipe's AT loss (authors: MART); biases not pruned"
+    #: Shown as a flag on the benchmark's rows: the faithful mask needs the authors' long finetuning.
+    caveat = ("needs the authors' long finetuning: MAD keeps the weights whose sign matches their "
+              "row's aggregate sign (the K-FAC cross terms of the uncentred post-ReLU covariance), so "
+              "the kept weights are one-signed per row and the features collapse; 60 epochs of AT at "
+              "lr 0.1 recover it (98.1 / 87.8 clean / PGD % against 99.2 / 88.3 for a random mask of "
+              "the same per-layer densities, issue 24), a short budget does not (docs/methods.md, MAD)")
     tags = TaxonomyTags("A", ("AT(PGD)", "AT(PGD)"), "1S", ("US",), None, ("G",), "LIS")
     structures = ("unstructured",)
 

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import PruneContext, PruningMethod, TaxonomyTags, register
-from .radmm import ADMMState, _check_schedule, local_unit_keep, run_admm
+from .radmm import ADMMState, _check_schedule, admm_finetune_epochs, local_unit_keep, run_admm
 
 __all__ = ["PwoA", "hsic", "normalized_hsic", "hidden_modules", "DistillHSICLoss"]
 
@@ -214,6 +214,6 @@ class PwoA(PruningMethod):
                      lr=ctx.recipe.finetune_lr, mode="natural", loss_fn=loss_fn,
                      min_updates=self.min_updates, min_interval=self.min_interval)
             ctx.set_masks(admm.final_masks())
-            ctx.finetune(mode="natural", loss_fn=loss_fn)
+            ctx.finetune(admm_finetune_epochs(ctx), mode="natural", loss_fn=loss_fn)
         finally:
             loss_fn.remove()

@@ -25,7 +25,10 @@ A W-subproblem needs ~10 SGD steps: the penalty pulls W towards ``Z - U`` by ``l
 accumulates faster than W follows and the iteration drifts away from the sparse set (measured:
 updates every 2 steps on digits left ``||W - Z|| / ||W|| = 1.2``). A phase too short for the
 minimum is lengthened (logged as ``admm_epochs`` > ``admm_epochs_requested``): the quick preset
-(digits, 12 steps per epoch, ``prune_epochs=1``) runs 5 ADMM epochs with 5 updates.
+(digits, 12 steps per epoch, ``prune_epochs=1``) runs 5 ADMM epochs with 5 updates. The epochs
+added are taken out of the masked retraining (``admm_finetune_epochs``; quick preset: 5 - 4 = 1
+retraining epoch), so the method's total budget stays the recipe's, the same as every other
+method's.
 
 Differences from the authors' code, and why:
   * every conv *and* the classifier are pruned (our common rule for all methods, so sparsities
@@ -51,7 +54,7 @@ from torch import Tensor, nn
 from .base import (PruneContext, PruningMethod, TaxonomyTags, expand_filter_mask, largest_remainder,
                    register, topk_mask)
 
-__all__ = ["RADMM", "ADMMState", "admm_schedule", "admm_phase_epochs", "run_admm"]
+__all__ = ["RADMM", "ADMMState", "admm_schedule", "admm_phase_epochs", "admm_finetune_epochs", "run_admm"]
 
 
 class ADMMState:
@@ -174,7 +177,8 @@ def run_admm(ctx: PruneContext, admm: ADMMState, n_updates: int, *, phase: str, 
     admm.rho_max = min(admm.rho_max, 0.1 / lr)
     admm.rho = min(admm.rho, admm.rho_max)
     ctx.log.update(admm_rho_start=admm.rho, admm_epochs_requested=requested, admm_epochs=epochs,
-                   admm_planned_updates=updates, admm_interval=interval)
+                   admm_planned_updates=updates, admm_interval=interval,
+                   admm_borrowed_epochs=max(0, epochs - requested))
     count = {"n": 0}
 
     def on_step(step, model):
@@ -229,7 +233,18 @@ class RADMM(PruningMethod):
                  lr=self.admm_lr if self.admm_lr is not None else ctx.recipe.finetune_lr,
                  min_updates=self.min_updates, min_interval=self.min_interval)
         ctx.set_masks(admm.final_masks())
-        ctx.finetune()
+        ctx.finetune(admm_finetune_epochs(ctx))
+
+
+def admm_finetune_epochs(ctx: PruneContext) -> int:
+    """Finetuning epochs after an ADMM phase: the recipe's, less the epochs the ADMM phase was
+    lengthened by (``admm_borrowed_epochs``), so that the method's total budget stays the
+    recipe's, as for every other method (never below 1 epoch when the recipe has any)."""
+    e = ctx.recipe.finetune_epochs
+    borrowed = int(ctx.log.get("admm_borrowed_epochs", 0))
+    out = max(min(1, e), e - borrowed)
+    ctx.log["finetune_epochs_after_admm"] = out
+    return out
 
 
 def _check_schedule(n_updates, min_updates, min_interval) -> None:

@@ -1,4 +1,4 @@
-"""Wide ResNet (Zagoruyko & Komodakis 2016), pre-activation blocks; WRN-28-4 by default."""
+"""Wide ResNet (Zagoruyko & Komodakis 2016), pre-activation blocks; WRN-28-4, -28-10 and -34-10."""
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from .common import check_classes, make_normalize
 
-__all__ = ["WideBasicBlock", "WideResNet", "wrn28_4"]
+__all__ = ["WideBasicBlock", "WideResNet", "wrn28_4", "wrn28_10", "wrn34_10"]
 
 
 class WideBasicBlock(nn.Module):
@@ -49,10 +49,10 @@ class WideResNet(nn.Module):
                  dropout: float = 0.0):
         super().__init__()
         check_classes(num_classes)
-        if (depth - 4) % 6 != 0 or depth < 10:
-            raise ValueError(f"depth must be 6n+4 with n >= 1, got {depth}")
-        if widen < 1:
-            raise ValueError(f"widen must be >= 1, got {widen}")
+        if isinstance(depth, bool) or not isinstance(depth, int) or (depth - 4) % 6 != 0 or depth < 10:
+            raise ValueError(f"depth must be 6n+4 with n >= 1 (e.g. 28, 34), got {depth!r}")
+        if isinstance(widen, bool) or not isinstance(widen, int) or widen < 1:
+            raise ValueError(f"widen must be a positive int, got {widen!r}")
         n = (depth - 4) // 6
         widths = [16, 16 * widen, 32 * widen, 64 * widen]
         self.normalize = make_normalize(in_channels, mean, std)
@@ -85,5 +85,20 @@ class WideResNet(nn.Module):
 
 
 def wrn28_4(num_classes: int = 10, in_channels: int = 3, **kw) -> WideResNet:
-    """WideResNet-28-4 (5.8 M parameters, 10 classes). ``**kw``: ``mean``, ``std``, ``dropout``."""
-    return WideResNet(28, 4, num_classes, in_channels, **kw)
+    """WideResNet-28-4 (5.8 M parameters, 10 classes).
+
+    ``**kw``: ``mean``, ``std``, ``dropout``, and ``depth`` / ``widen`` to build another WRN in the
+    same layout (``{"widen": 10}`` is WRN-28-10).
+    """
+    return WideResNet(kw.pop("depth", 28), kw.pop("widen", 4), num_classes, in_channels, **kw)
+
+
+def wrn28_10(num_classes: int = 10, in_channels: int = 3, **kw) -> WideResNet:
+    """WideResNet-28-10 in this package's layout (36.5 M parameters). For RobustBench's
+    checkpoints use ``robustbench:wrn28_10`` (their key names)."""
+    return WideResNet(kw.pop("depth", 28), kw.pop("widen", 10), num_classes, in_channels, **kw)
+
+
+def wrn34_10(num_classes: int = 10, in_channels: int = 3, **kw) -> WideResNet:
+    """WideResNet-34-10 in this package's layout (46.2 M parameters)."""
+    return WideResNet(kw.pop("depth", 34), kw.pop("widen", 10), num_classes, in_channels, **kw)

@@ -164,13 +164,49 @@ class SparseConv2d(_CsrMixin, nn.Module):
         return conv
 
     def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
-        """``conv(input)``, or ``relu(conv(input) + residual)`` style fusions set up by apb_sparse.fuse.
+        """``conv(input)`` (then ReLU if ``fused_relu``), or with ``residual``
+        ``conv(input) + residual`` (then ReLU), the add in the kernel's epilogue when the sum
+        keeps the conv output's shape, dtype and device (the fusions of apb_sparse.fuse).
 
         ``input``: ``(N, C, H, W)`` or unbatched ``(C, H, W)``; float16 / bfloat16 inputs are
         computed in float32.  Only the stored nonzeros are computed: a non-finite input value
         reaches only the outputs whose nonzero taps read it.
         """
-        return self._run(input, self.values, self.bias, residual, self.fused_relu)
+        if residual is None:
+            return self._run(input, self.values, self.bias, None, self.fused_relu)
+        kernel_residual = self._kernel_residual(input, residual)
+        if kernel_residual is not None:
+            return self._run(input, self.values, self.bias, kernel_residual, self.fused_relu)
+        # Not exact in the epilogue (another dtype or device, a broadcast to a larger shape, a
+        # non-tensor): computed unfused, with PyTorch's broadcasting and type promotion.
+        out = self._run(input, self.values, self.bias, None, False) + residual
+        return torch.relu(out) if self.fused_relu else out
+
+    def _output_shape(self, input: Tensor) -> torch.Size:
+        n, _, h, w = input.shape
+        if self.padding == "same":  # stride 1 (nn.Conv2d refuses "same" otherwise)
+            return torch.Size((n, self.out_channels, h, w))
+        (kh, kw), (sh, sw) = self.kernel_size, self.stride
+        (ph, pw), (dh, dw) = (0, 0) if self.padding == "valid" else self.padding, self.dilation
+        return torch.Size((n, self.out_channels, (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1,
+                           (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1))
+
+    def _kernel_residual(self, input: Tensor, residual) -> Optional[Tensor]:
+        """``residual`` as the kernel's epilogue takes it (the output's shape, dtype and device), or
+        None when ``conv(input) + residual`` cannot be computed there exactly."""
+        if not (isinstance(residual, Tensor) and isinstance(input, Tensor) and input.dim() == 4
+                and residual.device == input.device):
+            return None
+        shape = self._output_shape(input)
+        if residual.shape == shape and residual.dtype == input.dtype:
+            return residual
+        if torch.result_type(input, residual) != input.dtype:
+            return None
+        try:
+            broadcast = torch.broadcast_shapes(shape, residual.shape)
+        except RuntimeError:
+            return None
+        return residual.to(input.dtype).expand(shape).contiguous() if broadcast == shape else None
 
     def _run(self, input: Tensor, values: Tensor, bias: Optional[Tensor], residual: Optional[Tensor],
              relu: bool) -> Tensor:

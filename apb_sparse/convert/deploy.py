@@ -1,0 +1,147 @@
+"""Deployment: a frozen inference snapshot of a model, the form every benchmark times.
+
+:func:`sparsify` swaps layers and keeps the model's own forward, so training, hooks, attributes
+and autograd behave as on the dense model.  Speed comes from one explicit step,
+:func:`deploy`, in the spirit of ``torch.jit.freeze`` and torch.ao's ``fuse_modules``: it copies
+the model and returns a :class:`DeployedModel` with
+
+* every BatchNorm fed only by a conv folded into that conv (timm's ``BatchNormAct2d`` too: its
+  activation stays as a module after the conv),
+* sparse layers chosen per layer by :func:`~apb_sparse.sparsify`'s cost model (or kept from an
+  already sparsified model),
+* ReLUs and residual adds after a sparse conv moved into the kernel's epilogue
+  (:func:`apb_sparse.fuse.fuse_activations`),
+* under ``torch.no_grad()`` / ``inference_mode``, a TorchScript graph of the whole forward
+  (``torch.jit.trace``) per input signature, made once and checked against the Python graph:
+  the same op calls, dispatched from C++ instead of Python.
+
+The snapshot never looks back at the source model: later changes to it (an optimiser step, a
+new attribute, a hook) are not seen, and nothing is revalidated per call.  Deploy again after
+changing the model.  Everything the snapshot cannot reproduce is refused with an error at deploy
+time (training mode, forward hooks) or falls back to the exact Python graph (a forward that
+TorchScript would specialise on data, such as ``.item()`` in control flow, is detected from
+TorchScript's own warnings and never traced).
+"""
+from __future__ import annotations
+
+import copy
+from typing import Dict, Mapping, Optional, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules import module as _module_mod
+from torch.nn.utils import prune
+
+from .deployed import MAX_TRACES, DeployedModel
+from .fuse import fold_batchnorm, fuse_activations
+from .sparsify import SPARSE_LAYERS, bake_torch_prune, densify, sparsify
+
+__all__ = ["deploy", "DeployedModel", "MAX_TRACES"]
+
+def _hooked(model: nn.Module) -> list:
+    names = [n or "<model>" for n, m in model.named_modules()
+             if m._forward_hooks or (m._forward_pre_hooks and not _only_torch_prune(m))]
+    if _module_mod._global_forward_hooks or _module_mod._global_forward_pre_hooks:
+        names.append("<global module hooks>")
+    return names
+
+
+def _only_torch_prune(m: nn.Module) -> bool:
+    return all(isinstance(h, prune.BasePruningMethod) for h in m._forward_pre_hooks.values())
+
+
+def deploy(model: nn.Module, example_input: Union[Tensor, Tuple[Tensor, ...]], *,
+           masks: Optional[Mapping[str, Tensor]] = None, path: Union[str, Mapping[str, str]] = "auto",
+           script: bool = True, check: bool = True) -> DeployedModel:
+    """A frozen inference snapshot of ``model``: BatchNorms folded, sparse layers, ReLU / residual
+    add in the kernel epilogue, a TorchScript graph per input signature.
+
+    This is a snapshot: the source model is copied and never read again, so later changes to it
+    are not seen (deploy again).  It is the form ``apb run``, ``apb eval`` and the benchmark
+    scripts time.
+
+    Args:
+        model: a model in eval mode: dense (zeros in the weights are used), masked
+            (:mod:`apb_sparse.nn` masked layers, ``torch.nn.utils.prune``) or already converted by
+            :func:`~apb_sparse.sparsify` (its per-layer paths are kept).
+        example_input: an input batch (or tuple of inputs) of the deployment shape: the graph for
+            its signature is traced and checked now, and the snapshot's output on it is compared
+            with ``model``'s.
+        masks: optional ``{layer name: 0/1 mask}`` applied before conversion (as ``sparsify``).
+        path: per-layer path for layers not already converted (see ``sparsify``).
+        script: make TorchScript graphs for ``no_grad`` calls (False: always the Python graph).
+        check: compare the snapshot's output on ``example_input`` with ``model``'s and raise
+            ``RuntimeError`` when they differ by more than rounding.
+
+    Returns:
+        A :class:`DeployedModel`; ``apb_sparse_choices`` and ``apb_deploy_info`` say which path
+        each layer took, what was folded and fused, and whether the graph was traced.
+
+    Raises:
+        ValueError: ``model`` is in training mode, or has forward hooks (a snapshot would not run
+            them: remove them, or use the model ``sparsify`` returns, which keeps them).
+        TypeError: ``model`` is not an ``nn.Module`` or ``example_input`` is not a tensor (tuple).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if isinstance(model, DeployedModel):
+        raise TypeError("model is already deployed (a DeployedModel): deploy the source model")
+    args = example_input if isinstance(example_input, tuple) else (example_input,)
+    if not args or not all(isinstance(a, Tensor) for a in args):
+        raise TypeError("example_input must be a tensor or a tuple of tensors, got "
+                        f"{type(example_input).__name__}")
+    if any(m.training for m in model.modules()):
+        raise ValueError("model is in training mode: deploy makes an inference snapshot (BatchNorms folded with "
+                         "their running statistics); call model.eval() first")
+    hooked = _hooked(model)
+    if hooked:
+        raise ValueError(f"model has forward hooks on {hooked[:5]}: a deployed snapshot would not run them; "
+                         "remove them, or use apb_sparse.sparsify(model), which keeps the model's forward")
+    with torch.no_grad():
+        reference = model(*(a.clone() for a in args)) if check else None
+    work = bake_torch_prune(copy.deepcopy(model))
+    paths: Union[str, Dict[str, str]] = path
+    if any(isinstance(m, SPARSE_LAYERS) for m in work.modules()):
+        # Already converted: fold into dense weights, then convert again with the same paths.
+        kept = {n: c.path for n, c in getattr(work, "apb_sparse_choices", {}).items()}
+        work = densify(work, inplace=True)
+        paths = {**({} if isinstance(path, str) else dict(path)), **kept} if kept else path
+    work = fold_batchnorm(work, inplace=True)
+    folded_skipped = dict(getattr(work, "apb_fuse_skipped", {}))
+    work = sparsify(work, masks, inplace=True, path=paths, fuse=False)
+    choices = work.apb_sparse_choices
+    work = fuse_activations(work)
+    fused_skipped = dict(getattr(work, "apb_fuse_skipped", {}))
+    work.apb_sparse_choices = choices
+    deployed = DeployedModel(work, script=script)
+    deployed.apb_deploy_info = {"fx_graph": isinstance(work, torch.fx.GraphModule),
+                                "not_folded": folded_skipped, "not_fused": fused_skipped}
+    with torch.no_grad():
+        got = deployed(*(a.clone() for a in args))
+    if check:
+        _check_close(reference, got)
+    return deployed
+
+
+def _check_close(want, got, where: str = "output") -> None:
+    if isinstance(want, Tensor):
+        if not isinstance(got, Tensor) or want.shape != got.shape:
+            raise RuntimeError(f"deploy: the snapshot's {where} has another type or shape than the model's")
+        w, g = want.detach().float(), got.detach().float()
+        scale = max(1.0, float(w.abs().nan_to_num(0).max())) if w.numel() else 1.0
+        diff = float((w - g).abs().nan_to_num(float("inf")).max()) if w.numel() else 0.0
+        bad_nan = not torch.equal(w.isnan(), g.isnan())
+        tol = {torch.float64: 1e-9, torch.float32: 1e-3}.get(want.dtype, 2e-2) * scale
+        if bad_nan or (diff > tol and not (w.isnan().all())):
+            raise RuntimeError(f"deploy: the snapshot's {where} differs from the model's by {diff:.3g} "
+                               f"(tolerance {tol:.3g}); please report this model")
+    elif isinstance(want, (tuple, list)):
+        if not isinstance(got, (tuple, list)) or len(got) != len(want):
+            raise RuntimeError(f"deploy: the snapshot's {where} has another structure than the model's")
+        for i, (w, g) in enumerate(zip(want, got)):
+            _check_close(w, g, f"{where}[{i}]")
+    elif isinstance(want, dict):
+        if not isinstance(got, dict) or got.keys() != want.keys():
+            raise RuntimeError(f"deploy: the snapshot's {where} has other keys than the model's")
+        for k in want:
+            _check_close(want[k], got[k], f"{where}[{k!r}]")

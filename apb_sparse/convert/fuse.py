@@ -1,0 +1,349 @@
+"""Inference-time fusions for deployed models (eval mode only).
+
+* :func:`fold_batchnorm`: a BatchNorm2d fed only by a convolution is folded into that conv's
+  weight and bias (a per-output-channel scale, so zeros stay zeros and sparsity is unchanged).
+* :func:`fuse_activations`: a ReLU after a :class:`~apb_sparse.nn.SparseConv2d`, and a residual
+  ``add`` (+ ReLU) after one, move into the sparse kernel's epilogue, saving one pass over the
+  activation each; at high sparsity those passes cost as much as the convolution itself.
+* :func:`unfuse`: the inverse of :func:`fuse_activations` (used by ``densify`` and ``compact``).
+
+Both fusions trace the model with ``torch.fx``; patterns that do not match exactly are left
+alone.  A candidate that cannot be fused safely (a BatchNorm without running statistics, a module
+called more than once, a residual that is a parameter or buffer, a model fx cannot trace) stays
+unfused and is listed with the reason in ``model.apb_fuse_skipped`` (``{module or node name:
+reason}``); fusing never raises for such a model.  A fused residual add checks its operand at run
+time: when it does not have the conv output's shape and dtype after broadcasting, that call is
+computed unfused, with PyTorch's broadcasting and type promotion.
+"""
+from __future__ import annotations
+
+import copy
+import operator
+import warnings
+from collections import Counter
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..nn.masked import MaskedLayer
+from ..nn.sparse import SparseConv2d
+from .layouts import layer_classes
+
+__all__ = ["fold_batchnorm", "fuse_activations", "unfuse", "fused_conv_add", "batchnorm_tail", "trace"]
+
+_LEAVES = layer_classes() + MaskedLayer
+_RELU_FUNCTIONS = {F.relu, torch.relu}
+_ADD = {operator.add, operator.iadd, torch.add}
+_FOLDABLE_CONVS = (nn.Conv2d,) + tuple(t for t in MaskedLayer if issubclass(t, nn.Conv2d))
+
+
+# Activations f with f(0) == 0: a BatchNorm + activation module maps a zero channel to zero when
+# its BatchNorm does (what compact needs), and folding keeps the activation as a module.
+ZERO_PRESERVING = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.SiLU, nn.GELU, nn.Tanh, nn.Hardswish, nn.Mish,
+                   nn.Identity, nn.Dropout, nn.Dropout2d)
+
+
+def batchnorm_tail(bn: nn.Module) -> Optional[nn.Module]:
+    """What stays of a BatchNorm2d module once its normalisation is folded into a conv, or None
+    when it is not a BatchNorm2d whose forward we know.
+
+    ``nn.BatchNorm2d`` (or a subclass that keeps its forward) leaves ``nn.Identity()``.  A
+    BatchNorm + activation module in timm's ``BatchNormAct2d`` layout (a subclass whose forward is
+    batch_norm, then ``self.drop``, then ``self.act``) leaves its ``drop`` and ``act`` modules.
+    """
+    if not isinstance(bn, nn.BatchNorm2d):
+        return None
+    forward = type(bn).forward
+    if forward is nn.BatchNorm2d.forward or forward is nn.modules.batchnorm._BatchNorm.forward:
+        return nn.Identity()
+    drop, act = getattr(bn, "drop", None), getattr(bn, "act", None)
+    if type(bn).__name__.endswith("BatchNormAct2d") and isinstance(drop, nn.Module) and isinstance(act, nn.Module):
+        mods = [m for m in (drop, act) if type(m) is not nn.Identity]
+        return mods[0] if len(mods) == 1 else (nn.Sequential(*mods) if mods else nn.Identity())
+    return None
+
+
+class _Tracer(fx.Tracer):
+    """Keeps apb_sparse layers and BatchNorm2d subclasses (timm's BatchNormAct2d) as leaves."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, _LEAVES) or batchnorm_tail(m) is not None or super().is_leaf_module(m, qualname)
+
+
+def trace(model: nn.Module) -> fx.GraphModule:
+    """``torch.fx`` graph of ``model`` with apb_sparse layers and BatchNorm modules as leaves (the
+    one tracer of fold_batchnorm, fuse_activations and compact). Raises what fx raises."""
+    return fx.GraphModule(model, _Tracer().trace(model), model.__class__.__name__)
+
+
+def _trace_or_mark(model: nn.Module):
+    """``_trace(model)``'s graph, or None after recording why in ``model.apb_fuse_skipped``."""
+    gm, why = _trace(model)
+    if gm is None:
+        model.apb_fuse_skipped = {"": why}
+    return gm
+
+
+def _trace(model: nn.Module) -> Tuple[Optional[fx.GraphModule], Optional[str]]:
+    """``(graph module, None)``, or ``(None, why fx cannot trace the model)``."""
+    try:
+        return trace(model), None
+    except Exception as e:  # data-dependent control flow, unsupported Python: leave the model alone
+        return None, f"torch.fx cannot trace the model ({type(e).__name__}: {e}); nothing was fused"
+
+
+def _check_eval(model: nn.Module) -> None:
+    if model.training:
+        raise ValueError("fusions change training-mode semantics (BatchNorm batch statistics): "
+                         "call model.eval() first")
+
+
+def _module_calls(graph: fx.Graph) -> Counter:
+    return Counter(n.target for n in graph.nodes if n.op == "call_module")
+
+
+@torch.no_grad()
+def fold_batchnorm(model: nn.Module, *, inplace: bool = False) -> nn.Module:
+    """Fold every BatchNorm2d whose only input is a conv (used by nothing else) into that conv.
+
+    Returns a model whose folded BatchNorm modules are ``nn.Identity`` (a BatchNorm + activation
+    module such as timm's ``BatchNormAct2d`` leaves its activation, see :func:`batchnorm_tail`);
+    same outputs in eval mode.
+    BatchNorms that cannot be folded stay (see ``apb_fuse_skipped`` in the module docstring).
+    """
+    _check_eval(model)
+    if not inplace:
+        model = copy.deepcopy(model)
+    skipped: Dict[str, str] = {}
+    gm = _trace_or_mark(model)
+    if gm is None:
+        return model
+    mods = dict(model.named_modules())
+    calls = _module_calls(gm.graph)
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or not isinstance(mods.get(node.target), nn.BatchNorm2d):
+            continue
+        src = node.args[0] if node.args else None
+        if not (isinstance(src, fx.Node) and src.op == "call_module" and isinstance(mods.get(src.target), nn.Conv2d)):
+            continue  # not fed by a conv: nothing to fold into
+        conv, bn = mods[src.target], mods[node.target]
+        if bn.running_mean is None or bn.running_var is None:
+            skipped[node.target] = ("track_running_stats=False: it normalises with batch statistics even in "
+                                    "eval mode, which no conv weight can express")
+        elif type(conv) not in _FOLDABLE_CONVS:
+            skipped[node.target] = f"its input comes from {type(conv).__name__}, not a plain or masked Conv2d"
+        elif calls[src.target] > 1 or calls[node.target] > 1:
+            skipped[node.target] = "the conv or the BatchNorm module is called more than once in the model"
+        elif len(src.users) != 1:
+            skipped[node.target] = f"the output of {src.target} is also used elsewhere"
+        elif bn.num_features != conv.out_channels:
+            skipped[node.target] = f"{bn.num_features} features, but {src.target} has {conv.out_channels} channels"
+        elif batchnorm_tail(bn) is None:
+            skipped[node.target] = f"{type(bn).__name__} overrides BatchNorm2d.forward in a way apb_sparse does not know"
+        else:
+            tail = batchnorm_tail(bn)
+            _fold(conv, bn)
+            parent, _, child = node.target.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, tail)
+    model.apb_fuse_skipped = skipped
+    return model
+
+
+def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
+    # In the BatchNorm's dtype, then cast: a float16 conv after a float32 BatchNorm is common.
+    scale, shift = _bn_scale_shift(bn, bn.running_var.dtype, conv.weight.device)
+    conv.weight.mul_(scale.view(-1, 1, 1, 1).to(conv.weight.dtype))
+    if conv.bias is None:
+        conv.bias = nn.Parameter(torch.zeros(conv.out_channels, dtype=conv.weight.dtype, device=conv.weight.device))
+    conv.bias.copy_((conv.bias.to(scale.dtype) * scale + shift).to(conv.bias.dtype))
+
+
+def _is_relu(node: fx.Node, mods) -> bool:
+    if node.op == "call_module":
+        m = mods.get(node.target)
+        return type(m) is nn.ReLU
+    if node.op == "call_function":
+        return node.target in _RELU_FUNCTIONS and len(node.args) == 1 and not node.kwargs.get("inplace", False)
+    if node.op == "call_method":
+        return node.target == "relu" and len(node.args) == 1 and not node.kwargs
+    return False
+
+
+def _skip_identity(node: fx.Node, mods) -> fx.Node:
+    """Follow single-user chains of nn.Identity (folded BatchNorms) downstream."""
+    while len(node.users) == 1:
+        user = next(iter(node.users))
+        if user.op == "call_module" and type(mods.get(user.target)) is nn.Identity:
+            node = user
+        else:
+            break
+    return node
+
+
+def fused_conv_add(conv: SparseConv2d, input: Tensor, residual) -> Tensor:
+    """``conv(input) + residual`` (then ReLU if ``conv.fused_relu``): ``conv(input, residual)``,
+    the add in the kernel's epilogue where that is exact (see :meth:`SparseConv2d.forward`)."""
+    return conv(input, residual)
+
+
+@torch.no_grad()
+def fuse_activations(model: nn.Module) -> nn.Module:
+    """Move ReLUs and residual adds that follow a SparseConv2d into its kernel.
+
+    Returns an ``fx.GraphModule`` with the same submodules (and state_dict keys), or ``model``
+    itself (unfused) when fx cannot trace it; either way ``apb_fuse_skipped`` lists what was not
+    fused and why.
+    """
+    _check_eval(model)
+    skipped: Dict[str, str] = {}
+    gm = _trace_or_mark(model)
+    if gm is None:
+        return model
+    mods = dict(gm.named_modules())
+    calls = _module_calls(gm.graph)
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or not isinstance(mods.get(node.target), SparseConv2d):
+            continue
+        conv = mods[node.target]
+        if conv.fused_relu or len(node.args) != 1 or node.kwargs:
+            continue
+        tail = _skip_identity(node, mods)
+        if len(tail.users) != 1:
+            continue
+        user = next(iter(tail.users))
+        is_add = user.op == "call_function" and user.target in _ADD and len(user.args) == 2 and not user.kwargs
+        if not (_is_relu(user, mods) or is_add):
+            continue
+        if calls[node.target] > 1:
+            skipped[node.target] = "called more than once: a fused epilogue would apply to every call"
+            continue
+        if not is_add:
+            conv.fused_relu = True
+            user.replace_all_uses_with(tail)
+            gm.graph.erase_node(user)
+            continue
+        other = user.args[1] if user.args[0] is tail else user.args[0]
+        if not isinstance(other, fx.Node) or other is tail:
+            skipped[node.target] = "the add's other operand is a constant or the conv output itself"
+            continue
+        if other.op == "get_attr":
+            skipped[node.target] = (f"the add's other operand is the parameter or buffer {other.target!r}: "
+                                    "it is the same for every input, not a residual branch")
+            continue
+        if user.target is operator.iadd and user.args[0] is not tail:
+            skipped[node.target] = "the add writes in place into its other operand"
+            continue
+        relu = next(iter(user.users)) if len(user.users) == 1 else None
+        relu = relu if relu is not None and _is_relu(relu, mods) else None
+        with gm.graph.inserting_before(user):
+            # A module call (a leaf for every fx tracer, so the graph survives torch.save).
+            fused = gm.graph.call_module(node.target, (node.args[0], other))
+        if relu is not None:
+            conv.fused_relu = True
+        (relu if relu is not None else user).replace_all_uses_with(fused)
+        if relu is not None:
+            gm.graph.erase_node(relu)
+        gm.graph.erase_node(user)
+        chain, cur = [node], node  # the conv and the identity chain after it, now unused
+        while cur is not tail:
+            cur = next(iter(cur.users))
+            chain.append(cur)
+        for c in reversed(chain):
+            gm.graph.erase_node(c)
+    # Folded BatchNorms left nn.Identity modules behind: calling them costs Python overhead only.
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and type(mods.get(node.target)) is nn.Identity and len(node.args) == 1 \
+                and isinstance(node.args[0], fx.Node):
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+    gm.graph.lint()
+    gm.recompile()
+    gm.apb_fuse_skipped = skipped
+    return gm
+
+
+@torch.no_grad()
+def unfuse(model: nn.Module) -> nn.Module:
+    """Undo :func:`fuse_activations` in place: every fused ReLU and residual add of a
+    ``fx.GraphModule`` goes back into its graph as a separate node, and the convs' ``fused_relu``
+    flags are cleared.  Other models are returned unchanged.  Returns ``model``.
+    """
+    if not isinstance(model, fx.GraphModule):
+        return model
+    g = model.graph
+    mods = dict(model.named_modules())
+    relu_off = []
+    for node in list(g.nodes):
+        if node.op == "call_function" and node.target is fused_conv_add:  # graphs made before 0.2
+            ref, x, residual = node.args
+            target = ref.target
+        elif node.op == "call_module" and isinstance(mods.get(node.target), SparseConv2d) and \
+                (len(node.args) == 2 or mods[node.target].fused_relu):
+            ref, target = None, node.target  # a conv called with a residual, or with its ReLU fused
+            x, residual = node.args[0], (node.args[1] if len(node.args) == 2 else None)
+        else:
+            continue
+        conv = mods[target]
+        with g.inserting_before(node):
+            out = g.call_module(target, (x,))
+            if residual is not None:
+                out = g.call_function(operator.add, (out, residual))
+            if conv.fused_relu:
+                out = g.call_function(torch.relu, (out,))
+        node.replace_all_uses_with(out)
+        g.erase_node(node)
+        if ref is not None and not ref.users:
+            g.erase_node(ref)
+        relu_off.append(conv)
+    for conv in relu_off:
+        conv.fused_relu = False
+    g.lint()
+    model.recompile()
+    return model
+
+
+def _bn_scale_shift(bn: nn.BatchNorm2d, dtype: torch.dtype, device: torch.device) -> Tuple[Tensor, Tensor]:
+    var, mean = bn.running_var, bn.running_mean
+    scale = (bn.weight if bn.weight is not None else torch.ones_like(var)) / torch.sqrt(var + bn.eps)
+    shift = (bn.bias if bn.bias is not None else torch.zeros_like(mean)) - mean * scale
+    return scale.to(device=device, dtype=dtype), shift.to(device=device, dtype=dtype)
+
+# --------------------------------------------------------------------------------------------
+# Removed: the eval fusions of sparsify(fuse="auto").  They made the converted model fast by
+# caches that guessed when the model changed, and guessed wrong (in-place BatchNorm statistics,
+# attributes read by forward, .item() in a trace).  apb_sparse.deploy is the explicit step now.
+# --------------------------------------------------------------------------------------------
+
+def _removed(name: str) -> None:
+    warnings.warn(f"apb_sparse.fuse.{name} is deprecated and does nothing: sparsify keeps the model's own "
+                  "forward; use apb_sparse.deploy(model, example_input) for a fast inference snapshot",
+                  FutureWarning, stacklevel=3)
+
+
+def enable_eval_fusions(model: nn.Module) -> nn.Module:
+    """Deprecated no-op (warns): use :func:`apb_sparse.deploy`. Returns ``model`` unchanged."""
+    _removed("enable_eval_fusions")
+    return model
+
+
+def disable_eval_fusions(model: nn.Module) -> nn.Module:
+    """Deprecated no-op (warns). Returns ``model`` unchanged."""
+    _removed("disable_eval_fusions")
+    return model
+
+
+def has_eval_fusions(model: nn.Module) -> bool:
+    """Deprecated (warns): always False, no model has the removed eval fusions."""
+    _removed("has_eval_fusions")
+    return False
+
+
+def use_torchscript(enable: bool) -> bool:
+    """Deprecated no-op (warns): :func:`apb_sparse.deploy` takes ``script=``. Returns True."""
+    if not isinstance(enable, bool):
+        raise TypeError(f"enable must be a bool, got {type(enable).__name__}")
+    _removed("use_torchscript")
+    return True

@@ -1,0 +1,416 @@
+"""The two forms: sparsify keeps the model's semantics; deploy returns a frozen, checked snapshot.
+
+Each test reproduces one class of failure the old default (fuse="auto": an fx graph made at
+conversion time, caches keyed on tensor versions, a TorchScript trace keyed on a state signature)
+had, and checks the dense model's result or a clear error.
+"""
+import copy
+import io
+import pickle
+import random
+
+import pytest
+import torch
+from torch import nn
+
+import apb_sparse
+from apb_sparse import DeployedModel, apply_masks, compact, deploy, densify, magnitude_masks, sparsify
+from apb_sparse.deploy import MAX_TRACES
+from apb_sparse.models import get_model
+
+GLOBAL_SCALE = 1.0
+
+
+class Block(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return torch.relu(self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))) + x)
+
+
+class Net(nn.Module):
+    """A model whose forward reads Python state: a flag, a scalar, a module global, a dict entry."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.blocks = nn.Sequential(Block(c), Block(c))
+        self.head = nn.Linear(c, 5)
+        self.flag = False
+        self.scale = 1.0
+        self.cfg = {"shift": 0.0}
+
+    def forward(self, x):
+        out = self.blocks(torch.relu(self.stem(x)))
+        if self.flag:
+            out = out * 2
+        out = out * self.scale * GLOBAL_SCALE + self.cfg["shift"]
+        self.last_mean = out.mean()  # an attribute set inside forward
+        return self.head(out.mean((2, 3)))
+
+
+def _net(seed=0, sparsity=0.8):
+    torch.manual_seed(seed)
+    m = Net().eval()
+    for mod in m.modules():
+        if isinstance(mod, nn.BatchNorm2d):
+            mod.running_mean.uniform_(-0.5, 0.5)
+            mod.running_var.uniform_(0.5, 2.0)
+    return apply_masks(m, magnitude_masks(m, sparsity))
+
+
+def _x(n=2, seed=1):
+    return torch.randn(n, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
+
+
+def _same(a, b, tol=1e-5):
+    torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+# -------------------------------------------------------------------------- sparsify: semantics
+def test_sparsify_eval_train_step_eval_sees_new_batchnorm_statistics():
+    s = sparsify(_net())
+    x = _x()
+    with torch.no_grad():
+        first = s(x)
+    s.train()
+    opt = torch.optim.SGD(s.parameters(), lr=0.1)
+    nn.functional.cross_entropy(s(_x(8, 2)), torch.arange(8) % 5).backward()
+    opt.step()
+    s.eval()
+    with torch.no_grad():
+        second = s(x)
+        want = densify(s)(x)  # the dense model of the current state
+    assert not torch.allclose(first, second)
+    _same(second, want)
+
+
+def test_sparsify_sees_data_writes_to_weights_and_statistics():
+    s = sparsify(_net())
+    x = _x()
+    with torch.no_grad():
+        s(x)
+        s.blocks[0].bn1.running_mean.data += 1.0
+        stored = s.head.values if hasattr(s.head, "values") else s.head.weight
+        stored.data.mul_(3.0)
+        _same(s(x), densify(s)(x))
+
+
+def test_sparsify_keeps_python_state_read_by_forward():
+    global GLOBAL_SCALE
+    m = _net()
+    s = sparsify(m)
+    x = _x()
+    with torch.no_grad():
+        s(x)
+        for obj in (m, s):
+            obj.flag, obj.scale = True, 0.5
+            obj.cfg["shift"] = 0.25
+            obj.blocks.append(Block(8).eval())
+        s.blocks[2].load_state_dict(m.blocks[2].state_dict())
+        GLOBAL_SCALE = 3.0
+        try:
+            got, want = s(x), m(x)
+        finally:
+            GLOBAL_SCALE = 1.0
+    _same(got, want)
+    assert isinstance(s.last_mean, torch.Tensor)
+
+
+def test_sparsify_runs_container_hooks_and_replaced_blocks():
+    m, s = _net(), sparsify(_net())
+    seen = []
+    s.blocks.register_forward_hook(lambda mod, i, o: seen.append(o.shape))
+    s.blocks[1] = nn.Identity()
+    m.blocks[1] = nn.Identity()
+    with torch.no_grad():
+        _same(s(_x()), m(_x()))
+    assert seen == [torch.Size([2, 8, 8, 8])]
+
+
+class ItemNet(nn.Module):
+    """Data-dependent control flow through .item(), and an in-place op on the caller's input."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        x.mul_(2)
+        out = self.conv(x)
+        if out.mean().item() > 0:
+            out = -out
+        return self.fc(out.mean((2, 3)))
+
+
+def test_item_in_forward_and_inplace_input_match_the_dense_model_in_both_forms():
+    torch.manual_seed(0)
+    m = apply_masks(ItemNet().eval(), magnitude_masks(ItemNet(), 0.5))
+    s = sparsify(m)
+    d = deploy(m, _x())
+    pos, neg = torch.full((1, 3, 6, 6), 1.0), torch.full((1, 3, 6, 6), -1.0)
+    with torch.no_grad():
+        probe = m.conv(pos * 2).mean().item()
+    assert (probe > 0) != (m.conv(neg * 2).mean().item() > 0), "the two inputs must take different branches"
+    for form in (s, d):
+        for x in (pos, neg, pos, neg):
+            mine, ref = x.clone(), x.clone()
+            with torch.no_grad():
+                got, want = form(mine), m(ref)
+            _same(got, want)
+            torch.testing.assert_close(mine, ref)  # the caller's input was written exactly once
+    # The .item() branch makes TorchScript warn: that signature runs the Python graph.
+    assert all(v != "traced" for v in d.apb_deploy_info["traces"].values())
+
+
+# -------------------------------------------------------------------------- deploy: a snapshot
+def test_deploy_matches_and_is_a_snapshot_of_the_source():
+    m = _net()
+    x = _x()
+    d = deploy(m, x)
+    assert isinstance(d, DeployedModel) and d.apb_deploy_info["fx_graph"]
+    assert list(d.apb_deploy_info["traces"].values()) == ["traced"]
+    with torch.no_grad():
+        want = m(x)
+        _same(d(x), want)
+        _same(d(_x(5, 3)), m(_x(5, 3)))
+        m.blocks[0].bn1.running_mean.add_(1.0)  # changes to the source are not seen
+        _same(d(x), want)
+    # grad mode (attacks) runs the Python graph and differentiates to the input
+    xi = x.clone().requires_grad_()
+    d(xi).sum().backward()
+    assert xi.grad is not None and xi.grad.abs().sum() > 0
+
+
+def test_deploy_bounds_its_graphs_per_input_signature():
+    d = deploy(_net(), _x())
+    with torch.no_grad():
+        for n in range(1, 3 * MAX_TRACES):
+            d(_x(n))
+    assert len(d.__dict__["_scripts"]) == MAX_TRACES
+
+
+def test_deploy_refuses_training_mode_and_hooks_with_clear_errors():
+    m = _net()
+    with pytest.raises(ValueError, match="training mode"):
+        deploy(m.train(), _x())
+    m.eval()
+    h = m.blocks.register_forward_hook(lambda *a: None)
+    with pytest.raises(ValueError, match="forward hooks on \\['blocks'\\]"):
+        deploy(m, _x())
+    h.remove()
+    d = deploy(m, _x())
+    with pytest.raises(RuntimeError, match="inference snapshot"):
+        d.train()
+    with pytest.raises(TypeError, match="example_input"):
+        deploy(m, [1, 2])
+    with pytest.raises(TypeError, match="already deployed"):
+        deploy(d, _x())
+
+
+def test_deploy_copies_and_pickles(tmp_path):
+    m, x = _net(), _x()
+    d = deploy(m, x)
+    with torch.no_grad():
+        want = d(x)
+        _same(copy.deepcopy(d)(x), want)
+        buf = io.BytesIO()
+        torch.save(d, buf)
+        buf.seek(0)
+        _same(torch.load(buf, weights_only=False)(x), want)
+        _same(pickle.loads(pickle.dumps(d))(x), want)
+
+
+def test_deploy_keeps_the_paths_of_a_sparsified_model():
+    m = get_model("resnet18").eval()
+    m = apply_masks(m, magnitude_masks(m, 0.9))
+    s = sparsify(m, path="structured")
+    x = torch.rand(1, 3, 32, 32)
+    d = deploy(s, x)
+    assert {n: c.path for n, c in d.apb_sparse_choices.items()} == {n: c.path for n, c in s.apb_sparse_choices.items()}
+    with torch.no_grad():
+        _same(d(x), m(x), 1e-4)
+
+
+# -------------------------------------------------------------------------- export
+@pytest.mark.parametrize("form", ["sparsify", "deploy"])
+def test_torch_export_and_compile_fullgraph(form):
+    m, x = _net(), _x()
+    model = sparsify(m) if form == "sparsify" else deploy(m, x)
+    with torch.no_grad():
+        want = m(x)
+        ep = torch.export.export(model, (x,))
+        _same(ep.module()(x), want)
+        _same(torch.compile(model, fullgraph=True, backend="eager")(x), want)
+
+
+@pytest.mark.parametrize("sparse_initializers", [False, True])
+def test_export_onnx_runs_in_onnxruntime(tmp_path, sparse_initializers):
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    m = get_model("resnet18").eval()
+    m = apply_masks(m, magnitude_masks(m, 0.9))
+    x = torch.rand(2, 3, 32, 32)
+    info = apb_sparse.export_onnx(deploy(m, x), x, tmp_path / "m.onnx", sparse_initializers=sparse_initializers)
+    dense_bytes = sum(p.numel() * 4 for p in m.parameters())
+    if sparse_initializers:
+        assert len(info["sparse_initializers"]) >= 20 and info["bytes"] < 0.3 * dense_bytes
+    else:
+        assert info["bytes"] > 0.9 * dense_bytes  # the zeros are kept
+    sess = ort.InferenceSession(info["path"])
+    for batch in (x, torch.rand(3, 3, 32, 32)):
+        got = torch.from_numpy(sess.run(None, {"input": batch.numpy()})[0])
+        with torch.no_grad():
+            _same(got, m(batch), 1e-4)
+    with pytest.raises(ValueError, match="training mode"):
+        apb_sparse.export_onnx(m.train(), x, tmp_path / "t.onnx")
+
+
+# -------------------------------------------------------------------------- models from the ecosystem
+class MyBatchNormAct2d(nn.BatchNorm2d):
+    """timm's BatchNormAct2d layout: batch_norm, then self.drop, then self.act."""
+
+    def __init__(self, c):
+        super().__init__(c)
+        self.drop = nn.Identity()
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        x = nn.functional.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                     self.training, self.momentum, self.eps)
+        return self.act(self.drop(x))
+
+
+class BnActNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.b1 = MyBatchNormAct2d(16)
+        self.c2 = nn.Conv2d(16, 8, 3, padding=1, bias=False)
+        self.b2 = MyBatchNormAct2d(8)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.pool(self.b2(self.c2(self.b1(self.c1(x))))), 1))
+
+
+def test_batchnorm_act_subclass_folds_fuses_and_compacts():
+    torch.manual_seed(0)
+    m = BnActNet().eval()
+    masks = magnitude_masks(m, 0.5, structure="channels")
+    m = apply_masks(m, masks)
+    apb_sparse.zero_dead_batchnorm(m)
+    x = torch.rand(2, 3, 8, 8)
+    d = deploy(m, x, path="unstructured")
+    assert not any(isinstance(mod, nn.BatchNorm2d) for mod in d.modules())
+    assert sum(getattr(mod, "fused_relu", False) for mod in d.modules()) == 2
+    small = compact(m, x)
+    assert small.c1.out_channels == 8 and small.c2.out_channels == 4
+    with torch.no_grad():
+        _same(d(x), m(x))
+        _same(small(x), m(x))
+
+
+def test_timm_batchnorm_act_model_compacts():
+    timm = pytest.importorskip("timm")
+    from timm.layers import BatchNormAct2d
+
+    torch.manual_seed(0)
+    m = timm.create_model("resnet10t", num_classes=10, norm_layer=BatchNormAct2d, act_layer=nn.Identity).eval()
+    assert any(isinstance(mod, BatchNormAct2d) for mod in m.modules())
+    m = apply_masks(m, magnitude_masks(m, 0.5, structure="channels", coupled=True,
+                                       example_input=torch.rand(1, 3, 32, 32)))
+    apb_sparse.zero_dead_batchnorm(m)
+    x = torch.rand(2, 3, 32, 32)
+    small = compact(m, x)
+    assert sum(small.apb_compact_removed.values()) > 0
+    d = deploy(m, x)
+    assert not any(isinstance(mod, BatchNormAct2d) for mod in d.modules())
+    with torch.no_grad():
+        _same(small(x), m(x), 1e-4)
+        _same(d(x), m(x), 1e-4)
+
+
+class StdConv2d(nn.Conv2d):
+    """Weight standardisation (BiT, NF-ResNet): the forward computes with a transformed weight."""
+
+    def forward(self, x):
+        w = self.weight
+        w = (w - w.mean((1, 2, 3), keepdim=True)) / (w.std((1, 2, 3), keepdim=True) + 1e-5)
+        return self._conv_forward(x, w, self.bias)
+
+
+def test_weight_standardised_conv_is_reported_and_kept_dense():
+    torch.manual_seed(0)
+    m = nn.Sequential(StdConv2d(3, 8, 3), nn.ReLU()).eval()
+    with torch.no_grad():
+        m[0].weight.mul_((torch.rand_like(m[0].weight) > 0.9).float())
+    s = sparsify(m)
+    assert s.apb_sparse_choices["0"].path == "dense" and s.apb_sparse_choices["0"].density == 1.0
+    assert "overrides forward" in s.apb_sparse_choices["0"].reason
+    assert apb_sparse.sparsity_report(m).sparsity == 0.0
+    x = torch.rand(1, 3, 8, 8)
+    with torch.no_grad():
+        _same(deploy(m, x)(x), m(x))
+
+
+def test_torch_prune_models_compact_sparsify_and_deploy():
+    from torch.nn.utils import prune
+
+    torch.manual_seed(0)
+    m = BnActNet().eval()
+    prune.ln_structured(m.c1, "weight", amount=0.5, n=2, dim=0)
+    prune.l1_unstructured(m.c2, "weight", amount=0.7)
+    x = torch.rand(2, 3, 8, 8)
+    with torch.no_grad():
+        want = m(x)
+        small = compact(m, x)
+        assert small.c1.out_channels < 16 or small.apb_compact_removed == {}
+        _same(small(x), want)
+        s = sparsify(m)
+        assert s.apb_sparse_choices["c2"].density == pytest.approx(0.3, abs=0.01)
+        _same(s(x), want)
+        _same(deploy(m, x)(x), want)
+
+
+def test_coupled_masks_take_example_input():
+    m = get_model("resnet18").eval()
+    a = magnitude_masks(m, 0.5, structure="channels", coupled=True, example_input=torch.rand(1, 3, 32, 32))
+    b = magnitude_masks(m, 0.5, structure="channels", coupled=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="only used with coupled=True"):
+        magnitude_masks(m, 0.5, example_input=torch.rand(1, 3, 32, 32))
+
+
+def test_deprecated_switches_warn():
+    m = _net()
+    with pytest.warns(FutureWarning, match="deploy"):
+        s = sparsify(m, fuse="auto")
+    assert type(s).forward is Net.forward and "forward" not in s.__dict__
+    with pytest.warns(DeprecationWarning, match="calibrate"):
+        sparsify(m, calibrate=_x())
+    with pytest.warns(FutureWarning):
+        assert apb_sparse.fuse.has_eval_fusions(s) is False
+
+
+def test_random_draw_in_forward_follows_the_seed():
+    class Noisy(Net):
+        def forward(self, x):
+            return super().forward(x) + random.random()
+
+    torch.manual_seed(0)
+    m = Noisy().eval()
+    s = sparsify(m)
+    with torch.no_grad():
+        random.seed(3)
+        a = s(_x())
+        random.seed(3)
+        b = m(_x())
+    _same(a, b)
