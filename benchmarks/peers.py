@@ -46,7 +46,9 @@ import time
 import traceback
 
 ENGINES = ("torch", "apb_sparse", "deepsparse", "onnxruntime", "openvino")
-TORCH_ENGINES = ("torch", "apb_sparse")
+# "apb_sparse_base": the same deployed form from another checkout (--baseline-root), for an in-run
+# A/B of two versions of the kernel.
+TORCH_ENGINES = ("torch", "apb_sparse", "apb_sparse_base")
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_DEEPSPARSE_PYTHON = "/work/venvs/deepsparse/bin/python"
 DEFAULT_ONNX_PYTHON = "/work/venvs/onnxeng/bin/python"
@@ -108,7 +110,7 @@ class _Runner:
             if self.engine == "torch":
                 model = apb_sparse.densify(masked).eval()  # plain Conv2d / BatchNorm2d modules
                 note = "densify(model): torch eager"
-            elif hasattr(apb_sparse, "deploy"):
+            elif hasattr(apb_sparse, "deploy"):  # apb_sparse and apb_sparse_base
                 model = apb_sparse.deploy(masked, x)
                 note = "apb_sparse.deploy(model, x)"
             else:
@@ -197,38 +199,35 @@ def _ds_layer(li: dict, subs: list) -> dict:
             "teraflops": li.get("average_teraflops_per_second"), "sub_layers": subs}
 
 
+LAYER_OPS = ("apb_sparse::sparse_conv2d", "apb_sparse::sparse_linear", "apb_sparse::masked_conv2d", "aten::conv2d",
+             "aten::linear")
+
+
 def _torch_layer_times(model, fn, iters: int) -> list:
-    """Median wall time of every conv / linear-like leaf module call (forward hooks).  Names of
-    modules not called (or called only inside a TorchScript graph) are absent."""
-    starts, times, order = {}, {}, []
+    """Median wall time of every conv / linear op call of one forward, in call order, from the
+    torch profiler (works for TorchScript graphs and fused forwards, where module hooks do not)."""
+    from torch.profiler import ProfilerActivity, profile
 
-    def pre(name):
-        def hook(mod, args):
-            starts[name] = time.perf_counter()
-        return hook
-
-    def post(name):
-        def hook(mod, args, out):
-            times.setdefault(name, []).append(time.perf_counter() - starts[name])
-            if name not in order:
-                order.append(name)
-        return hook
-
-    handles = []
-    for name, mod in model.named_modules():
-        kind = type(mod).__name__
-        if "Conv" in kind or "Linear" in kind:
-            handles += [mod.register_forward_pre_hook(pre(name)), mod.register_forward_hook(post(name))]
-    try:
-        fn()
-        times.clear()
+    fn()
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         for _ in range(iters):
             fn()
-    finally:
-        for h in handles:
-            h.remove()
-    mods = dict(model.named_modules())
-    return [{"name": n, "module": type(mods[n]).__name__, "ms": statistics.median(times[n]) * 1e3} for n in order]
+    events = [e for e in prof.events() if e.name in LAYER_OPS]
+    # keep only outermost layer ops (aten::linear may call nothing of the set, but be safe)
+    events = [e for e in events if not any(
+        o is not e and o.name in LAYER_OPS and o.time_range.start <= e.time_range.start and e.time_range.end <= o.time_range.end
+        for o in events if o.thread == e.thread)] if len(events) < 5000 else events
+    events.sort(key=lambda e: e.time_range.start)
+    per_call = len(events) // iters if iters else 0
+    if per_call == 0 or per_call * iters != len(events):
+        return []
+    layers = []
+    for i in range(per_call):
+        ev = [events[k * per_call + i] for k in range(iters)]
+        shapes = ev[0].input_shapes[0] if ev[0].input_shapes else []
+        layers.append({"index": i, "op": ev[0].name, "input": list(shapes),
+                       "ms": statistics.median((e.time_range.end - e.time_range.start) / 1e3 for e in ev)})
+    return layers
 
 
 def worker_main(engine: str, threads: int) -> int:
@@ -320,12 +319,16 @@ def start_workers(args) -> tuple:
     for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         env[k] = str(args.threads)
     workers, versions, skipped = {}, {}, {}
-    for engine in args.engines:
+    engines = list(args.engines) + (["apb_sparse_base"] if args.baseline_root else [])
+    for engine in engines:
         python = _python_for(engine, args)
+        wenv = env
+        if engine == "apb_sparse_base":
+            wenv = dict(env, PYTHONPATH=os.path.abspath(args.baseline_root))
         if not os.path.exists(python):
             skipped[engine] = f"no Python at {python} (see the setup lines in this script's docstring)"
             continue
-        w = Worker(engine, python, args.threads, env)
+        w = Worker(engine, python, args.threads, wenv)
         r = w.call(cmd="hello")
         if not r.get("ok"):
             skipped[engine] = f"{python}: {r.get('error')}"
@@ -333,8 +336,10 @@ def start_workers(args) -> tuple:
             continue
         workers[engine] = w
         versions[engine] = r["version"]
-        if engine == "apb_sparse":
-            versions["apb_sparse_form"] = "deploy" if r.get("deploy") else "sparsify(fuse=True)"
+        if engine.startswith("apb_sparse"):
+            versions[engine + "_form"] = "deploy" if r.get("deploy") else "sparsify(fuse=True)"
+        if engine == "apb_sparse_base":
+            versions[engine] += f" (commit {_commit_of(args.baseline_root)})"
     for engine, why in skipped.items():
         print(f"skipping {engine}: {why}", flush=True)
     return workers, versions, skipped
@@ -379,6 +384,14 @@ class LoadMeter:
         ours = sum(_cpu_seconds(p) for p in self.pids) - self.o0
         other = _busy_seconds() - self.b0 - ours
         return max(0.0, other) / max(1e-9, wall * (os.cpu_count() or 1))
+
+
+def _commit_of(root: str) -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
 
 
 def gemm_rate(threads: int, n: int, reps: int = 3) -> float:
@@ -533,7 +546,7 @@ def format_row(row: dict) -> str:
     e = row["engines"]
     cells = [f"{row['arch']:<9}", f"{row['mask']:<11}", f"b={row['batch']:<3}", f"limit {row['limit_ms']:7.2f} ms",
              f"other load {row.get('other_load', 0):4.0%}"]
-    for engine in ENGINES:
+    for engine in ENGINES + ("apb_sparse_base",):
         if engine in e and "median_ms" in e[engine]:
             cells.append(f"{engine} {e[engine]['median_ms']:8.2f} ms ({e[engine]['median_ms'] / row['limit_ms']:5.1f}x)")
     ratio = _ratio(row, "apb_sparse", "deepsparse")
@@ -553,9 +566,10 @@ def _ratio(row, a, b):
 
 
 def markdown_table(data: dict) -> str:
-    engines = [e for e in ENGINES if any(_ms(r, e) is not None for r in data["results"])]
+    engines = [e for e in ENGINES + ("apb_sparse_base",) if any(_ms(r, e) is not None for r in data["results"])]
     head = "| model | masks | batch | limit ms |" + "".join(f" {e} ms (x limit) |" for e in engines)
-    head += " apb / deepsparse | apb speedup over torch | other load |"
+    base = "apb_sparse_base" in engines
+    head += " apb / deepsparse | apb speedup over torch |" + (" apb / apb_base |" if base else "") + " other load |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in data["results"]:
         cells = [r["arch"], r["mask"], str(r["batch"]), f"{r['limit_ms']:.2f}"]
@@ -565,6 +579,9 @@ def markdown_table(data: dict) -> str:
         ratio, sp = _ratio(r, "apb_sparse", "deepsparse"), _ratio(r, "torch", "apb_sparse")
         cells.append("-" if ratio is None else f"{ratio:.2f}")
         cells.append("-" if sp is None else f"{sp:.2f}x")
+        if base:
+            rb = _ratio(r, "apb_sparse", "apb_sparse_base")
+            cells.append("-" if rb is None else f"{rb:.2f}")
         cells.append(f"{r.get('other_load', 0):.0%}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -572,7 +589,7 @@ def markdown_table(data: dict) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=ENGINES + ("apb_sparse_base",), help=argparse.SUPPRESS)
     p.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES))
     p.add_argument("--archs", nargs="+", default=["resnet18", "vgg16"])
     p.add_argument("--masks", nargs="+", default=["local@0.9", "local@0.95", "local@0.99"],
@@ -591,6 +608,9 @@ def main(argv=None) -> int:
     p.add_argument("--deepsparse-python", default=DEFAULT_DEEPSPARSE_PYTHON)
     p.add_argument("--onnx-python", default=None,
                    help=f"Python with onnxruntime / openvino (default {DEFAULT_ONNX_PYTHON} if it exists, else this one)")
+    p.add_argument("--baseline-root", default=None,
+                   help="also time the deployed form of the apb_sparse checkout at this path (built in place), "
+                        "as engine apb_sparse_base: an in-run A/B of two kernel versions")
     p.add_argument("--out", default=os.path.join(HERE, "results", "peers.json"))
     args = p.parse_args(argv)
     if args.worker:
