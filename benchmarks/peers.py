@@ -626,27 +626,26 @@ def main(argv=None) -> int:
     print(f"GEMM rate ({args.gemm_n}^3 torch matmul, {args.threads} threads): {args.gemm_gflops:.1f} GFLOP/s",
           flush=True)
     workers, versions, skipped = start_workers(args)
-    results = []
+    data = {"environment": environment(), "command": "python benchmarks/peers.py " + " ".join(sys.argv[1:] if argv is None else argv),
+            "gemm_gflops": args.gemm_gflops, "gemm_n": args.gemm_n, "threads": args.threads, "rounds": args.rounds,
+            "min_time_s": args.min_time, "engine_versions": versions, "skipped_engines": skipped, "results": []}
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix="apb_peers_")
     try:
         for arch in args.archs:
             for mask in args.masks:
                 for batch in args.batches:
                     row = run_case({"arch": arch, "mask": mask, "batch": batch}, workers, args, tmp)
-                    results.append(row)
+                    data["results"].append(row)
                     print(format_row(row), flush=True)
+                    with open(args.out, "w") as f:  # after every case: a long run stopped early keeps its cells
+                        json.dump(data, f, indent=1)
     finally:
         for w in workers.values():
             w.close()
         shutil.rmtree(tmp, ignore_errors=True)
-    data = {"environment": environment(), "command": "python benchmarks/peers.py " + " ".join(sys.argv[1:] if argv is None else argv),
-            "gemm_gflops": args.gemm_gflops, "gemm_n": args.gemm_n, "threads": args.threads, "rounds": args.rounds,
-            "min_time_s": args.min_time, "engine_versions": versions, "skipped_engines": skipped, "results": results}
     print()
     print(markdown_table(data))
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(data, f, indent=1)
     print(f"\nwrote {args.out}")
     return 0
 
