@@ -34,6 +34,16 @@ PyObject* set_lanes(PyObject*, PyObject* arg) {
   return PyBool_FromLong(apb_sparse::kernel::set_lanes(enable != 0));
 }
 
+PyObject* set_shifted_layout(PyObject*, PyObject* arg) {
+  const long mode = PyLong_AsLong(arg);
+  if (mode == -1 && PyErr_Occurred()) return nullptr;
+  if (mode < 0 || mode > 2) {
+    PyErr_SetString(PyExc_ValueError, "mode must be 0 (off), 1 (auto) or 2 (always)");
+    return nullptr;
+  }
+  return PyLong_FromLong(apb_sparse::kernel::set_shifted_layout(int(mode)));
+}
+
 PyObject* set_min_parallel_work(PyObject*, PyObject* arg) {
   const long long work = PyLong_AsLongLong(arg);
   if (work == -1 && PyErr_Occurred()) return nullptr;
@@ -103,6 +113,9 @@ PyMethodDef methods[] = {
     {"_set_lanes", set_lanes, METH_O,
      "Enable (True) or disable (False) the images-in-lanes layout of forward convolutions on small maps; returns "
      "the previous setting."},
+    {"_set_shifted_layout", set_shifted_layout, METH_O,
+     "Mode of the kw-shifted (vector-aligned) input layout of unit-stride forward convolutions: 0 off, 1 auto "
+     "(default), 2 wherever the geometry allows; returns the previous mode."},
     {"_set_row_tiles", set_row_tiles, METH_O,
      "Enable (True) or disable (False) the output-row tiles of forward convolutions; returns the previous setting."},
     {"_set_force_generic", set_force_generic, METH_O,

@@ -70,7 +70,8 @@ def conv_cases(draw):
     for i in range(2):
         extent = dilation[i] * (k[i] - 1) + 1
         lo = max(1, extent - sum(pads[i]), max(pads[i]) + 1)  # reflect needs padding < size
-        sizes.append(draw(st.integers(lo, lo + 7)))
+        # now and then wide enough for 16-wide output rows (the kw-shifted layout's auto mode)
+        sizes.append(draw(st.integers(lo, lo + 7)) if draw(st.integers(0, 3)) else draw(st.integers(lo, lo + 17)))
     sparsity = draw(st.sampled_from([0.0, 1.0, None]))
     if sparsity is None:
         sparsity = draw(st.floats(0.0, 1.0, allow_subnormal=False))
@@ -83,7 +84,9 @@ def conv_cases(draw):
                 layout=draw(st.sampled_from(["contiguous", "contiguous", "channels_last", "strided"])),
                 bias=draw(st.booleans()), dtype=draw(st.sampled_from([torch.float32, torch.float64])),
                 relu=layer == "SparseConv2d" and draw(st.booleans()),
-                residual=layer == "SparseConv2d" and draw(st.booleans()), seed=draw(st.integers(0, 2**31 - 1)))
+                residual=layer == "SparseConv2d" and draw(st.booleans()),
+                # kw-shifted input layout: auto (default), forced wherever the geometry allows, off
+                shifted=draw(st.sampled_from([1, 2, 0])), seed=draw(st.integers(0, 2**31 - 1)))
 
 
 def _input(shape, layout, dtype, gen):
@@ -115,6 +118,14 @@ def _compare(layer_fn, ref_fn, x, dtype, extra=()):
 @given(conv_cases())
 def test_fuzz_conv_layers(case):
     COUNTS["conv"] += 1
+    prev = ops._C._set_shifted_layout(case["shifted"])
+    try:
+        _fuzz_conv_layer(case)
+    finally:
+        ops._C._set_shifted_layout(prev)
+
+
+def _fuzz_conv_layer(case):
     gen = torch.Generator().manual_seed(case["seed"])
     dtype = case["dtype"]
     conv = nn.Conv2d(case["cin"], case["cout"], case["k"], case["stride"], case["padding"], case["dilation"],

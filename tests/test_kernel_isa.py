@@ -182,3 +182,93 @@ def test_stride2_grid_fill_every_width_and_padding(threads):
     finally:
         torch.set_num_threads(prev_threads)
         C._set_min_parallel_work(prev_work)
+
+
+@contextlib.contextmanager
+def shifted_layout(mode):
+    prev = C._set_shifted_layout(mode)
+    try:
+        yield
+    finally:
+        C._set_shifted_layout(prev)
+
+
+def test_shifted_layout_switch():
+    prev = C._set_shifted_layout(2)
+    try:
+        assert C._set_shifted_layout(0) == 2
+        assert C._set_shifted_layout(1) == 0
+        for bad in (-1, 3):
+            with pytest.raises(ValueError, match="mode"):
+                C._set_shifted_layout(bad)
+        assert C._set_shifted_layout(1) == 1
+    finally:
+        C._set_shifted_layout(prev)
+
+
+# (batch, channels, height, width, out channels, kernel (kh, kw), padding, dilation, groups, sparsity):
+# unit-stride convolutions whose output rows fill register tiles (widths 8, 16, 32 in float; 4 and 8
+# in double also go through the grid), which the kw-shifted layout can take.
+SHIFTED_CASES = [
+    (2, 16, 32, 32, 24, (3, 3), (1, 1), (1, 1), 1, 0.8),   # 32-wide rows, channel-blocked
+    (9, 24, 16, 16, 16, (3, 3), (1, 1), (1, 1), 1, 0.5),   # 16-wide rows, odd batch
+    (1, 8, 8, 8, 8, (3, 3), (1, 1), (1, 1), 1, 0.0),       # 8-wide rows, dense
+    (2, 12, 12, 18, 8, (5, 3), (0, 1), (1, 2), 1, 0.7),    # 8x16 output, dilation in width, no row padding
+    (1, 6, 10, 10, 4, (3, 3), (0, 0), (1, 1), 2, 0.3),     # no padding (8x8 output), groups
+    (2, 8, 16, 16, 8, (1, 3), (0, 1), (1, 1), 1, 0.6),     # 1x3 kernel
+    (2, 8, 16, 16, 8, (1, 1), (0, 0), (1, 1), 1, 0.6),     # 1x1 kernel (mode 2 only)
+    (1, 32, 16, 16, 32, (3, 3), (1, 1), (1, 1), 1, 0.99),  # nearly empty rows
+]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", SHIFTED_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_shifted_layout_every_isa(isa, dtype, case):
+    """The kw-shifted input layout (off, auto, forced) agrees with torch on every ISA, with and
+    without channel blocking, for contiguous, channels-last and sliced inputs, plain and fused."""
+    n, c, h, w_, o, k, pad, dil, groups, sparsity = case
+    torch.manual_seed(6)
+    x = torch.randn(n, c, h, w_, dtype=dtype)
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(o, c // groups, *k, generator=g, dtype=dtype)
+    w = w * (torch.rand(w.shape, generator=g) >= sparsity).to(dtype)
+    b = torch.randn(o, dtype=dtype)
+    ref = F.conv2d(x, w, b, 1, pad, dil, groups)
+    res = torch.randn_like(ref)
+    v, rp, ci = ops.pack_csr(w)
+    wide = torch.randn(n, c, h, w_ + 3, dtype=dtype)
+    wide[..., 1:w_ + 1] = x
+    inputs = [x, x.to(memory_format=torch.channels_last), wide[..., 1:w_ + 1]]
+    for mode in (0, 1, 2):
+        for blocking in (True, False):
+            with kernel_config(isa, blocking), shifted_layout(mode):
+                for xi in inputs:
+                    plain = ops.sparse_conv2d(xi, v, rp, ci, w.shape, b, 1, pad, dil, groups)
+                    torch.testing.assert_close(plain, ref, **TOL[dtype])
+                fused = ops.sparse_conv2d(x, v, rp, ci, w.shape, b, 1, pad, dil, groups, residual=res, relu=True)
+                torch.testing.assert_close(fused, torch.relu(ref + res), **TOL[dtype])
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("sparsity", [0.5, 0.99])
+def test_shifted_layout_threads(threads, sparsity):
+    """Every way the call is split across threads (whole chunks per thread, a private copy per
+    thread, one shared copy whose fill is split at any (channel, kw) unit) gives the same result."""
+    prev_threads, prev_work = torch.get_num_threads(), C._set_min_parallel_work(0)
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(8)
+        for n, c in ((1, 5), (1, 40), (3, 7), (16, 16)):
+            x = torch.randn(n, c, 16, 16)
+            w = _sparse_weight(24, c, 3, sparsity, torch.float32)
+            b = torch.randn(24)
+            v, rp, ci = ops.pack_csr(w)
+            ref = F.conv2d(x, w, b, 1, 1)
+            for mode in (1, 2):
+                with shifted_layout(mode):
+                    got = ops.sparse_conv2d(x, v, rp, ci, w.shape, b, 1, 1)
+                torch.testing.assert_close(got, ref, **TOL[torch.float32])
+    finally:
+        torch.set_num_threads(prev_threads)
+        C._set_min_parallel_work(prev_work)

@@ -186,6 +186,17 @@ bool row_tiles_enabled();
 bool set_channel_blocking(bool enable);
 bool channel_blocking_enabled();
 
+/// The kw-shifted layout of unit-stride forward convolutions with output-row tiles: every
+/// (input channel, kw) pair gets its own zero-padded copy of the input, shifted by kw * dilation
+/// columns and cropped to the output width, so that every tap reads whole output rows starting at
+/// a vector-aligned address (the phase grid's rows are Wq = W + 2 * padding wide, so 15 of 16 of
+/// its 64-byte loads cross a cache line).  It costs KW copies of the input per call, which the
+/// multiply-adds repay only on denser layers.  Mode 0: never; 1 (default): where the nonzeros per
+/// input channel repay the copies (see conv_forward); 2: wherever the geometry allows it (tests).
+/// Returns the previous mode.
+int set_shifted_layout(int mode);
+int shifted_layout();
+
 /// Enable (default) or disable the images-in-lanes layout of forward convolutions on small maps
 /// (LanesArgs); disabled, those use the layouts above.  Tests compare both; returns the previous
 /// setting.

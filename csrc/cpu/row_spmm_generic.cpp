@@ -92,6 +92,11 @@ static std::atomic<int64_t> g_min_parallel_work{int64_t(1) << 18};
 int64_t set_min_parallel_work(int64_t work) { return g_min_parallel_work.exchange(work < 0 ? 0 : work); }
 int64_t min_parallel_work() { return g_min_parallel_work.load(std::memory_order_relaxed); }
 
+static std::atomic<int> g_shifted_layout{1};
+
+int set_shifted_layout(int mode) { return g_shifted_layout.exchange(mode < 0 ? 0 : mode > 2 ? 2 : mode); }
+int shifted_layout() { return g_shifted_layout.load(std::memory_order_relaxed); }
+
 static std::atomic<bool> g_lanes{true};
 
 bool set_lanes(bool enable) { return g_lanes.exchange(enable); }

@@ -157,19 +157,36 @@ inline void tile_rows(const Row<T>& row, const int64_t* tap, int64_t src, int64_
   constexpr int W = U::W;
   constexpr int N = VPR * Vec<T>::W / W;  // accumulator vectors per output row
   constexpr int RW = VPR * Vec<T>::W;     // positions per output row
-  V acc[RPT][N];
-  for (int i = 0; i < RPT; ++i)
-    for (int v = 0; v < N; ++v) acc[i][v] = acc_in ? loadu<V, T>(acc_in + i * RW + v * W) : V{};
+  // K independent accumulator sets (nonzero j feeds set j % K), summed at the end: with RPT * N
+  // = 4 accumulators (the wide-vector builds) one set waits on the FMA latency (4 cycles) at every
+  // nonzero, i.e. runs at most 1 FMA per cycle where the core can issue 2.
+  constexpr int K = RPT * N >= 8 ? 1 : 2;
+  V acc[K][RPT][N];
+  for (int k = 0; k < K; ++k)
+    for (int i = 0; i < RPT; ++i)
+      for (int v = 0; v < N; ++v) acc[k][i][v] = (k == 0 && acc_in) ? loadu<V, T>(acc_in + i * RW + v * W) : V{};
   const T* base = row.src + src;
-  for (int32_t j = 0; j < row.nnz; ++j) {
+  int32_t j = 0;
+  for (; j + K <= row.nnz; j += K) {
+    for (int k = 0; k < K; ++k) {
+      const V w = broadcast<V, T>(row.val[j + k]);
+      const T* s = base + tap[row.col[j + k]];
+      for (int i = 0; i < RPT; ++i)
+        for (int v = 0; v < N; ++v) acc[k][i][v] += w * loadu<V, T>(s + i * pitch + v * W);
+    }
+  }
+  for (; j < row.nnz; ++j) {
     const V w = broadcast<V, T>(row.val[j]);
     const T* s = base + tap[row.col[j]];
     for (int i = 0; i < RPT; ++i)
-      for (int v = 0; v < N; ++v) acc[i][v] += w * loadu<V, T>(s + i * pitch + v * W);
+      for (int v = 0; v < N; ++v) acc[K - 1][i][v] += w * loadu<V, T>(s + i * pitch + v * W);
   }
+  for (int k = 1; k < K; ++k)
+    for (int i = 0; i < RPT; ++i)
+      for (int v = 0; v < N; ++v) acc[0][i][v] += acc[k][i][v];
   if (acc_out) {
     for (int i = 0; i < RPT; ++i)
-      for (int v = 0; v < N; ++v) std::memcpy(acc_out + i * RW + v * W, &acc[i][v], sizeof(V));
+      for (int v = 0; v < N; ++v) std::memcpy(acc_out + i * RW + v * W, &acc[0][i][v], sizeof(V));
     return;
   }
   const V init = broadcast<V, T>(row.init);
@@ -177,7 +194,7 @@ inline void tile_rows(const Row<T>& row, const int64_t* tap, int64_t src, int64_
   const T* res = row.res ? row.res + dst : nullptr;
   for (int i = 0; i < RPT; ++i)
     for (int v = 0; v < N; ++v) {
-      V y = acc[i][v] + init;
+      V y = acc[0][i][v] + init;
       const int64_t o = i * RW + v * W;
       if (res) y += loadu<V, T>(res + o);
       if (relu) y = y < V{} ? V{} : y;  // NaN stays NaN
