@@ -21,7 +21,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 __all__ = ["main", "build_parser"]
 
@@ -572,8 +572,6 @@ def _download(datasets: Sequence[str], data_dir) -> None:
 
 def _cmd_run(args, parser) -> int:
     from .bench.presets import get_preset
-    from .data.datasets import available_datasets
-    from .models import available_models
 
     preset = get_preset(args.preset).with_overrides(base_epochs=args.base_epochs, aa_samples=args.aa_samples,
                                                     fmn_samples=args.fmn_samples, device=args.device,

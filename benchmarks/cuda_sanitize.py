@@ -20,7 +20,6 @@ import argparse
 import sys
 
 import torch
-import torch.nn.functional as F
 
 from apb_sparse import ops
 

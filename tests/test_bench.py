@@ -5,7 +5,6 @@ Everything runs on CPU on tiny models; the one real run (``test_run_resumes_...`
 """
 from __future__ import annotations
 
-import copy
 import csv
 import io
 import json
@@ -19,7 +18,7 @@ import apb_sparse
 from apb_sparse.bench.checkpoint import (load_checkpoint, load_dense_model, read_state_dict, save_checkpoint,
                                          state_dict_bytes)
 from apb_sparse.bench.leaderboard import leaderboard_rows, to_csv, to_html, to_markdown, write_leaderboard
-from apb_sparse.bench.presets import PRESETS, Preset, get_preset
+from apb_sparse.bench.presets import Preset, get_preset
 from apb_sparse.bench.results import ResultsStore, cell_key, read_records
 from apb_sparse.models import get_model
 
@@ -144,7 +143,7 @@ def test_leaderboard_repeats_dense_row_per_structure_and_shows_gpu():
 
 def test_write_leaderboard_files_and_plots(tmp_path):
     recs = [_record("dense", 0.0), _record("hydra", 0.5), _record("hydra", 0.9)]
-    files = write_leaderboard(recs, tmp_path)
+    write_leaderboard(recs, tmp_path)
     for kind in ("markdown", "csv", "html"):
         assert (tmp_path / f"leaderboard.{ {'markdown': 'md'}.get(kind, kind)}").is_file()
     pngs = sorted(p.name for p in (tmp_path / "plots").glob("*.png"))

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from apb_sparse import apply_masks, magnitude_masks, ops, sparsify
-from apb_sparse.fuse import fold_batchnorm, fuse_activations, fused_conv_add
+from apb_sparse.fuse import fold_batchnorm
 from apb_sparse.models import get_model
 from apb_sparse.nn import SparseConv2d
 

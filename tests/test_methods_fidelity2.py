@@ -20,7 +20,7 @@ from apb_sparse.methods.mad import MAD, kfac_damage
 from apb_sparse.methods.pwoa import PwoA, hidden_modules
 from apb_sparse.methods.radmm import admm_phase_epochs, admm_schedule
 from apb_sparse.methods.rst import RST
-from apb_sparse.nn import MaskedConv2d, MaskedLinear, masked_layers, to_masked
+from apb_sparse.nn import MaskedLinear, masked_layers, to_masked
 
 # The quick preset's recipe shape: digits at batch 128 (12 steps per epoch), prune_epochs=1.
 QUICK = methods.Recipe(arch="small_cnn", dataset="digits", eps=0.1, steps=2, pretrain_epochs=0,

@@ -6,8 +6,6 @@ cells of a 4-channel small_cnn on 128 training digits. Skipped when Ray is not i
 """
 from __future__ import annotations
 
-import collections
-import json
 import os
 import re
 import signal

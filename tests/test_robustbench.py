@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from apb_sparse.bench.checkpoint import load_dense_model
 from apb_sparse.cli import main
 from apb_sparse.models import adapt_state_dict, get_model
-from apb_sparse.models.robustbench import RobustBenchPreActResNet, RobustBenchWideResNet
+from apb_sparse.models.robustbench import RobustBenchWideResNet
 
 BN = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 

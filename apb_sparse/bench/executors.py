@@ -33,9 +33,9 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 __all__ = ["Task", "Outcome", "Executor", "LocalExecutor", "RayExecutor", "SlurmExecutor", "make_executor",
            "EXECUTORS", "default_executor", "ray_available", "submitit_available", "connect_ray",

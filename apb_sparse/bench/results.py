@@ -14,7 +14,7 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Tuple, Union
 
 __all__ = ["KEY_FIELDS", "cell_key", "cell_id", "ResultsStore", "read_records", "atomic_write_bytes",
            "atomic_write_text"]

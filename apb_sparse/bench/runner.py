@@ -46,8 +46,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import load_checkpoint, save_checkpoint, save_state_dict, state_dict_bytes
-from .presets import STRUCTURES, Preset
+from .checkpoint import load_checkpoint, save_checkpoint, state_dict_bytes
+from .presets import Preset
 from .results import ResultsStore, atomic_write_text, cell_id, cell_key
 
 __all__ = ["DENSE", "DENSE_BASE", "REFERENCES", "resolve_device", "load_data", "build_model", "make_recipe", "get_base_model",
@@ -924,9 +924,8 @@ def run_benchmark(preset: Preset, out_dir, *, methods: Sequence[str], structures
     """
     from tqdm.auto import tqdm
 
-    from .. import methods as registry
     from . import environment
-    from .executors import Executor, Task, make_executor
+    from .executors import Executor, make_executor
     from .leaderboard import write_leaderboard
 
     t_start = time.perf_counter()
