@@ -214,6 +214,19 @@ def test_deploy_refuses_training_mode_and_hooks_with_clear_errors():
         deploy(d, _x())
 
 
+def test_deploy_check_compares_non_finite_outputs_position_by_position():
+    from apb_sparse.convert.deploy import _check_close
+
+    want = torch.tensor([1.0, float("nan"), float("inf"), -float("inf")])
+    _check_close(want, want.clone())  # NaN equals NaN, an infinity the same infinity
+    for bad in (torch.tensor([1.0, 0.0, float("inf"), -float("inf")]),
+                torch.tensor([1.0, float("nan"), -float("inf"), -float("inf")]),
+                torch.tensor([1.1, float("nan"), float("inf"), -float("inf")])):
+        with pytest.raises(RuntimeError, match="differs from the model"):
+            _check_close(want, bad)
+    _check_close(want.double(), want.double() + 1e-12)  # float64 compared in float64
+
+
 def test_deploy_copies_and_pickles(tmp_path):
     m, x = _net(), _x()
     d = deploy(m, x)

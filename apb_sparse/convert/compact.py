@@ -141,7 +141,8 @@ class _Graph:
                 self.space[node] = uf.new()
                 self.producers.append((node.target, self.space[node]))
                 return
-            if src is not None and len(args) == 1 and _zero_preserving(batchnorm_tail(mod) or nn.Sigmoid()):
+            tail = batchnorm_tail(mod)
+            if src is not None and len(args) == 1 and tail is not None and _zero_preserving(tail):
                 # BatchNorm2d, or BatchNorm + a zero-preserving activation (timm's BatchNormAct2d)
                 self.space[node] = src
                 self.batchnorms.append((node.target, src))

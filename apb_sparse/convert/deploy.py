@@ -127,14 +127,17 @@ def _check_close(want, got, where: str = "output") -> None:
     if isinstance(want, Tensor):
         if not isinstance(got, Tensor) or want.shape != got.shape:
             raise RuntimeError(f"deploy: the snapshot's {where} has another type or shape than the model's")
-        w, g = want.detach().float(), got.detach().float()
-        scale = max(1.0, float(w.abs().nan_to_num(0).max())) if w.numel() else 1.0
-        diff = float((w - g).abs().nan_to_num(float("inf")).max()) if w.numel() else 0.0
-        bad_nan = not torch.equal(w.isnan(), g.isnan())
+        dtype = torch.float64 if want.dtype == torch.float64 else torch.float32
+        w, g = want.detach().to(dtype), got.detach().to(dtype)
+        finite = w.isfinite()
+        scale = max(1.0, float(w[finite].abs().max())) if finite.any() else 1.0
         tol = {torch.float64: 1e-9, torch.float32: 1e-3}.get(want.dtype, 2e-2) * scale
-        if bad_nan or (diff > tol and not (w.isnan().all())):
-            raise RuntimeError(f"deploy: the snapshot's {where} differs from the model's by {diff:.3g} "
-                               f"(tolerance {tol:.3g}); please report this model")
+        # isclose: NaN only equals NaN, an infinity only the same infinity
+        if not bool(torch.isclose(w, g, rtol=0.0, atol=tol, equal_nan=True).all()):
+            diff = float((w - g)[finite].abs().max()) if finite.any() else float("nan")
+            raise RuntimeError(f"deploy: the snapshot's {where} differs from the model's (max difference {diff:.3g} "
+                               f"over finite outputs, tolerance {tol:.3g}, or non-finite values moved); "
+                               "please report this model")
     elif isinstance(want, (tuple, list)):
         if not isinstance(got, (tuple, list)) or len(got) != len(want):
             raise RuntimeError(f"deploy: the snapshot's {where} has another structure than the model's")

@@ -46,31 +46,37 @@ ZERO_PRESERVING = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.SiLU, nn.GELU, nn.Tanh, n
                    nn.Identity, nn.Dropout, nn.Dropout2d)
 
 
+def _known_batchnorm(m: nn.Module) -> bool:
+    """A BatchNorm2d whose forward we know: BatchNorm2d's own, or timm's ``BatchNormAct2d``
+    layout (batch_norm, then ``self.drop``, then ``self.act``)."""
+    if not isinstance(m, nn.BatchNorm2d):
+        return False
+    forward = type(m).forward
+    if forward is nn.BatchNorm2d.forward or forward is nn.modules.batchnorm._BatchNorm.forward:
+        return True
+    return type(m).__name__.endswith("BatchNormAct2d") and isinstance(getattr(m, "drop", None), nn.Module) \
+        and isinstance(getattr(m, "act", None), nn.Module)
+
+
 def batchnorm_tail(bn: nn.Module) -> Optional[nn.Module]:
     """What stays of a BatchNorm2d module once its normalisation is folded into a conv, or None
     when it is not a BatchNorm2d whose forward we know.
 
-    ``nn.BatchNorm2d`` (or a subclass that keeps its forward) leaves ``nn.Identity()``.  A
-    BatchNorm + activation module in timm's ``BatchNormAct2d`` layout (a subclass whose forward is
-    batch_norm, then ``self.drop``, then ``self.act``) leaves its ``drop`` and ``act`` modules.
+    ``nn.BatchNorm2d`` (or a subclass that keeps its forward) leaves ``nn.Identity()``; a module in
+    timm's ``BatchNormAct2d`` layout leaves its ``drop`` and ``act`` modules.
     """
-    if not isinstance(bn, nn.BatchNorm2d):
+    if not _known_batchnorm(bn):
         return None
-    forward = type(bn).forward
-    if forward is nn.BatchNorm2d.forward or forward is nn.modules.batchnorm._BatchNorm.forward:
-        return nn.Identity()
-    drop, act = getattr(bn, "drop", None), getattr(bn, "act", None)
-    if type(bn).__name__.endswith("BatchNormAct2d") and isinstance(drop, nn.Module) and isinstance(act, nn.Module):
-        mods = [m for m in (drop, act) if type(m) is not nn.Identity]
-        return mods[0] if len(mods) == 1 else (nn.Sequential(*mods) if mods else nn.Identity())
-    return None
+    mods = [m for m in (getattr(bn, "drop", None), getattr(bn, "act", None))
+            if isinstance(m, nn.Module) and type(m) is not nn.Identity]
+    return mods[0] if len(mods) == 1 else (nn.Sequential(*mods) if mods else nn.Identity())
 
 
 class _Tracer(fx.Tracer):
     """Keeps apb_sparse layers and BatchNorm2d subclasses (timm's BatchNormAct2d) as leaves."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, _LEAVES) or batchnorm_tail(m) is not None or super().is_leaf_module(m, qualname)
+        return isinstance(m, _LEAVES) or _known_batchnorm(m) or super().is_leaf_module(m, qualname)
 
 
 def trace(model: nn.Module) -> fx.GraphModule:
@@ -141,7 +147,7 @@ def fold_batchnorm(model: nn.Module, *, inplace: bool = False) -> nn.Module:
             skipped[node.target] = f"the output of {src.target} is also used elsewhere"
         elif bn.num_features != conv.out_channels:
             skipped[node.target] = f"{bn.num_features} features, but {src.target} has {conv.out_channels} channels"
-        elif batchnorm_tail(bn) is None:
+        elif not _known_batchnorm(bn):
             skipped[node.target] = f"{type(bn).__name__} overrides BatchNorm2d.forward in a way apb_sparse does not know"
         else:
             tail = batchnorm_tail(bn)
