@@ -11,8 +11,9 @@ Sparse weights use CSR over output channels (output features for linear layers):
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -27,6 +28,7 @@ except ImportError as exc:  # pragma: no cover - only without a build
 __all__ = [
     "available", "pack_csr", "unpack_csr", "masked_conv2d", "sparse_conv2d", "sparse_linear",
     "conv_output_size", "use_portable_kernel", "use_row_tiles", "use_lanes", "check_csr",
+    "kernel_options", "kernel_config", "supported_isas",
 ]
 
 IntPair = Union[int, Sequence[int]]
@@ -44,13 +46,56 @@ def _require() -> None:
             f"(import error: {_IMPORT_ERROR})")
 
 
-def use_portable_kernel(enable: bool) -> bool:
-    """Force (``True``) or release the portable (non-AVX2) CPU kernel. Returns the previous setting.
+def kernel_options() -> Dict[str, Union[str, bool, int]]:
+    """The CPU kernel's run-time options and their current values.
 
-    Used by tests to check that the vectorised and portable paths agree.
+    ``isa`` (``"generic"``, ``"avx2"``, ``"avx512"``: the instruction set in use, capped by
+    :func:`kernel_config`), ``row_tiles``, ``channel_blocking``, ``lanes`` (layouts of the forward
+    convolution, see docs/ops.md), ``shifted_layout`` (0 off, 1 auto, 2 wherever possible) and
+    ``min_parallel_work`` (smallest op call split across threads).  Every option only changes speed,
+    never results: tests and benchmarks switch them to compare the paths.
     """
     _require()
-    return bool(_C._set_force_generic(bool(enable)))
+    return {name: _C._kernel_option(name) for name in _C._kernel_option()}
+
+
+def supported_isas() -> List[str]:
+    """Instruction sets of the CPU kernel this machine can run, lowest first."""
+    _require()
+    return list(_C._supported_isas())
+
+
+@contextlib.contextmanager
+def kernel_config(**options: Union[str, bool, int]) -> Iterator[Dict[str, Union[str, bool, int]]]:
+    """Context manager that sets CPU kernel options (see :func:`kernel_options`) and restores them.
+
+    ``with kernel_config(isa="generic", lanes=False): ...``.  An unknown option, a wrong type or an
+    ISA this CPU lacks is an error naming the option, raised before anything is changed.  The
+    options are process-wide (not per thread).  Yields the previous values of the options set.
+    """
+    _require()
+    known = _C._kernel_option()
+    for name in options:
+        if name not in known:
+            raise ValueError(f"unknown kernel option {name!r} (options: {', '.join(known)})")
+    previous: Dict[str, Union[str, bool, int]] = {}
+    try:
+        for name, value in options.items():
+            previous[name] = _C._kernel_option(name, value)
+        yield dict(previous)
+    finally:
+        for name, value in reversed(list(previous.items())):
+            _C._kernel_option(name, value)
+
+
+def use_portable_kernel(enable: bool) -> bool:
+    """Force (``True``) or release the portable (non-SIMD) CPU kernel. Returns the previous setting.
+
+    Prefer ``kernel_config(isa="generic")``, which restores the previous ISA cap on exit.
+    """
+    _require()
+    previous = _C._kernel_option("isa", "generic" if enable else supported_isas()[-1])
+    return previous == "generic"
 
 
 def use_row_tiles(enable: bool) -> bool:
@@ -58,10 +103,10 @@ def use_row_tiles(enable: bool) -> bool:
     output-row tiles (when the output width divides the register tile: whole output rows per tile,
     stored straight from registers) and the tap-major layout for outputs narrower than a vector
     (4x4 maps in float32). Disabled, every convolution uses the strip layout over the padded grid.
-    Returns the previous setting. Tests and benchmarks compare both.
+    Returns the previous setting; ``kernel_config(row_tiles=...)`` restores it on exit.
     """
     _require()
-    return bool(_C._set_row_tiles(bool(enable)))
+    return bool(_C._kernel_option("row_tiles", bool(enable)))
 
 
 def use_lanes(enable: bool) -> bool:
@@ -69,10 +114,10 @@ def use_lanes(enable: bool) -> bool:
     batches of at least one vector of images (8 in float32 with AVX2 units) on output maps of at
     most 64 pixels, the vector lanes hold images instead of pixels, so 4x4 and 2x2 maps waste no
     lanes and need no im2col. Disabled, those convolutions use the layouts of
-    :func:`use_row_tiles`. Returns the previous setting. Tests and benchmarks compare both.
+    :func:`use_row_tiles`. Returns the previous setting; ``kernel_config(lanes=...)`` restores it.
     """
     _require()
-    return bool(_C._set_lanes(bool(enable)))
+    return bool(_C._kernel_option("lanes", bool(enable)))
 
 
 def _pair(name: str, value: IntPair, minimum: int) -> List[int]:

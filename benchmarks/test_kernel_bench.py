@@ -18,13 +18,13 @@ import torch.nn.functional as F
 import apb_sparse
 from apb_sparse import ops
 
-C = pytest.importorskip("apb_sparse._C")
+pytest.importorskip("apb_sparse._C")
 
 # (channels, map size, out channels, stride): the 3x3 convolutions of CIFAR ResNet-18.
 LAYERS = [(64, 32, 64, 1), (128, 16, 128, 1), (256, 8, 256, 1), (512, 4, 512, 1), (128, 16, 256, 2)]
 SPARSITIES = [0.9, 0.95, 0.99]
 BATCHES = [1, 32]
-VARIANTS = ["dense", "sparse"] + [f"sparse_{isa}" for isa in C._supported_isas()[:-1]] + ["sparse_noblock"]
+VARIANTS = ["dense", "sparse"] + [f"sparse_{isa}" for isa in ops.supported_isas()[:-1]] + ["sparse_noblock"]
 
 
 def _disabled(config) -> bool:
@@ -43,19 +43,13 @@ def _configured(variant, fn):
         isa = variant[len("sparse_"):]
 
         def call():
-            prev = C._set_max_isa(isa)
-            try:
+            with ops.kernel_config(isa=isa):
                 return fn()
-            finally:
-                C._set_max_isa(prev)
         return call
     if variant == "sparse_noblock":
         def call():
-            prev = C._set_channel_blocking(False)
-            try:
+            with ops.kernel_config(channel_blocking=False):
                 return fn()
-            finally:
-                C._set_channel_blocking(prev)
         return call
     return fn
 
@@ -83,7 +77,7 @@ def test_conv_layer(benchmark, request, layer, batch, sparsity, variant):
     ref = F.conv2d(x, w, b, stride, 1)
     torch.testing.assert_close(fn(), ref, rtol=1e-4, atol=1e-4)  # correctness before timing
     benchmark.group = f"conv {c}->{o} {hw}x{hw} s{stride} b{batch} sparsity {sparsity}"
-    benchmark.extra_info.update(isa=C._cpu_isa(), threads=torch.get_num_threads(),
+    benchmark.extra_info.update(isa=ops.kernel_options()["isa"], threads=torch.get_num_threads(),
                                 dense_macs=batch * o * c * 9 * ((hw + stride - 1) // stride) ** 2,
                                 nonzeros=int(v.numel()))
     with torch.inference_mode():
@@ -112,6 +106,6 @@ def test_resnet18(benchmark, request, batch, mask, variant):
             ref = masked(x)
             torch.testing.assert_close(model(x), ref, rtol=1e-3, atol=1e-3 * max(1.0, ref.abs().max().item()))
     benchmark.group = f"resnet18 b{batch} {mask}"
-    benchmark.extra_info.update(isa=C._cpu_isa(), threads=torch.get_num_threads())
+    benchmark.extra_info.update(isa=ops.kernel_options()["isa"], threads=torch.get_num_threads())
     with torch.inference_mode():
         benchmark(_configured(variant, lambda: model(x)))

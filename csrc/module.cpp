@@ -1,5 +1,5 @@
 // The Python module apb_sparse._C: importing it loads the shared library, which registers the
-// ops with the dispatcher.  It also exposes a few build facts and the kernel ISA switch.
+// ops with the dispatcher.  It also exposes the build facts and the kernel's run-time options (one entry point).
 #include <Python.h>
 
 #include <cstring>
@@ -8,58 +8,113 @@
 
 namespace {
 
-PyObject* set_force_generic(PyObject*, PyObject* arg) {
-  const int force = PyObject_IsTrue(arg);
-  if (force < 0) return nullptr;
-  return PyBool_FromLong(apb_sparse::kernel::set_force_generic(force != 0));
+using namespace apb_sparse::kernel;
+
+/// Names of the kernel's run-time options, in the order `_kernel_option()` lists them.
+const char* const kOptions[] = {"isa", "row_tiles", "channel_blocking", "lanes", "shifted_layout",
+                                "min_parallel_work"};
+
+PyObject* option_value(const char* name) {
+  if (std::strcmp(name, "isa") == 0) return PyUnicode_FromString(isa_name(active_isa()));
+  if (std::strcmp(name, "row_tiles") == 0) return PyBool_FromLong(row_tiles_enabled());
+  if (std::strcmp(name, "channel_blocking") == 0) return PyBool_FromLong(channel_blocking_enabled());
+  if (std::strcmp(name, "lanes") == 0) return PyBool_FromLong(lanes_enabled());
+  if (std::strcmp(name, "shifted_layout") == 0) return PyLong_FromLong(shifted_layout());
+  return PyLong_FromLongLong(min_parallel_work());
 }
 
-PyObject* has_avx2(PyObject*, PyObject*) { return PyBool_FromLong(apb_sparse::kernel::cpu_has_avx2_fma()); }
-
-PyObject* set_row_tiles(PyObject*, PyObject* arg) {
-  const int enable = PyObject_IsTrue(arg);
-  if (enable < 0) return nullptr;
-  return PyBool_FromLong(apb_sparse::kernel::set_row_tiles(enable != 0));
+/// Parses a bool option value: True / False only (an int 0/1 would hide a mistyped call).
+int parse_bool(const char* name, PyObject* value) {
+  if (!PyBool_Check(value)) {
+    PyErr_Format(PyExc_TypeError, "kernel option '%s' takes True or False", name);
+    return -1;
+  }
+  return value == Py_True;
 }
 
-PyObject* set_channel_blocking(PyObject*, PyObject* arg) {
-  const int enable = PyObject_IsTrue(arg);
-  if (enable < 0) return nullptr;
-  return PyBool_FromLong(apb_sparse::kernel::set_channel_blocking(enable != 0));
+/// Sets option `name`; returns its previous value (new reference) or nullptr with an error set.
+PyObject* set_option(const char* name, PyObject* value) {
+  if (std::strcmp(name, "isa") == 0) {
+    const char* isa_str = PyUnicode_Check(value) ? PyUnicode_AsUTF8(value) : nullptr;
+    if (isa_str == nullptr) {
+      PyErr_SetString(PyExc_TypeError, "kernel option 'isa' must be a str: 'generic', 'avx2' or 'avx512'");
+      return nullptr;
+    }
+    int isa = -1;
+    for (int i = kGeneric; i <= kAvx512; ++i)
+      if (std::strcmp(isa_str, isa_name(Isa(i))) == 0) isa = i;
+    if (isa < 0) {
+      PyErr_Format(PyExc_ValueError, "kernel option 'isa' must be 'generic', 'avx2' or 'avx512', got '%s'", isa_str);
+      return nullptr;
+    }
+    if (isa > best_isa()) {
+      // Forcing an ISA the CPU lacks would silently test another path.
+      PyErr_Format(PyExc_ValueError, "kernel option 'isa': '%s' is not supported by this CPU (best: '%s')", isa_str,
+                   isa_name(best_isa()));
+      return nullptr;
+    }
+    return PyUnicode_FromString(isa_name(set_max_isa(Isa(isa))));
+  }
+  if (std::strcmp(name, "shifted_layout") == 0 || std::strcmp(name, "min_parallel_work") == 0) {
+    if (PyBool_Check(value) || !PyLong_Check(value)) {
+      PyErr_Format(PyExc_TypeError, "kernel option '%s' takes an int", name);
+      return nullptr;
+    }
+    const long long v = PyLong_AsLongLong(value);
+    if (v == -1 && PyErr_Occurred()) return nullptr;
+    if (name[0] == 's') {
+      if (v < 0 || v > 2) {
+        PyErr_SetString(PyExc_ValueError, "kernel option 'shifted_layout' must be 0 (off), 1 (auto) or 2 (always)");
+        return nullptr;
+      }
+      return PyLong_FromLong(set_shifted_layout(int(v)));
+    }
+    if (v < 0) {
+      PyErr_SetString(PyExc_ValueError, "kernel option 'min_parallel_work' must be >= 0");
+      return nullptr;
+    }
+    return PyLong_FromLongLong(set_min_parallel_work(v));
+  }
+  const int on = parse_bool(name, value);
+  if (on < 0) return nullptr;
+  if (std::strcmp(name, "row_tiles") == 0) return PyBool_FromLong(set_row_tiles(on));
+  if (std::strcmp(name, "channel_blocking") == 0) return PyBool_FromLong(set_channel_blocking(on));
+  return PyBool_FromLong(set_lanes(on));
 }
 
-PyObject* set_lanes(PyObject*, PyObject* arg) {
-  const int enable = PyObject_IsTrue(arg);
-  if (enable < 0) return nullptr;
-  return PyBool_FromLong(apb_sparse::kernel::set_lanes(enable != 0));
-}
-
-PyObject* set_shifted_layout(PyObject*, PyObject* arg) {
-  const long mode = PyLong_AsLong(arg);
-  if (mode == -1 && PyErr_Occurred()) return nullptr;
-  if (mode < 0 || mode > 2) {
-    PyErr_SetString(PyExc_ValueError, "mode must be 0 (off), 1 (auto) or 2 (always)");
+/// _kernel_option(name[, value]): the option's current value; with a value, sets it and returns the
+/// previous one.  _kernel_option() lists the option names.
+PyObject* kernel_option(PyObject*, PyObject* args) {
+  const char* name = nullptr;
+  PyObject* value = nullptr;
+  if (!PyArg_ParseTuple(args, "|sO:_kernel_option", &name, &value)) return nullptr;
+  if (name == nullptr) {
+    const Py_ssize_t n = sizeof(kOptions) / sizeof(kOptions[0]);
+    PyObject* names = PyTuple_New(n);
+    if (names == nullptr) return nullptr;
+    for (Py_ssize_t i = 0; i < n; ++i) {
+      PyObject* s = PyUnicode_FromString(kOptions[i]);
+      if (s == nullptr) {
+        Py_DECREF(names);
+        return nullptr;
+      }
+      PyTuple_SET_ITEM(names, i, s);
+    }
+    return names;
+  }
+  bool known = false;
+  for (const char* o : kOptions) known = known || std::strcmp(name, o) == 0;
+  if (!known) {
+    PyErr_Format(PyExc_ValueError,
+                 "unknown kernel option '%s' (options: isa, row_tiles, channel_blocking, lanes, shifted_layout, "
+                 "min_parallel_work)",
+                 name);
     return nullptr;
   }
-  return PyLong_FromLong(apb_sparse::kernel::set_shifted_layout(int(mode)));
-}
-
-PyObject* set_min_parallel_work(PyObject*, PyObject* arg) {
-  const long long work = PyLong_AsLongLong(arg);
-  if (work == -1 && PyErr_Occurred()) return nullptr;
-  if (work < 0) {
-    PyErr_SetString(PyExc_ValueError, "work must be >= 0");
-    return nullptr;
-  }
-  return PyLong_FromLongLong(apb_sparse::kernel::set_min_parallel_work(work));
-}
-
-PyObject* cpu_isa(PyObject*, PyObject*) {
-  return PyUnicode_FromString(apb_sparse::kernel::isa_name(apb_sparse::kernel::active_isa()));
+  return value == nullptr ? option_value(name) : set_option(name, value);
 }
 
 PyObject* supported_isas(PyObject*, PyObject*) {
-  using namespace apb_sparse::kernel;
   PyObject* list = PyList_New(0);
   if (list == nullptr) return nullptr;
   for (int i = kGeneric; i <= best_isa(); ++i) {
@@ -74,53 +129,11 @@ PyObject* supported_isas(PyObject*, PyObject*) {
   return list;
 }
 
-/// Caps the kernel ISA at the one named ("generic", "avx2", "avx512"); returns the previous cap's
-/// name.  Naming an ISA this CPU lacks is a ValueError (a test forcing it would silently test
-/// another path).
-PyObject* set_max_isa(PyObject*, PyObject* arg) {
-  using namespace apb_sparse::kernel;
-  const char* name = PyUnicode_Check(arg) ? PyUnicode_AsUTF8(arg) : nullptr;
-  if (name == nullptr) {
-    PyErr_SetString(PyExc_TypeError, "isa must be a str: 'generic', 'avx2' or 'avx512'");
-    return nullptr;
-  }
-  int isa = -1;
-  for (int i = kGeneric; i <= kAvx512; ++i)
-    if (std::strcmp(name, isa_name(Isa(i))) == 0) isa = i;
-  if (isa < 0) {
-    PyErr_Format(PyExc_ValueError, "isa must be 'generic', 'avx2' or 'avx512', got '%s'", name);
-    return nullptr;
-  }
-  if (isa > best_isa()) {
-    PyErr_Format(PyExc_ValueError, "isa '%s' is not supported by this CPU (best: '%s')", name,
-                 isa_name(best_isa()));
-    return nullptr;
-  }
-  return PyUnicode_FromString(isa_name(set_max_isa(Isa(isa))));
-}
-
 PyMethodDef methods[] = {
-    {"_set_channel_blocking", set_channel_blocking, METH_O,
-     "Enable (True) or disable (False) input-channel (L1) blocking of forward convolutions; returns the previous "
-     "setting."},
-    {"_cpu_isa", cpu_isa, METH_NOARGS, "Name of the ISA the CPU kernel uses now ('generic', 'avx2', 'avx512')."},
+    {"_kernel_option", kernel_option, METH_VARARGS,
+     "_kernel_option(name[, value]): read a run-time option of the CPU kernel, or set it and get the previous "
+     "value; without arguments, the option names. Use apb_sparse.ops.kernel_options() instead."},
     {"_supported_isas", supported_isas, METH_NOARGS, "ISAs of the CPU kernel this machine can run, lowest first."},
-    {"_set_max_isa", set_max_isa, METH_O,
-     "Cap the CPU kernel's ISA ('generic', 'avx2', 'avx512'); returns the previous cap. Tests force each path."},
-    {"_set_min_parallel_work", set_min_parallel_work, METH_O,
-     "Smallest work (multiply-adds + elements copied) of one CPU op call split across threads; returns the "
-     "previous value."},
-    {"_set_lanes", set_lanes, METH_O,
-     "Enable (True) or disable (False) the images-in-lanes layout of forward convolutions on small maps; returns "
-     "the previous setting."},
-    {"_set_shifted_layout", set_shifted_layout, METH_O,
-     "Mode of the kw-shifted (vector-aligned) input layout of unit-stride forward convolutions: 0 off, 1 auto "
-     "(default), 2 wherever the geometry allows; returns the previous mode."},
-    {"_set_row_tiles", set_row_tiles, METH_O,
-     "Enable (True) or disable (False) the output-row tiles of forward convolutions; returns the previous setting."},
-    {"_set_force_generic", set_force_generic, METH_O,
-     "Force (True) or release (False) the portable CPU kernel; returns the previous setting."},
-    {"_has_avx2", has_avx2, METH_NOARGS, "True if the AVX2+FMA CPU kernel is used on this machine."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "apb_sparse compiled ops", -1, methods};

@@ -117,11 +117,8 @@ def _compare(layer_fn, ref_fn, x, dtype, extra=()):
 @given(conv_cases())
 def test_fuzz_conv_layers(case):
     COUNTS["conv"] += 1
-    prev = ops._C._set_shifted_layout(case["shifted"])
-    try:
+    with ops.kernel_config(shifted_layout=case["shifted"]):
         _fuzz_conv_layer(case)
-    finally:
-        ops._C._set_shifted_layout(prev)
 
 
 def _fuzz_conv_layer(case):

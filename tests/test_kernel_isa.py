@@ -13,54 +13,82 @@ import torch.nn.functional as F
 
 from apb_sparse import ops
 
-C = pytest.importorskip("apb_sparse._C")
-ISAS = C._supported_isas()
+pytest.importorskip("apb_sparse._C")
+ISAS = ops.supported_isas()
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-4, atol=1e-4)}
 
 
-@contextlib.contextmanager
 def kernel_config(isa, blocking=True, row_tiles=True):
-    prev_isa = C._set_max_isa(isa)
-    prev_blocking = C._set_channel_blocking(blocking)
-    prev_tiles = ops.use_row_tiles(row_tiles)
+    return ops.kernel_config(isa=isa, channel_blocking=blocking, row_tiles=row_tiles)
+
+
+@contextlib.contextmanager
+def _threads(n):
+    """n threads, and every call split across them however small (min_parallel_work=0)."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(n)
     try:
-        yield
+        with ops.kernel_config(min_parallel_work=0):
+            yield
     finally:
-        C._set_max_isa(prev_isa)
-        C._set_channel_blocking(prev_blocking)
-        ops.use_row_tiles(prev_tiles)
+        torch.set_num_threads(prev)
+
+
+def _isa():
+    return ops.kernel_options()["isa"]
 
 
 def test_isa_query_and_force():
     assert ISAS[0] == "generic" and ISAS == sorted(ISAS, key=["generic", "avx2", "avx512"].index)
-    best = C._cpu_isa()
+    best = _isa()
     assert best == ISAS[-1]
-    assert C._has_avx2() == ("avx2" in ISAS)
     for isa in ISAS:
-        prev = C._set_max_isa(isa)
-        try:
-            assert C._cpu_isa() == isa
-        finally:
-            C._set_max_isa(prev)
-    assert C._cpu_isa() == best
-    # The old switch still works and maps onto the cap.
-    prev = C._set_force_generic(True)
+        with ops.kernel_config(isa=isa) as prev:
+            assert _isa() == isa and prev == {"isa": best}
+    assert _isa() == best
+    # The public switch maps onto the cap.
+    prev = ops.use_portable_kernel(True)
     try:
-        assert C._cpu_isa() == "generic"
+        assert _isa() == "generic" and ops.use_portable_kernel(True) is True
     finally:
-        C._set_force_generic(prev)
-    assert C._cpu_isa() == best
+        ops.use_portable_kernel(prev)
+    assert _isa() == best
 
 
-def test_isa_force_rejects_bad_names():
-    with pytest.raises(ValueError, match="isa must be"):
-        C._set_max_isa("sse9")
-    with pytest.raises(TypeError, match="isa must be a str"):
-        C._set_max_isa(2)
+def test_kernel_options_list_and_restore():
+    before = ops.kernel_options()
+    assert set(before) == {"isa", "row_tiles", "channel_blocking", "lanes", "shifted_layout", "min_parallel_work"}
+    flipped = dict(row_tiles=not before["row_tiles"], channel_blocking=not before["channel_blocking"],
+                   lanes=not before["lanes"], shifted_layout=(before["shifted_layout"] + 1) % 3,
+                   min_parallel_work=before["min_parallel_work"] + 7, isa=ISAS[0])
+    with ops.kernel_config(**flipped):
+        assert ops.kernel_options() == flipped
+    assert ops.kernel_options() == before
+    # Restored on an exception raised inside the block, too.
+    with pytest.raises(KeyError):
+        with ops.kernel_config(lanes=not before["lanes"]):
+            raise KeyError("inside")
+    assert ops.kernel_options() == before
+
+
+def test_kernel_config_rejects_bad_options():
+    before = ops.kernel_options()
+    for kwargs, err, match in [(dict(isa="sse9"), ValueError, "isa' must be"),
+                               (dict(isa=2), TypeError, "isa' must be a str"),
+                               (dict(lanes=1), TypeError, "'lanes' takes True or False"),
+                               (dict(shifted_layout=3), ValueError, "shifted_layout"),
+                               (dict(shifted_layout=True), TypeError, "shifted_layout' takes an int"),
+                               (dict(min_parallel_work=-1), ValueError, "min_parallel_work' must be >= 0"),
+                               (dict(tiles=True), ValueError, "unknown kernel option 'tiles'")]:
+        with pytest.raises(err, match=match):
+            with ops.kernel_config(row_tiles=not before["row_tiles"], **kwargs):
+                pass
+        assert ops.kernel_options() == before, kwargs
     if "avx512" not in ISAS:
         with pytest.raises(ValueError, match="not supported"):
-            C._set_max_isa("avx512")
-    assert C._cpu_isa() == ISAS[-1]
+            with ops.kernel_config(isa="avx512"):
+                pass
+    assert ops.kernel_options() == before
 
 
 def _sparse_weight(o, cg, k, sparsity, dtype, seed=0):
@@ -165,9 +193,7 @@ def test_stride2_grid_fill_every_width_and_padding(threads):
     """The stride-2 phase grid is filled two column phases per pass (one contiguous read per input
     row); odd and even widths, paddings 0-3, stride (1, 2) and (2, 2), dilation, 1x1 and 3x3 / 5x5
     kernels, channels-last inputs (strided fallback), and fills split across threads."""
-    prev_threads, prev_work = torch.get_num_threads(), C._set_min_parallel_work(0)
-    torch.set_num_threads(threads)
-    try:
+    with _threads(threads):
         torch.manual_seed(6)
         for n, c, h, w_, k, stride, pad, dil in [(1, 5, 9, 11, 3, 2, 1, 1), (3, 4, 8, 8, 3, (2, 2), 0, 1),
                                                   (2, 6, 7, 10, 5, (1, 2), 2, 1), (1, 3, 12, 13, 3, 2, 3, 2),
@@ -179,31 +205,21 @@ def test_stride2_grid_fill_every_width_and_padding(threads):
             for inp in (x, x.to(memory_format=torch.channels_last)):
                 got = ops.sparse_conv2d(inp, v, rp, ci, wt.shape, None, stride, pad, dil)
                 torch.testing.assert_close(got, ref, **TOL[torch.float32])
-    finally:
-        torch.set_num_threads(prev_threads)
-        C._set_min_parallel_work(prev_work)
 
 
-@contextlib.contextmanager
 def shifted_layout(mode):
-    prev = C._set_shifted_layout(mode)
-    try:
-        yield
-    finally:
-        C._set_shifted_layout(prev)
+    return ops.kernel_config(shifted_layout=mode)
 
 
 def test_shifted_layout_switch():
-    prev = C._set_shifted_layout(2)
-    try:
-        assert C._set_shifted_layout(0) == 2
-        assert C._set_shifted_layout(1) == 0
+    with ops.kernel_config(shifted_layout=2):
+        with ops.kernel_config(shifted_layout=0) as prev:
+            assert prev == {"shifted_layout": 2} and ops.kernel_options()["shifted_layout"] == 0
         for bad in (-1, 3):
-            with pytest.raises(ValueError, match="mode"):
-                C._set_shifted_layout(bad)
-        assert C._set_shifted_layout(1) == 1
-    finally:
-        C._set_shifted_layout(prev)
+            with pytest.raises(ValueError, match="0 \\(off\\), 1 \\(auto\\) or 2"):
+                with ops.kernel_config(shifted_layout=bad):
+                    pass
+        assert ops.kernel_options()["shifted_layout"] == 2
 
 
 # (batch, channels, height, width, out channels, kernel (kh, kw), padding, dilation, groups, sparsity):
@@ -255,9 +271,7 @@ def test_shifted_layout_every_isa(isa, dtype, case):
 def test_shifted_layout_threads(threads, sparsity):
     """Every way the call is split across threads (whole chunks per thread, a private copy per
     thread, one shared copy whose fill is split at any (channel, kw) unit) gives the same result."""
-    prev_threads, prev_work = torch.get_num_threads(), C._set_min_parallel_work(0)
-    torch.set_num_threads(threads)
-    try:
+    with _threads(threads):
         torch.manual_seed(8)
         for n, c in ((1, 5), (1, 40), (3, 7), (16, 16)):
             x = torch.randn(n, c, 16, 16)
@@ -269,6 +283,3 @@ def test_shifted_layout_threads(threads, sparsity):
                 with shifted_layout(mode):
                     got = ops.sparse_conv2d(x, v, rp, ci, w.shape, b, 1, 1)
                 torch.testing.assert_close(got, ref, **TOL[torch.float32])
-    finally:
-        torch.set_num_threads(prev_threads)
-        C._set_min_parallel_work(prev_work)

@@ -4,27 +4,19 @@ Every ISA the CPU supports, lanes on and off, against torch: partial last chunks
 are not a multiple of the lane count), 1/2/4 units per position, stride, dilation, groups,
 padding 0, odd kernels, non-contiguous inputs, the fused residual + ReLU, and NaN propagation.
 """
-import contextlib
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from apb_sparse import ops
 
-C = pytest.importorskip("apb_sparse._C")
-ISAS = C._supported_isas()
+pytest.importorskip("apb_sparse._C")
+ISAS = ops.supported_isas()
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-4, atol=1e-4)}
 
 
-@contextlib.contextmanager
 def lanes(isa, enable):
-    prev_isa, prev = C._set_max_isa(isa), ops.use_lanes(enable)
-    try:
-        yield
-    finally:
-        C._set_max_isa(prev_isa)
-        ops.use_lanes(prev)
+    return ops.kernel_config(isa=isa, lanes=enable)
 
 
 def _weight(o, cg, kh, kw, sparsity, dtype, seed=0):
@@ -107,7 +99,6 @@ def test_min_parallel_work_switch_keeps_results():
     the threshold refuses negative values."""
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(2)
-    prev = C._set_min_parallel_work(0)
     try:
         torch.manual_seed(4)
         w = _weight(32, 16, 3, 3, 0.8, torch.float32)
@@ -116,19 +107,19 @@ def test_min_parallel_work_switch_keeps_results():
         lv, lrp, lci = ops.pack_csr(lw)
         outs = []
         for threshold in (0, 1 << 40):
-            C._set_min_parallel_work(threshold)
-            for n, hw in ((1, 16), (12, 4), (3, 9)):
-                x = torch.randn(n, 16, hw, hw, generator=torch.Generator().manual_seed(n))
-                outs.append(ops.sparse_conv2d(x, v, rp, ci, w.shape, None, 1, 1))
-            outs.append(ops.sparse_linear(torch.randn(5, 40, generator=torch.Generator().manual_seed(9)),
-                                          lv, lrp, lci, 40))
+            with ops.kernel_config(min_parallel_work=threshold):
+                for n, hw in ((1, 16), (12, 4), (3, 9)):
+                    x = torch.randn(n, 16, hw, hw, generator=torch.Generator().manual_seed(n))
+                    outs.append(ops.sparse_conv2d(x, v, rp, ci, w.shape, None, 1, 1))
+                outs.append(ops.sparse_linear(torch.randn(5, 40, generator=torch.Generator().manual_seed(9)),
+                                              lv, lrp, lci, 40))
         half = len(outs) // 2
         for a, b in zip(outs[:half], outs[half:]):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(outs[0], F.conv2d(torch.randn(1, 16, 16, 16, generator=torch.Generator().manual_seed(1)),
                                                      w, None, 1, 1), rtol=1e-4, atol=1e-4)
-        with pytest.raises(ValueError, match="work must be >= 0"):
-            C._set_min_parallel_work(-1)
+        with pytest.raises(ValueError, match="work' must be >= 0"):
+            with ops.kernel_config(min_parallel_work=-1):
+                pass
     finally:
-        C._set_min_parallel_work(prev)
         torch.set_num_threads(prev_threads)

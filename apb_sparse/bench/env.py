@@ -50,7 +50,7 @@ def environment() -> dict:
     }
     if ops.available():
         # The build the kernel dispatches to on this CPU (AVX-512, AVX2+FMA or portable).
-        env["apb_sparse_kernel"] = {"avx512": "avx512", "avx2": "avx2+fma"}.get(ops._C._cpu_isa(), "portable")
+        env["apb_sparse_kernel"] = {"avx512": "avx512", "avx2": "avx2+fma"}.get(ops.kernel_options()["isa"], "portable")
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name(0)
     return env

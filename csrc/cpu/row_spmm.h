@@ -170,11 +170,6 @@ Isa set_max_isa(Isa cap);
 /// Human-readable name of an ISA ("generic", "avx2", "avx512").
 const char* isa_name(Isa isa);
 
-/// Force the portable path (tests compare both paths); returns the previous setting.  Same as
-/// set_max_isa(kGeneric) / set_max_isa(kAvx512).
-bool set_force_generic(bool force);
-bool force_generic();
-
 /// Enable (default) or disable the specialised layouts of forward convolutions (output-row tiles,
 /// and the tap-major layout for narrow outputs); disabled, every convolution uses the strip
 /// layout over the phase grid.  Tests compare both; returns the previous setting.

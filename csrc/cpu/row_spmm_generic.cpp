@@ -74,9 +74,6 @@ const char* isa_name(Isa isa) {
   }
 }
 
-bool set_force_generic(bool force) { return set_max_isa(force ? kGeneric : kAvx512) == kGeneric; }
-bool force_generic() { return g_max_isa.load(std::memory_order_relaxed) == kGeneric; }
-
 static std::atomic<bool> g_row_tiles{true};
 
 bool set_row_tiles(bool enable) { return g_row_tiles.exchange(enable); }
