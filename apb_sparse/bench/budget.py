@@ -1,9 +1,12 @@
 """The optimisation budget of a model: learning-rate sums and per-phase totals."""
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any, Dict, Optional, Sequence
 
 import torch
+
+from ..train import _make_scheduler
 
 
 # ----------------------------------------------------------------------------------- budgets
@@ -11,10 +14,6 @@ def lr_sum(lr: float, steps: int, scheduler: Optional[str], schedule_steps: Opti
     """Sum of the learning rates of the first ``steps`` optimiser steps of train.py's
     ``scheduler`` (cosine, step decay, or constant) planned over ``schedule_steps`` (default:
     ``steps``; more when a phase stopped early), computed with the same torch scheduler."""
-    from types import SimpleNamespace
-
-    from ..train import _make_scheduler
-
     steps = int(steps or 0)
     if steps <= 0:
         return 0.0

@@ -13,19 +13,20 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
+from .. import densify, sparsify
+from .. import methods as registry
+from ..train import train
 from .budget import training_budget
 from .checkpoint import load_checkpoint, save_checkpoint
 from .evaluate import evaluate_model
 from .plan import DENSE, DENSE_BASE, REFERENCES, Cell
+from .prepare import _base_path, build_model, get_base_model, load_data, make_recipe, resolve_device
 from .presets import Preset
-from .setup import _base_path, build_model, get_base_model, load_data, make_recipe, resolve_device
 
 
 def _method_tags(name: str) -> Optional[Dict[str, Any]]:
     if name in REFERENCES:
         return None
-    from .. import methods as registry
-
     cls = registry.get(name)
     # The method's one-line differences from its authors' code go with its tags (leaderboard notes).
     return dict(cls.tags.as_dict(), notes=getattr(cls, "notes", "") or "", caveat=getattr(cls, "caveat", "") or "")
@@ -105,9 +106,6 @@ def run_cell(preset: Preset, cell: Cell, out_dir: str, data_dir: Optional[str] =
     for the recipe's *total* epoch budget, the budget of every method (pipeline A: base + prune +
     finetune; B/D: the same total from scratch).
     """
-    from .. import methods as registry
-    from ..train import train
-
     out = Path(out_dir)
     dev = resolve_device(device)
     log_path = out / "logs" / f"{cell.id}.log" if log_to_file else None
@@ -181,7 +179,6 @@ def run_cell(preset: Preset, cell: Cell, out_dir: str, data_dir: Optional[str] =
             torch.manual_seed(cell.seed)
             # Per-layer paths by the analytic cost model here: measuring them would be disturbed by
             # the concurrent cells; the timing phase re-chooses them by measurement.
-            from .. import densify, sparsify
             deployed = sparsify(densify(model).cpu().eval())
             measured, sparse_model = evaluate_model(model, data, preset, seed=cell.seed, device=dev,
                                                     input_shape=input_shape, latency=False,

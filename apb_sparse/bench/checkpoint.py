@@ -26,6 +26,9 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from .. import ops, sparsify
+from ..models import get_model
+from ..nn.sparse import ChannelSparseConv2d, SparseConv2d, SparseLinear
 from .results import atomic_write_bytes, atomic_write_text
 
 __all__ = ["FORMAT", "CheckpointError", "save_checkpoint", "load_checkpoint", "read_state_dict",
@@ -58,7 +61,7 @@ def _plain_tensors(state: Mapping[str, Tensor]) -> Dict[str, Tensor]:
 
 def state_dict_bytes(state: Mapping[str, Tensor]) -> int:
     """Size in bytes of ``state`` serialised as safetensors (the model-size column)."""
-    from safetensors.torch import save
+    from safetensors.torch import save  # optional ('bench' extra): imported on use
 
     return len(save(_plain_tensors(state)))
 
@@ -66,7 +69,7 @@ def state_dict_bytes(state: Mapping[str, Tensor]) -> int:
 def save_state_dict(state: Mapping[str, Tensor], path: PathLike,
                     metadata: Optional[Dict[str, str]] = None) -> Path:
     """Write a state dict as safetensors, atomically."""
-    from safetensors.torch import save
+    from safetensors.torch import save  # optional ('bench' extra): imported on use
 
     return atomic_write_bytes(path, save(_plain_tensors(state), metadata=metadata))
 
@@ -102,7 +105,7 @@ def save_checkpoint(model: nn.Module, path: PathLike, *, arch: str, num_classes:
 def _read_metadata(path: Path) -> Optional[Dict[str, str]]:
     if path.suffix != ".safetensors":
         return None
-    from safetensors import safe_open
+    from safetensors import safe_open  # optional ('bench' extra): imported on use
 
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -171,9 +174,6 @@ def load_checkpoint(path: PathLike, *, device: Union[str, torch.device] = "cpu")
         CheckpointError: (a ``ValueError``) not one of our checkpoints, unreadable, a config that
             does not describe a model, or weights that do not fit the rebuilt model.
     """
-    from .. import sparsify
-    from ..models import get_model
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
@@ -211,7 +211,7 @@ def read_state_dict(path: PathLike) -> Dict[str, Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+        from safetensors.torch import load_file  # optional ('bench' extra): imported on use
 
         _read_metadata(path)  # a bad header gets its own message
         try:
@@ -278,9 +278,6 @@ def _strict_load(model: nn.Module, state: Mapping[str, Tensor], path: PathLike) 
 def _check_sparse_buffers(model: nn.Module, path: PathLike) -> None:
     """Refuse CSR buffers that do not describe their layer's weight (a tampered file loads them
     with valid shapes; the kernels would read out of bounds or compute garbage)."""
-    from .. import ops
-    from ..nn.sparse import ChannelSparseConv2d, SparseConv2d, SparseLinear
-
     check = getattr(ops, "check_csr", None)
     for name, layer in model.named_modules():
         try:
@@ -320,8 +317,6 @@ def load_dense_model(path: PathLike, arch: str, *, num_classes: Optional[int] = 
         state: the state dict already read from ``path`` by :func:`read_state_dict` (so that a
             caller checking the file first does not read it twice); ``path`` then only names it.
     """
-    from ..models import get_model
-
     state = dict(read_state_dict(path) if state is None else state)
     g_in, g_cls = infer_io(state)
     in_channels = in_channels or g_in

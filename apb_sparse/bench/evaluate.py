@@ -10,7 +10,8 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from ..robustness import _eval_mode, _frozen, _lp_norm
+from .. import densify, sparsify, sparsity_report
+from ..robustness import _eval_mode, _frozen, _lp_norm, evaluate
 from .checkpoint import state_dict_bytes
 from .latency import measure_latency
 from .presets import Preset
@@ -45,7 +46,7 @@ def quick_autoattack(model: nn.Module, x: Tensor, y: Tensor, *, norm: str, eps: 
         ``{"attack", "clean_accuracy", "robust_accuracy", "per_attack", "robust" (per-sample
         bools as a list), "n_samples", "seconds"}``.
     """
-    from pyautoattack import AutoAttack
+    from pyautoattack import AutoAttack  # optional ('bench' extra): imported on use
 
     t0 = time.perf_counter()
     device = next(model.parameters()).device
@@ -90,8 +91,6 @@ def robustness(model: nn.Module, data, preset: Preset, *, seed: int = 0,
         ``{"clean_accuracy", "robust_accuracy", "autoattack": {...}, "min_norm": {...},
         "flags": [...]}``.
     """
-    from ..robustness import evaluate
-
     if preset.attack == "standard":
         r = evaluate(model, data, attack="autoattack", version="standard", norm=preset.norm, eps=preset.eps,
                      n_samples=preset.aa_samples, batch_size=preset.eval_batch, seed=seed, checks=False)
@@ -161,7 +160,7 @@ def evaluate_model(model: nn.Module, data, preset: Preset, *, seed: int = 0, dev
         ``(record_part, sparse_model)``: the measured sparsity, robustness, sparse/dense agreement,
         latency and sizes, and the ``apb_sparse.sparsify`` deployment model.
     """
-    from tqdm.auto import tqdm
+    from tqdm.auto import tqdm  # optional ('bench' extra): imported on use
 
     phases = ["sparsify and check"] + (["AutoAttack", "FMN min-norm + masking checks"] if robust else []) \
         + (["latency"] if latency else [])
@@ -176,8 +175,6 @@ def evaluate_model(model: nn.Module, data, preset: Preset, *, seed: int = 0, dev
 
 
 def _evaluate_model(model, data, preset, *, seed, device, input_shape, latency, robust, sparse_model, bar, phases):
-    from .. import densify, sparsify, sparsity_report
-
     def step():
         bar.update(1)
         if bar.n < len(phases):

@@ -11,12 +11,16 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from .. import methods as registry
 from .cell import run_cell, train_base
+from .env import environment
+from .executors import Executor, Task, make_executor
 from .latency import time_deployed
+from .leaderboard import write_leaderboard
 from .plan import DENSE, DENSE_BASE, Cell, plan_cells
+from .prepare import _base_path, resolve_device
 from .presets import Preset
 from .results import ResultsStore, atomic_write_text, cell_key
-from .setup import _base_path, resolve_device
 
 
 @dataclass
@@ -73,11 +77,7 @@ def run_benchmark(preset: Preset, out_dir, *, methods: Sequence[str], structures
     A cell that raises is recorded in ``OUT/failed.jsonl`` and ``OUT/errors.log`` (and runs again
     on resume); Ctrl-C keeps every finished cell.
     """
-    from tqdm.auto import tqdm
-
-    from . import environment
-    from .executors import Executor, make_executor
-    from .leaderboard import write_leaderboard
+    from tqdm.auto import tqdm  # optional ('bench' extra): imported on use
 
     t_start = time.perf_counter()
     out_dir = Path(out_dir).resolve()
@@ -149,11 +149,7 @@ def run_benchmark(preset: Preset, out_dir, *, methods: Sequence[str], structures
 def _run_cells(todo: List[Cell], preset, out_dir: Path, store: ResultsStore, summary: RunSummary, ex, *,
                config, env, dev, data_dir, progress, say) -> None:
     """Phases 1 and 2: base models, then cells (a pipeline-A cell once its base is on disk)."""
-    from tqdm.auto import tqdm
-
-    from .. import methods as registry
-    from .executors import Task
-    from .leaderboard import write_leaderboard
+    from tqdm.auto import tqdm  # optional ('bench' extra): imported on use
 
     def needs_base(c: Cell) -> bool:
         return c.method == DENSE_BASE or (c.method != DENSE and registry.get(c.method).tags.pipeline == "A")

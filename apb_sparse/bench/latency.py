@@ -12,10 +12,12 @@ from typing import Any, Callable, Dict, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from .. import DeployedModel, deploy, densify
 from .checkpoint import load_checkpoint
 from .plan import DENSE
 from .presets import Preset
 from .results import cell_id, cell_key
+from .timing import interleaved_medians
 
 # ----------------------------------------------------------------------------------- speed
 LATENCY_BASELINE = ("the dense model deployed the same way (apb_sparse.deploy(dense, x, path='dense'): BatchNorm "
@@ -30,9 +32,6 @@ def measure_latency(dense: nn.Module, sparse: nn.Module, input_shape: Sequence[i
     baseline is ``deploy(dense, x, path="dense")``; ``speedup_vs_eager`` is against the eager dense
     model.  Outputs are compared first (a fast wrong model is not a result).
     """
-    from .. import DeployedModel, deploy
-    from . import interleaved_medians
-
     gen = torch.Generator().manual_seed(0)
     x = torch.rand((batch, *input_shape), generator=gen).to(device)
     eager = copy.deepcopy(dense).to(device).eval()
@@ -74,9 +73,6 @@ def time_deployed(records: Sequence[Dict[str, Any]], out_dir, preset: Preset, *,
         cell key -> ``{"cpu": {...}}`` (and ``"cuda"`` when a GPU is present), to be stored as the
         records' ``latency``.
     """
-    from .. import deploy, densify
-    from . import interleaved_medians
-
     out_dir = Path(out_dir)
     threads = preset.latency_threads or preset.threads
     old_threads = torch.get_num_threads()

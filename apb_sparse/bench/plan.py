@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, List, Sequence, Tuple
 
+from .. import methods as registry
 from .presets import Preset
 from .results import cell_id, cell_key
 
@@ -47,8 +48,6 @@ def plan_cells(preset: Preset, *, methods: Sequence[str], structures: Sequence[s
     every method at the lower sparsities). Methods that do not support a structure are left out.
     Repeated values (``--sparsities 0.5 0.5``, ``--seeds 0 0``) name one cell: the grid is
     deduplicated, keeping the first occurrence's order."""
-    from .. import methods as registry
-
     cells: List[Cell] = []
     seen = set()
 

@@ -27,7 +27,7 @@ sparse one (checked on the attacked images) and uses the vendor kernels for the 
 passes the attacks need.
 
 This module gathers the benchmark's public names; each job lives in its own file:
-:mod:`.setup` (device, data, models, the dense base model), :mod:`.evaluate` (robustness and
+:mod:`.prepare` (device, data, models, the dense base model), :mod:`.evaluate` (robustness and
 everything measured on one model), :mod:`.latency` (latency of one pair and the timing phase),
 :mod:`.budget` (training budgets), :mod:`.plan` (the cells of the grid), :mod:`.cell` (the task
 functions of one cell) and :mod:`.grid` (the driver, :func:`run_benchmark`).
@@ -41,7 +41,7 @@ from .evaluate import _evaluate_model, _predict, _quiet_autoattack, evaluate_mod
 from .grid import RunSummary, _check_run_config, _run_cells, run_benchmark  # noqa: F401
 from .latency import _DATASET_SHAPES, LATENCY_BASELINE, _input_shape_of, _quantile, measure_latency, time_deployed  # noqa: F401
 from .plan import DENSE, DENSE_BASE, REFERENCES, Cell, _unique, plan_cells  # noqa: F401
-from .setup import _base_path, build_model, get_base_model, load_data, make_recipe, resolve_device  # noqa: F401
+from .prepare import _base_path, build_model, get_base_model, load_data, make_recipe, resolve_device  # noqa: F401
 
 __all__ = ["DENSE", "DENSE_BASE", "REFERENCES", "resolve_device", "load_data", "build_model", "make_recipe", "get_base_model",
            "quick_autoattack", "robustness", "measure_latency", "evaluate_model", "Cell",
