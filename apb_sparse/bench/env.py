@@ -8,6 +8,8 @@ import subprocess
 
 import torch
 
+from .. import ops
+
 
 def _cpu_name() -> str:
     try:
@@ -35,8 +37,6 @@ def _git_commit() -> str:
 
 def environment() -> dict:
     """torch / CUDA versions, CPU and GPU names, threads, ISA path, git commit, time."""
-    from .. import ops
-
     env = {
         "time_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "python": platform.python_version(),
