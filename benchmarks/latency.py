@@ -4,7 +4,7 @@ torch sparse (unfold + CSR mm).
 
 For each architecture, batch size and mask: check the outputs agree, warm up, then time every
 variant once per round, interleaved, and report medians and speedups over the dense model
-deployed the same way (``apb_sparse.deploy(dense, x, path="dense")``), and over eager torch,
+deployed the same way (``apb_sparse.deploy(dense, x, layout="dense")``), and over eager torch,
 timed in the same run.  Writes a table to stdout and JSON (with the environment) to --out.
 
     python benchmarks/latency.py --quick          # ResNet-18 only, fewer rounds
@@ -86,7 +86,7 @@ def make_masks(dense: nn.Module, mask_name: str) -> nn.Module:
     if kind in ("us", "global"):
         masks = apb_sparse.magnitude_masks(dense, sparsity, scope="global" if kind == "global" else "local")
     elif kind in ("ch", "chc"):
-        masks = apb_sparse.magnitude_masks(dense, sparsity, structure="channels", coupled=kind == "chc")
+        masks = apb_sparse.magnitude_masks(dense, sparsity, structure="filter", coupled=kind == "chc")
     else:
         raise ValueError(f"unknown mask kind {kind!r} in {mask_name!r}")
     masked = apb_sparse.apply_masks(dense, masks)
@@ -100,22 +100,22 @@ def build_variants(mask_name: str, dense: nn.Module, x: torch.Tensor, stock: boo
     """What is timed, all on the same weights:
 
     * ``dense``: eager torch on the dense model (the model as users have it);
-    * ``dense_deployed``: ``apb_sparse.deploy(dense, x, path="dense")``, the dense model deployed the
+    * ``dense_deployed``: ``apb_sparse.deploy(dense, x, layout="dense")``, the dense model deployed the
       same way as ours (BatchNorm folded, TorchScript graph): the speedup baseline;
     * ``ours``: ``apb_sparse.deploy(masked, x)``, the deployed sparse model;
     * ``ours_no_script`` (``script_ab``): the same without its TorchScript graph;
-    * ``compact`` (channel masks): ``deploy(compact(masked), x, path="dense")``;
+    * ``compact`` (channel masks): ``deploy(compact(masked), x, layout="dense")``;
     * ``stock``: unfold + torch CSR matmul (what stock torch offers).
     ``masked`` (the reference for the output check) is not timed.
     """
     kind = mask_name.partition("@")[0]
     masked = make_masks(dense, mask_name)
-    variants = {"masked": masked, "dense_deployed": apb_sparse.deploy(dense, x, path="dense"),
+    variants = {"masked": masked, "dense_deployed": apb_sparse.deploy(dense, x, layout="dense"),
                 "ours": apb_sparse.deploy(masked, x)}
     if script_ab:
         variants["ours_no_script"] = apb_sparse.deploy(masked, x, script=False)
     if kind in ("ch", "chc"):
-        variants["compact"] = apb_sparse.deploy(apb_sparse.compact(masked, x), x, path="dense")
+        variants["compact"] = apb_sparse.deploy(apb_sparse.compact(masked, x), x, layout="dense")
     if stock:
         variants["stock"] = stock_sparse(masked)
     return variants
@@ -171,10 +171,10 @@ def run(args) -> dict:
                 base = timing["dense_deployed"]["median_s"]
                 eager = timing["dense"]["median_s"]
                 row = {"arch": arch, "batch": batch, "mask": mask_name, "sparsity": report.sparsity,
-                       "baseline": "dense_deployed: apb_sparse.deploy(dense, x, path='dense'); "
+                       "baseline": "dense_deployed: apb_sparse.deploy(dense, x, layout='dense'); "
                                    "speedup_vs_eager: against eager dense torch ('dense')",
                        "dense_macs": report.dense_macs, "sparse_macs": report.sparse_macs,
-                       "paths": {p: sum(1 for c in variants["ours"].apb_sparse_choices.values() if c.path == p)
+                       "paths": {p: sum(1 for c in variants["ours"].apb_sparse_choices.values() if c.layout == p)
                                  for p in ("dense", "unstructured", "structured")},
                        "median_ms": {k: v["median_s"] * 1e3 for k, v in timing.items()},
                        "speedup": {k: base / v["median_s"] for k, v in timing.items() if k != "dense_deployed"},
@@ -263,7 +263,7 @@ def per_layer(args) -> dict:
                     lr = report[name]
                     td, ts = t["dense"]["median_s"], t["sparse"]["median_s"]
                     rows.append({"arch": arch, "batch": batch, "mask": mask_name, "layer": name,
-                                 "path": lr.path, "input": list(inp.shape), "weight": lr.shape,
+                                 "path": lr.layout, "input": list(inp.shape), "weight": lr.shape,
                                  "nonzeros": lr.nonzeros, "dense_ms": td * 1e3, "sparse_ms": ts * 1e3,
                                  "speedup": td / ts, "ideal": lr.dense_macs / max(1, lr.sparse_macs),
                                  "dense_gflops": 2 * lr.dense_macs / td / 1e9,

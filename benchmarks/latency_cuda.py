@@ -6,7 +6,8 @@ For each architecture, batch size and mask, four variants of the same masked mod
 * ``dense_tf32``: the masked dense model, float32 NCHW, cuDNN / cuBLAS in their default TF32 mode
   (what a user of torch gets on Ampere and later), ``cudnn.benchmark`` on.
 * ``dense_bf16_cl``: the same in bfloat16, channels_last (cuDNN's fastest layout for tensor cores).
-* ``ours_fp32``: ``apb_sparse.sparsify(masked, fuse=True)`` in float32 (our kernels, CUDA cores).
+* ``ours_fp32``: ``apb_sparse.deploy(masked, x)`` (the deployment snapshot every benchmark times) moved
+  to the GPU in float32 (our kernels, CUDA cores).
 * ``ours_bf16``: the same in bfloat16 (bf16 storage, float accumulation).
 
 Correctness first: every variant's output is compared with the exact float32 dense output
@@ -110,7 +111,7 @@ def parse_mask(name: str, error: Callable[[str], None] = None):
 def build_variants(arch: str, mask: str, device: str = "cuda", variants: Sequence[str] = VARIANTS,
                    seed: int = 0) -> Dict[str, dict]:
     """The masked model in each variant: ``{name: {"model", "dtype", "memory_format"}}``, plus
-    ``"exact"`` (the float32 masked dense model, the reference) and the sparsify path counts.
+    ``"exact"`` (the float32 masked dense model, the reference) and the per-layout layer counts.
 
     Runs on any device (the model and mask building is device-independent); only the forward
     of the bf16 sparse model needs CUDA kernels."""
@@ -124,7 +125,9 @@ def build_variants(arch: str, mask: str, device: str = "cuda", variants: Sequenc
                                       "memory_format": torch.contiguous_format}}
     ours = None
     if any(v.startswith("ours") for v in variants):
-        ours = apb_sparse.sparsify(masked, fuse=True)
+        # Deployed (and checked) on the CPU; each variant's copy traces its graphs on first use on
+        # its own device and dtype (a deployed model keys its graphs by input signature).
+        ours = apb_sparse.deploy(masked, torch.rand(2, 3, 32, 32))
     for v in variants:
         if v == "dense_tf32":
             out[v] = {"model": copy.deepcopy(plain).to(device), "dtype": torch.float32,
@@ -142,8 +145,8 @@ def build_variants(arch: str, mask: str, device: str = "cuda", variants: Sequenc
             raise ValueError(f"unknown variant {v!r}; expected one of {VARIANTS}")
     if ours is not None:
         choices = getattr(ours, "apb_sparse_choices", {})
-        out["paths"] = {p: sum(1 for c in choices.values() if c.path == p) for p in ("dense", "unstructured",
-                                                                                      "structured")}
+        out["paths"] = {p: sum(1 for c in choices.values() if c.layout == p) for p in ("dense", "unstructured",
+                                                                                      "filter")}
         out["report"] = apb_sparse.sparsity_report(ours, (1, 3, 32, 32))
     return out
 

@@ -45,14 +45,14 @@ def survey(name: str) -> dict:
         row["sparsify_err"] = _close(s(x), ref)
         choices = s.apb_sparse_choices
         row["layers"] = len(choices)
-        row["converted"] = sum(c.path != "dense" for c in choices.values())
+        row["converted"] = sum(c.layout != "dense" for c in choices.values())
         row["left_dense"] = {n: c.reason for n, c in choices.items() if c.reason}
         d = apb_sparse.deploy(masked, x)
         row["deploy_err"] = _close(d(x), ref)
         row["deploy_info"] = {k: (v if k != "traces" else list(v.values())) for k, v in d.apb_deploy_info.items()}
         row["batchnorms_left"] = sum(isinstance(mod, torch.nn.BatchNorm2d) for mod in d.modules())
         try:
-            cm = apb_sparse.apply_masks(m, apb_sparse.magnitude_masks(m, 0.5, structure="channels", coupled=True,
+            cm = apb_sparse.apply_masks(m, apb_sparse.magnitude_masks(m, 0.5, structure="filter", coupled=True,
                                                                      example_input=x[:1]))
             apb_sparse.zero_dead_batchnorm(cm)
             cref = cm(x)

@@ -162,7 +162,7 @@ def _tiny_pruned(sparsity=0.8):
 
 def test_checkpoint_round_trip_stores_only_nonzeros(tmp_path):
     masked = _tiny_pruned(0.9)
-    sparse = apb_sparse.sparsify(masked, path="unstructured")
+    sparse = apb_sparse.sparsify(masked, layout="unstructured")
     path = save_checkpoint(sparse, tmp_path / "m.safetensors", arch="small_cnn", num_classes=10, in_channels=1,
                            model_kwargs={"width": 8}, extra={"dataset": "digits"})
     assert json.loads((tmp_path / "m.json").read_text())["paths"]["features.3"] == "unstructured"
@@ -348,7 +348,7 @@ def test_latency_script_lanes_ab_smoke(tmp_path):
     data = json.loads(out.read_text())
     (row,) = data["results"]
     assert set(row["median_ms"]) >= {"dense", "dense_deployed", "ours", "ours_no_lanes", "ours_no_script"}
-    assert "deploy(dense, x, path='dense')" in row["baseline"]  # the speedup's baseline is named
+    assert "deploy(dense, x, layout='dense')" in row["baseline"]  # the speedup's baseline is named
     assert row["median_ms"]["ours_no_lanes"] > 0 and row["speedup"]["ours_no_lanes"] > 0
     assert data["environment"]["apb_sparse_kernel"] in ("avx512", "avx2+fma", "portable")
     assert "apb_sparse, lanes off" in latency.markdown_table(data)

@@ -169,7 +169,7 @@ def apb_checkpoint(tmp_path_factory):
     torch.manual_seed(0)
     model = get_model("small_cnn", num_classes=10, in_channels=1, width=4)
     sparse = apb_sparse.sparsify(apb_sparse.apply_masks(model, apb_sparse.magnitude_masks(model, 0.8)),
-                                 path="unstructured")
+                                 layout="unstructured")
     path = tmp_path_factory.mktemp("apb") / "good.safetensors"
     save_checkpoint(sparse, path, arch="small_cnn", num_classes=10, in_channels=1, model_kwargs={"width": 4},
                     extra={"dataset": "digits"})

@@ -83,7 +83,7 @@ def test_register_converter_converts_a_custom_layer():
         model = _ws_model()
         x = torch.rand(2, 3, 6, 6)
         mask = magnitude_masks(model, 0.8, layers=["0"])["0"]
-        out = sparsify(model, {"0": mask}, path={"0": "unstructured"})
+        out = sparsify(model, {"0": mask}, layout={"0": "unstructured"})
         assert isinstance(out[0], SparseConv2d) and out.apb_sparse_choices["0"].reason is None
         # the mask applies to the converted (standardised) weight
         ref = _convert(model[0])
@@ -111,7 +111,7 @@ def test_multihead_attention_and_transformer_layers_keep_working():
             return self.head(self.enc(x))
 
     model = _prune(Net().eval(), 0.8)
-    out = sparsify(model, path="unstructured")
+    out = sparsify(model, layout="unstructured")
     x = torch.rand(2, 5, 8)
     with torch.no_grad():
         _close(out(x), model(x))
@@ -150,7 +150,7 @@ def _block():
 
 def test_densify_and_compact_keep_fused_relu_and_residual():
     model = _block()
-    fused = sparsify(model, fuse=True, path="unstructured")
+    fused = sparsify(model, fuse=True, layout="unstructured")
     assert sum(getattr(m, "fused_relu", False) for m in fused.modules()) == 3
     x = torch.randn(2, 3, 7, 7)
     with torch.no_grad():
@@ -160,7 +160,7 @@ def test_densify_and_compact_keep_fused_relu_and_residual():
         _close(compact(fused, x)(x), ref)
         _close(fused(x), ref)  # densify / compact worked on copies
     from apb_sparse.fuse import unfuse
-    again = unfuse(sparsify(model, fuse=True, path="unstructured"))
+    again = unfuse(sparsify(model, fuse=True, layout="unstructured"))
     assert not any(getattr(m, "fused_relu", False) for m in again.modules())
     with torch.no_grad():
         _close(again(x), ref)
@@ -212,7 +212,7 @@ class AddParam(nn.Module):
 def test_fuse_handles_broadcasting_and_mixed_dtype_adds(kind):
     torch.manual_seed(0)
     model = _prune(AddParam(kind).eval(), 0.6)
-    fused = sparsify(model, fuse=True, path="unstructured")
+    fused = sparsify(model, fuse=True, layout="unstructured")
     x = torch.randn(2, 3, 6, 6)
     with torch.no_grad():
         ref = model(x)
@@ -254,7 +254,7 @@ def test_shared_conv_called_twice_is_not_fused():
     model = Twice().eval()
     model.bn.running_mean.uniform_(-1, 1)
     model = _prune(model, 0.5)
-    fused = sparsify(model, fuse=True, path="unstructured")
+    fused = sparsify(model, fuse=True, layout="unstructured")
     x = torch.randn(2, 4, 5, 5)
     with torch.no_grad():
         _close(fused(x), model(x))
@@ -282,7 +282,7 @@ def test_untraceable_model_is_left_unfused():
     with torch.no_grad():
         _close(fused(x), model(x))
         with pytest.warns(UserWarning, match="cannot trace"):
-            small = compact(sparsify(model, path="unstructured"), x)
+            small = compact(sparsify(model, layout="unstructured"), x)
         _close(small(x), model(x))
     assert small.apb_compact_removed == {}
 
@@ -292,12 +292,12 @@ def test_untraceable_model_is_left_unfused():
 
 @pytest.mark.parametrize("padding,kernel,dilation", [("same", 3, 1), ("same", 3, 2), ("valid", 3, 1),
                                                      ("same", 4, 1)])
-@pytest.mark.parametrize("path", ["unstructured", "structured", "auto"])
-def test_string_padding_converts(padding, kernel, dilation, path):
+@pytest.mark.parametrize("layout", ["unstructured", "filter", "auto"])
+def test_string_padding_converts(padding, kernel, dilation, layout):
     torch.manual_seed(0)
     model = _prune(nn.Sequential(nn.Conv2d(3, 6, kernel, padding=padding, dilation=dilation), nn.ReLU(),
                                  nn.Conv2d(6, 4, 3, padding="same")).eval(), 0.7)
-    out = sparsify(model, path=path)
+    out = sparsify(model, layout=layout)
     x = torch.randn(2, 3, 9, 8)
     with torch.no_grad():
         ref = model(x)
@@ -305,19 +305,19 @@ def test_string_padding_converts(padding, kernel, dilation, path):
         _close(densify(out)(x), ref)
         _close(compact(out, x)(x), ref)
     choice = out.apb_sparse_choices["0"]
-    if path != "auto":  # "same" with an even kernel pads one side more: converted, or dense saying why
-        assert (choice.path == path and not isinstance(out[0], nn.Conv2d)) or \
+    if layout != "auto":  # "same" with an even kernel pads one side more: converted, or dense saying why
+        assert (choice.layout == layout and not isinstance(out[0], nn.Conv2d)) or \
             (kernel == 4 and "pads one side more" in choice.reason)
 
 
 @pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
-@pytest.mark.parametrize("path", ["unstructured", "structured"])
-def test_padding_mode_is_never_silently_zeros(mode, path):
+@pytest.mark.parametrize("layout", ["unstructured", "filter"])
+def test_padding_mode_is_never_silently_zeros(mode, layout):
     torch.manual_seed(0)
     model = _prune(nn.Sequential(nn.Conv2d(3, 6, 3, padding=1, padding_mode=mode), nn.ReLU(),
                                  nn.Conv2d(6, 4, 3, padding=2, padding_mode=mode)).eval(), 0.7)
     x = torch.randn(2, 3, 7, 7)
-    out = sparsify(model, path=path)
+    out = sparsify(model, layout=layout)
     with torch.no_grad():
         ref = model(x)
         _close(out(x), ref)
@@ -352,7 +352,7 @@ def test_zero_size_layers():
 
     model = Net().eval()
     masks = magnitude_masks(model, 0.5)
-    out = sparsify(model, masks, path="unstructured")
+    out = sparsify(model, masks, layout="unstructured")
     x = torch.randn(2, 3, 5, 5)
     with torch.no_grad():
         _close(out(x), apply_masks(model, masks)(x))
@@ -366,9 +366,9 @@ def test_zero_size_layers():
 
 def test_coupled_channel_masks_without_convs():
     mlp = nn.Sequential(nn.Flatten(), nn.Linear(12, 6), nn.ReLU(), nn.Linear(6, 2))
-    masks = magnitude_masks(mlp, 0.5, structure="channels", coupled=True)
+    masks = magnitude_masks(mlp, 0.5, structure="filter", coupled=True)
     assert set(masks) == {"1", "3"} and all(bool(m.all()) for m in masks.values())
-    assert magnitude_masks(nn.Sequential(nn.ReLU()), 0.5, structure="channels", coupled=True) == {}
+    assert magnitude_masks(nn.Sequential(nn.ReLU()), 0.5, structure="filter", coupled=True) == {}
 
 
 # ------------------------------------------------------------------ half precision
@@ -380,14 +380,14 @@ def test_half_precision_models(dtype):
     model = _prune(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(),
                                  nn.Linear(8 * 25, 4)).eval(), 0.8).to(dtype)
     x = torch.randn(2, 3, 5, 5, dtype=dtype)
-    out = sparsify(model, path="unstructured")
+    out = sparsify(model, layout="unstructured")
     with torch.no_grad():
         got = out(x)
         ref = model(x)
     assert got.dtype == dtype
     torch.testing.assert_close(got.float(), ref.float(), rtol=2e-2, atol=2e-2)
     for c in out.apb_sparse_choices.values():
-        assert c.path == "unstructured" or c.reason
+        assert c.layout == "unstructured" or c.reason
 
 
 def test_layers_the_kernels_refuse_stay_dense(monkeypatch):
@@ -403,13 +403,13 @@ def test_layers_the_kernels_refuse_stay_dense(monkeypatch):
     monkeypatch.setattr(sp, "_PROBED", {})
     torch.manual_seed(0)
     model = _prune(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()).eval()).half()
-    out = sparsify(model, path="unstructured")
+    out = sparsify(model, layout="unstructured")
     assert type(out[0]) is nn.Conv2d
     assert "float16" in out.apb_sparse_choices["0"].reason
     with torch.no_grad():
         x = torch.randn(1, 3, 5, 5, dtype=torch.float16)
         torch.testing.assert_close(out(x).float(), model(x).float(), rtol=1e-2, atol=1e-2)
-    out32 = sparsify(model.float(), path="unstructured")
+    out32 = sparsify(model.float(), layout="unstructured")
     assert isinstance(out32[0], SparseConv2d)
 
 
@@ -417,13 +417,13 @@ def test_structured_layer_kept_in_choices_and_state_dict_round_trip():
     """Layers left as they are round-trip through the recorded paths (what load_checkpoint does)."""
     model = _prune(_ws_model())
     out = sparsify(model)
-    paths = {n: c.path for n, c in out.apb_sparse_choices.items()}
-    rebuilt = sparsify(_ws_model(), path=paths)
+    paths = {n: c.layout for n, c in out.apb_sparse_choices.items()}
+    rebuilt = sparsify(_ws_model(), layout=paths)
     rebuilt.load_state_dict(out.state_dict())
     x = torch.rand(2, 3, 6, 6)
     with torch.no_grad():
         _close(rebuilt(x), out(x))
-    assert not isinstance(out[2], ChannelSparseConv2d) or paths["2"] == "structured"
+    assert not isinstance(out[2], ChannelSparseConv2d) or paths["2"] == "filter"
 
 
 def test_parametrized_layers_convert_with_their_effective_weight():
@@ -434,7 +434,7 @@ def test_parametrized_layers_convert_with_their_effective_weight():
     model = nn.Sequential(parametrizations.weight_norm(nn.Conv2d(3, 6, 3)), nn.ReLU(), nn.Flatten(),
                           parametrizations.spectral_norm(nn.Linear(6 * 9, 4))).eval()
     masks = magnitude_masks(model, 0.7)
-    out = sparsify(model, masks, path="unstructured")
+    out = sparsify(model, masks, layout="unstructured")
     assert isinstance(out[0], SparseConv2d) and isinstance(out[3], SparseLinear)
     x = torch.randn(2, 3, 5, 5)
     with torch.no_grad():

@@ -463,7 +463,7 @@ def test_cuda_fused_resnet18_equals_masked_dense():
     torch.manual_seed(0)
     model = get_model("resnet18").eval()
     masked = apply_masks(model, magnitude_masks(model, 0.9))
-    sparse = sparsify(masked, path="unstructured", fuse=True).cuda()
+    sparse = sparsify(masked, layout="unstructured", fuse=True).cuda()
     dense = copy.deepcopy(masked).cuda()
     x = torch.rand(4, 3, 32, 32, device="cuda")
     with torch.no_grad():
@@ -574,7 +574,7 @@ def test_cuda_sparse_model_graph_capture_and_side_stream():
     torch.manual_seed(0)
     model = get_model("resnet18").eval()
     masked = apply_masks(model, magnitude_masks(model, 0.95))
-    sparse = sparsify(masked, path="unstructured").cuda()
+    sparse = sparsify(masked, layout="unstructured").cuda()
     dense = copy.deepcopy(masked).cuda()
     x = torch.rand(8, 3, 32, 32, device="cuda")
     with torch.no_grad():
@@ -683,8 +683,8 @@ def test_cuda_rejects_mixed_devices():
 
 
 @needs_gpu
-@pytest.mark.parametrize("path", ["unstructured", "auto"])
-def test_sparsified_resnet18_cuda_equals_masked_dense(path):
+@pytest.mark.parametrize("layout", ["unstructured", "auto"])
+def test_sparsified_resnet18_cuda_equals_masked_dense(layout):
     torch.manual_seed(0)
     model = get_model("resnet18").eval()
     for mod in model.modules():  # non-trivial BatchNorm statistics
@@ -692,7 +692,7 @@ def test_sparsified_resnet18_cuda_equals_masked_dense(path):
             mod.running_mean.uniform_(-0.5, 0.5)
             mod.running_var.uniform_(0.5, 2.0)
     masked = apply_masks(model, magnitude_masks(model, 0.9))
-    sparse = sparsify(masked, path=path).cuda()
+    sparse = sparsify(masked, layout=layout).cuda()
     dense = copy.deepcopy(masked).cuda()
     x = torch.rand(4, 3, 32, 32, device="cuda")
     with torch.no_grad():

@@ -243,10 +243,10 @@ def test_deploy_copies_and_pickles(tmp_path):
 def test_deploy_keeps_the_paths_of_a_sparsified_model():
     m = get_model("resnet18").eval()
     m = apply_masks(m, magnitude_masks(m, 0.9))
-    s = sparsify(m, path="structured")
+    s = sparsify(m, layout="filter")
     x = torch.rand(1, 3, 32, 32)
     d = deploy(s, x)
-    assert {n: c.path for n, c in d.apb_sparse_choices.items()} == {n: c.path for n, c in s.apb_sparse_choices.items()}
+    assert {n: c.layout for n, c in d.apb_sparse_choices.items()} == {n: c.layout for n, c in s.apb_sparse_choices.items()}
     with torch.no_grad():
         _same(d(x), m(x), 1e-4)
 
@@ -317,11 +317,11 @@ class BnActNet(nn.Module):
 def test_batchnorm_act_subclass_folds_fuses_and_compacts():
     torch.manual_seed(0)
     m = BnActNet().eval()
-    masks = magnitude_masks(m, 0.5, structure="channels")
+    masks = magnitude_masks(m, 0.5, structure="filter")
     m = apply_masks(m, masks)
     apb_sparse.zero_dead_batchnorm(m)
     x = torch.rand(2, 3, 8, 8)
-    d = deploy(m, x, path="unstructured")
+    d = deploy(m, x, layout="unstructured")
     assert not any(isinstance(mod, nn.BatchNorm2d) for mod in d.modules())
     assert sum(getattr(mod, "fused_relu", False) for mod in d.modules()) == 2
     small = compact(m, x)
@@ -338,7 +338,7 @@ def test_timm_batchnorm_act_model_compacts():
     torch.manual_seed(0)
     m = timm.create_model("resnet10t", num_classes=10, norm_layer=BatchNormAct2d, act_layer=nn.Identity).eval()
     assert any(isinstance(mod, BatchNormAct2d) for mod in m.modules())
-    m = apply_masks(m, magnitude_masks(m, 0.5, structure="channels", coupled=True,
+    m = apply_masks(m, magnitude_masks(m, 0.5, structure="filter", coupled=True,
                                        example_input=torch.rand(1, 3, 32, 32)))
     apb_sparse.zero_dead_batchnorm(m)
     x = torch.rand(2, 3, 32, 32)
@@ -366,7 +366,7 @@ def test_weight_standardised_conv_is_reported_and_kept_dense():
     with torch.no_grad():
         m[0].weight.mul_((torch.rand_like(m[0].weight) > 0.9).float())
     s = sparsify(m)
-    assert s.apb_sparse_choices["0"].path == "dense" and s.apb_sparse_choices["0"].density == 1.0
+    assert s.apb_sparse_choices["0"].layout == "dense" and s.apb_sparse_choices["0"].density == 1.0
     assert "overrides forward" in s.apb_sparse_choices["0"].reason
     assert apb_sparse.sparsity_report(m).sparsity == 0.0
     x = torch.rand(1, 3, 8, 8)
@@ -395,8 +395,8 @@ def test_torch_prune_models_compact_sparsify_and_deploy():
 
 def test_coupled_masks_take_example_input():
     m = get_model("resnet18").eval()
-    a = magnitude_masks(m, 0.5, structure="channels", coupled=True, example_input=torch.rand(1, 3, 32, 32))
-    b = magnitude_masks(m, 0.5, structure="channels", coupled=True)
+    a = magnitude_masks(m, 0.5, structure="filter", coupled=True, example_input=torch.rand(1, 3, 32, 32))
+    b = magnitude_masks(m, 0.5, structure="filter", coupled=True)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(ValueError, match="only used with coupled=True"):
         magnitude_masks(m, 0.5, example_input=torch.rand(1, 3, 32, 32))

@@ -24,7 +24,7 @@ def _model(arch):
 @pytest.mark.parametrize("arch,relus,residuals", [("resnet18", 17, 8), ("preact_resnet18", 8, 8)])
 def test_fused_model_matches(arch, relus, residuals):
     masked = _model(arch)
-    fused = sparsify(masked, fuse=True, path="unstructured")
+    fused = sparsify(masked, fuse=True, layout="unstructured")
     assert sum(isinstance(m, nn.BatchNorm2d) for m in fused.modules()) < sum(
         isinstance(m, nn.BatchNorm2d) for m in masked.modules())
     assert sum(getattr(m, "fused_relu", False) for m in fused.modules()) == relus

@@ -196,7 +196,7 @@ class _Block(nn.Module):
 def model_cases(draw):
     return dict(c=draw(st.integers(1, 6)), size=draw(st.integers(3, 9)), batch=draw(st.integers(1, 3)),
                 mode=draw(st.sampled_from(MODES)), sparsity=draw(st.sampled_from([0.0, 0.5, 0.8, 0.95, 1.0])),
-                path=draw(st.sampled_from(["auto", "unstructured", "structured"])),
+                layout=draw(st.sampled_from(["auto", "unstructured", "filter"])),
                 form=draw(st.sampled_from(["sparsify", "deploy"])),
                 seed=draw(st.integers(0, 2**31 - 1)))
 
@@ -223,9 +223,9 @@ def test_fuzz_small_models(case):
                 m.weight.mul_(masks[name])
     x = torch.randn(case["batch"], 3, case["size"], case["size"], dtype=torch.float64)
     if case["form"] == "sparsify":
-        converted = sparsify(model, masks, path=case["path"])
+        converted = sparsify(model, masks, layout=case["layout"])
     else:  # the snapshot: BatchNorm folded, ReLU / residual fused, a TorchScript graph for x's shape
-        converted = deploy(model, x, masks=masks, path=case["path"])
+        converted = deploy(model, x, masks=masks, layout=case["layout"])
     _compare(converted, model, x, torch.float64)
     if case["form"] == "deploy":
         with torch.no_grad():  # the TorchScript graph, and the Python graph for another shape

@@ -75,7 +75,7 @@ def test_opinfo_conv2d_samples(dtype):
         }
         # The deployment snapshot of the pruned layer (its TorchScript graph under no_grad).
         deployed = deploy(nn.Sequential(MaskedConv2d.from_dense(_as_module(weight, kw), mask)).eval(), x,
-                          path="unstructured")
+                          layout="unstructured")
         with torch.no_grad():
             ref = F.conv2d(x, weight * mask, bias.detach() if bias is not None else None, **conv_kw)
             try:

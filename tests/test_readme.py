@@ -1,4 +1,4 @@
-"""Every Python example of the README (and of docs/deployment.md) runs as pasted."""
+"""Every Python example of the README (and of docs/deployment.md and docs/ops.md) runs as pasted."""
 import re
 import subprocess
 import sys
@@ -15,7 +15,7 @@ def _examples(name):
     return [m.group(1) for m in FENCE.finditer(text)]
 
 
-CASES = [(name, i, code) for name in ("README.md", "docs/deployment.md") for i, code in enumerate(_examples(name))]
+CASES = [(name, i, code) for name in ("README.md", "docs/deployment.md", "docs/ops.md") for i, code in enumerate(_examples(name))]
 
 
 def test_the_readme_has_examples():

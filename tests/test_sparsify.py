@@ -21,7 +21,7 @@ def _model(arch: str) -> nn.Module:
     return model
 
 
-CASES = [("unstructured", 0.9), ("unstructured", 0.95), ("unstructured", 0.99), ("channels", 0.5)]
+CASES = [("unstructured", 0.9), ("unstructured", 0.95), ("unstructured", 0.99), ("filter", 0.5)]
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def test_sparsify_compact_densify_match_masked_model(arch, structure, sparsity, 
     model = _model(arch)
     masks = magnitude_masks(model, sparsity, structure=structure)
     masked = apply_masks(model, masks)
-    if structure == "channels":
+    if structure == "filter":
         apb_sparse.zero_dead_batchnorm(masked)  # a pruned filter takes its BatchNorm channel along
     with torch.no_grad():
         ref = masked(inputs)
@@ -55,12 +55,12 @@ def test_sparsify_compact_densify_match_masked_model(arch, structure, sparsity, 
         small = compact(sparse)
         torch.testing.assert_close(small(inputs), ref, **tol)
         torch.testing.assert_close(compact(masked)(inputs), ref, **tol)  # from the masked dense model too
-        if structure == "channels":
+        if structure == "filter":
             after = sparsity_report(small, (1, 3, 32, 32)).dense_macs
             assert after < 0.6 * report.dense_macs  # the dead channels are really gone
 
 
-@pytest.mark.parametrize("arch,structure,sparsity", [("resnet18", "unstructured", 0.9), ("resnet18", "channels", 0.5),
+@pytest.mark.parametrize("arch,structure,sparsity", [("resnet18", "unstructured", 0.9), ("resnet18", "filter", 0.5),
                                                      ("vgg16", "unstructured", 0.95)])
 def test_forced_paths_and_state_dict_round_trip(arch, structure, sparsity, inputs, tmp_path):
     model = _model(arch)
@@ -69,13 +69,13 @@ def test_forced_paths_and_state_dict_round_trip(arch, structure, sparsity, input
     with torch.no_grad():
         ref = masked(inputs)
         tol = dict(rtol=1e-4, atol=1e-4 * max(1.0, ref.abs().max().item()))
-        for path in ("dense", "unstructured", "structured"):
-            sparse = sparsify(masked, path=path)
+        for layout in ("dense", "unstructured", "filter"):
+            sparse = sparsify(masked, layout=layout)
             torch.testing.assert_close(sparse(inputs), ref, **tol)
         # state_dict round trip through a file (weights_only load) into a model with other nonzeros
         torch.save(sparse.state_dict(), tmp_path / "m.pt")
-        paths = {name: c.path for name, c in sparse.apb_sparse_choices.items()}
-        fresh = sparsify(_model(arch), masks=magnitude_masks(_model(arch), 0.5), path=paths)
+        paths = {name: c.layout for name, c in sparse.apb_sparse_choices.items()}
+        fresh = sparsify(_model(arch), masks=magnitude_masks(_model(arch), 0.5), layout=paths)
         fresh.load_state_dict(torch.load(tmp_path / "m.pt", weights_only=True))
         torch.testing.assert_close(fresh(inputs), ref, **tol)
 
@@ -112,7 +112,7 @@ def test_auto_path_choice_follows_cost():
     assert isinstance(out[0], nn.Conv2d) and not isinstance(out[0], (SparseConv2d, ChannelSparseConv2d))
     assert isinstance(out[1], SparseConv2d)
     assert isinstance(out[2], ChannelSparseConv2d)
-    assert [c.path for c in out.apb_sparse_choices.values()] == ["dense", "unstructured", "structured"]
+    assert [c.layout for c in out.apb_sparse_choices.values()] == ["dense", "unstructured", "filter"]
 
 
 def test_stem_convs_take_the_sparse_path_at_lower_sparsity():
@@ -128,8 +128,8 @@ def test_stem_convs_take_the_sparse_path_at_lower_sparsity():
             conv.weight.mul_((torch.arange(conv.weight.numel()) % 2).view_as(conv.weight))
     out = sparsify(nn.Sequential(gray, rgb, full, wide))
     choices = list(out.apb_sparse_choices.values())
-    assert [c.path for c in choices[:3]] == ["unstructured", "unstructured", "dense"]
-    assert choices[3].path != "unstructured"
+    assert [c.layout for c in choices[:3]] == ["unstructured", "unstructured", "dense"]
+    assert choices[3].layout != "unstructured"
     assert choices[0].cost["unstructured"] == pytest.approx(0.5 / STEM_EFFICIENCY)
     assert choices[3].cost["unstructured"] == pytest.approx(0.5 / UNSTRUCTURED_EFFICIENCY)
 
@@ -169,8 +169,8 @@ def test_bad_arguments():
         sparsify(model, {"nope": torch.ones(1)})
     with pytest.raises(ValueError, match="mask has shape"):
         sparsify(model, {"classifier": torch.ones(3, 3)})
-    with pytest.raises(ValueError, match="path must be one of"):
-        sparsify(model, path="fast")
+    with pytest.raises(ValueError, match="layout must be one of"):
+        sparsify(model, layout="fast")
     with pytest.raises(TypeError, match="model must be an nn.Module"):
         sparsify("resnet18")
     with pytest.raises(ValueError, match="4-D"):
@@ -186,7 +186,7 @@ def test_coupled_channel_masks_are_fully_removed_by_compact():
     dense_macs = apb_sparse.sparsity_report(model, (1, 3, 32, 32)).dense_macs
     ratios = {}
     for coupled in (False, True):
-        masks = apb_sparse.magnitude_masks(model, 0.5, structure="channels", coupled=coupled)
+        masks = apb_sparse.magnitude_masks(model, 0.5, structure="filter", coupled=coupled)
         for name, m in masks.items():
             if m.dim() == 4:  # whole filters, half of them
                 assert float(m.flatten(1).amax(1).mean()) == pytest.approx(0.5)
@@ -200,3 +200,30 @@ def test_coupled_channel_masks_are_fully_removed_by_compact():
     assert ratios[True] > 3.8 and ratios[False] < 3.0
     with pytest.raises(ValueError, match="coupled"):
         apb_sparse.magnitude_masks(model, 0.5, coupled=True)
+
+
+def test_version_0_2_names_still_work_with_a_warning():
+    """`path=` became `layout=`, the "structured" layout "filter", `structure="channels"` "filter":
+    the old spellings give the same result (the renamed keywords and attributes warn)."""
+    model = _model("resnet18")
+    assert all(torch.equal(a, b) for a, b in zip(magnitude_masks(model, 0.5, structure="channels").values(),
+                                                  magnitude_masks(model, 0.5, structure="filter").values()))
+    masked = apply_masks(model, magnitude_masks(model, 0.5, structure="filter"))
+    new = sparsify(masked, layout="filter")
+    with pytest.warns(FutureWarning, match="renamed sparsify\\(layout=...\\)"):
+        old = sparsify(masked, path="structured")
+    layouts = {n: c.layout for n, c in new.apb_sparse_choices.items()}
+    assert {n: c.layout for n, c in old.apb_sparse_choices.items()} == layouts
+    assert "filter" in layouts.values()
+    assert [type(m) for m in old.modules()] == [type(m) for m in new.modules()]
+    with pytest.warns(DeprecationWarning, match="LayerChoice.path is renamed"):
+        assert next(iter(new.apb_sparse_choices.values())).path == layouts[next(iter(layouts))]
+    # Saved per-layer layouts of version 0.2 name the filter layout "structured".
+    saved = {n: ("structured" if v == "filter" else v) for n, v in layouts.items()}
+    rebuilt = sparsify(masked, layout=saved)
+    assert {n: c.layout for n, c in rebuilt.apb_sparse_choices.items()} == layouts
+    x = torch.rand(2, 3, 32, 32)
+    with pytest.warns(FutureWarning, match="renamed deploy\\(layout=...\\)"):
+        d = apb_sparse.deploy(masked.eval(), x, path="dense")
+    assert all(c.layout == "dense" for c in d.apb_sparse_choices.values())
+    assert sparsity_report(new).layers[1].layout in ("filter", "dense")

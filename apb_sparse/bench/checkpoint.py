@@ -93,7 +93,7 @@ def save_checkpoint(model: nn.Module, path: PathLike, *, arch: str, num_classes:
     choices = getattr(model, "apb_sparse_choices", None) or {}
     config = {"format": FORMAT, "arch": arch, "num_classes": int(num_classes),
               "in_channels": int(in_channels), "model_kwargs": dict(model_kwargs or {}),
-              "paths": {name: c.path for name, c in choices.items()}}
+              "paths": {name: c.layout for name, c in choices.items()}}
     if extra:
         config["extra"] = extra
     blob = json.dumps(config, sort_keys=True, default=str)
@@ -187,7 +187,7 @@ def load_checkpoint(path: PathLike, *, device: Union[str, torch.device] = "cpu")
         model = get_model(config["arch"], num_classes=config["num_classes"], in_channels=config["in_channels"],
                           **config.get("model_kwargs", {}))
         if config.get("paths"):
-            model = sparsify(model, path=config["paths"], inplace=True)
+            model = sparsify(model, layout=config["paths"], inplace=True)
     except (ValueError, TypeError, KeyError) as e:
         raise CheckpointError(f"{path}: its config does not describe a model that can be built "
                               f"(arch {config['arch']!r}): {_one_line(e)}") from None

@@ -192,11 +192,11 @@ def _evaluate_model(model, data, preset, *, seed, device, input_shape, latency, 
         dense = dense.to(device)
     sparse_model = sparse_model.eval()
     report = sparsity_report(sparse_model, (1, *input_shape))
-    paths = {name: c.path for name, c in getattr(sparse_model, "apb_sparse_choices", {}).items()}
+    paths = {name: c.layout for name, c in getattr(sparse_model, "apb_sparse_choices", {}).items()}
     out: Dict[str, Any] = {
         "measured_sparsity": report.sparsity, "nonzeros": report.nonzeros, "numel": report.numel,
         "dense_macs": report.dense_macs, "sparse_macs": report.sparse_macs,
-        "layers": [{"name": l.name, "path": l.path, "shape": l.shape, "sparsity": l.sparsity} for l in report.layers],
+        "layers": [{"name": l.name, "path": l.layout, "shape": l.shape, "sparsity": l.sparsity} for l in report.layers],
         "paths": paths,
         "size_bytes": {"dense": state_dict_bytes(dense.state_dict()),
                        "sparse": state_dict_bytes(sparse_model.state_dict())},

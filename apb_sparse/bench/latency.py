@@ -20,7 +20,7 @@ from .results import cell_id, cell_key
 from .timing import interleaved_medians
 
 # ----------------------------------------------------------------------------------- speed
-LATENCY_BASELINE = ("the dense model deployed the same way (apb_sparse.deploy(dense, x, path='dense'): BatchNorm "
+LATENCY_BASELINE = ("the dense model deployed the same way (apb_sparse.deploy(dense, x, layout='dense'): BatchNorm "
                     "folded, TorchScript graph); speedup_vs_eager is against the eager dense model")
 
 
@@ -29,13 +29,13 @@ def measure_latency(dense: nn.Module, sparse: nn.Module, input_shape: Sequence[i
     """Median inference latency of the deployed dense and sparse models, interleaved, same run.
 
     Both are timed as :func:`apb_sparse.deploy` snapshots (the form the leaderboard times): the
-    baseline is ``deploy(dense, x, path="dense")``; ``speedup_vs_eager`` is against the eager dense
+    baseline is ``deploy(dense, x, layout="dense")``; ``speedup_vs_eager`` is against the eager dense
     model.  Outputs are compared first (a fast wrong model is not a result).
     """
     gen = torch.Generator().manual_seed(0)
     x = torch.rand((batch, *input_shape), generator=gen).to(device)
     eager = copy.deepcopy(dense).to(device).eval()
-    dense_d = deploy(eager, x, path="dense")
+    dense_d = deploy(eager, x, layout="dense")
     sparse_d = sparse if isinstance(sparse, DeployedModel) else deploy(copy.deepcopy(sparse).to(device).eval(), x)
     with torch.inference_mode():
         ref = eager(x)
@@ -62,9 +62,9 @@ def time_deployed(records: Sequence[Dict[str, Any]], out_dir, preset: Preset, *,
     (the dense reference's weights) is timed in every round, deployed like the sparse models
     (BatchNorm folded, ReLU fused: the speedup is what the sparsity buys) and as eager torch
     (``speedup_vs_eager``), next to each cell's deployment model:
-    ``apb_sparse.deploy(model, x, path=<the checkpoint's per-layer paths>)`` (BatchNorm folded,
+    ``apb_sparse.deploy(model, x, layout=<the checkpoint's per-layer layouts>)`` (BatchNorm folded,
     ReLU / residual add fused, TorchScript graph), the same form as the dense baseline
-    ``deploy(dense, x, path="dense")``. Each round calls every model for ``preset.latency_min_time``
+    ``deploy(dense, x, layout="dense")``. Each round calls every model for ``preset.latency_min_time``
     seconds; ``preset.latency_rounds`` rounds. The speedup of a cell is the folded dense median over
     its median; its spread is the interquartile range (and min / max) of the per-round ratios
     (dense and sparse from the same round).
@@ -105,13 +105,13 @@ def time_deployed(records: Sequence[Dict[str, Any]], out_dir, preset: Preset, *,
             # The per-layer paths saved with the checkpoint (chosen by the analytic cost model):
             # measuring them here instead ("calibrate") proved worse on a loaded machine, where
             # three noisy rounds per layer sent half of the 95 %-sparse layers to the dense path.
-            deployed = deploy(dz, x, path=cfg.get("paths") or "auto")
+            deployed = deploy(dz, x, layout=cfg.get("paths") or "auto")
             with torch.inference_mode():
                 ref, got = dz(x), deployed(x)
             diff = float((got - ref).abs().max())
             cid = cell_id(cell_key(r))
             checks[cid] = {"max_abs_diff": diff, "outputs_match": diff <= 1e-3 * max(1.0, float(ref.abs().max())),
-                           "paths": {n: c.path for n, c in getattr(deployed, "apb_sparse_choices", {}).items()}}
+                           "paths": {n: c.layout for n, c in getattr(deployed, "apb_sparse_choices", {}).items()}}
             models[cid] = (deployed, da, cell_key(r))
         if not models:
             return result
@@ -124,7 +124,7 @@ def time_deployed(records: Sequence[Dict[str, Any]], out_dir, preset: Preset, *,
             x1s = {da: x[:1].clone() for da, x in xs.items()}
             for da, base in baselines.items():
                 b = copy.deepcopy(base).to(dev).eval()
-                bf = deploy(base.to(dev), xs[da], path="dense")
+                bf = deploy(base.to(dev), xs[da], layout="dense")
                 fns[f"dense:{da}"] = (lambda b=b, x=xs[da]: b(x))
                 fns[f"dense-fused:{da}"] = (lambda b=bf, x=xs[da]: b(x))
                 fns[f"b1:dense-fused:{da}"] = (lambda b=bf, x=x1s[da]: b(x))

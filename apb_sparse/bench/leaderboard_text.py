@@ -47,7 +47,7 @@ def _how_to_read(records: List[Dict[str, Any]], rows: List[Dict[str, Any]]) -> L
     if lat:
         lines.append(f"- **CPU speedup**: latency of the dense model over the latency of the method's sparse "
                      f"model, both deployed the same way (`apb_sparse.deploy`: BatchNorm folded, ReLU / residual "
-                     f"fused, TorchScript graph; the dense one with `path=\"dense\"`), so it is what the sparsity "
+                     f"fused, TorchScript graph; the dense one with `layout=\"dense\"`), so it is what the sparsity "
                      f"alone buys; batch {lat.get('batch')} and **batch 1**, {lat.get('threads') or '?'} thread(s), "
                      f"median of {lat.get('rounds')} rounds"
                      + (" of process CPU time (one thread: the time slices the OS gave to other jobs are left "

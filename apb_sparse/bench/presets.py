@@ -27,9 +27,9 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Dict, Optional, Tuple
 
-__all__ = ["Preset", "PRESETS", "get_preset", "STRUCTURES"]
+from ..structures import STRUCTURES
 
-STRUCTURES = ("unstructured", "filter")
+__all__ = ["Preset", "PRESETS", "get_preset", "STRUCTURES"]
 
 
 @dataclass(frozen=True)

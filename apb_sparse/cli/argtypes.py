@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..structures import STRUCTURES, normalize_structure
+
 
 def _sparsity(text: str) -> float:
     try:
@@ -60,12 +62,12 @@ def _json_dict(text: str) -> dict:
     return v
 
 
-STRUCTURE_CHOICES = ("unstructured", "filter")
+STRUCTURE_CHOICES = STRUCTURES
 
 
 def _structure(text: str) -> str:
-    aliases = {"us": "unstructured", "unstructured": "unstructured", "s": "filter", "filter": "filter",
-               "filters": "filter", "structured": "filter", "channel": "filter", "channels": "filter"}
-    if text.lower() not in aliases:
-        raise argparse.ArgumentTypeError(f"expected 'unstructured' (US) or 'filter' (S, structured), got {text!r}")
-    return aliases[text.lower()]
+    try:
+        return normalize_structure(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'unstructured' (US) or 'filter' (S, structured), got {text!r}") \
+            from None

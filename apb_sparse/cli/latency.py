@@ -41,8 +41,7 @@ def _cmd_bench_latency(args, parser) -> int:
             parser.error(f"argument --arch/--model-kwargs: {e}")
         variants = []
         for s in args.sparsities:
-            masked = apply_masks(dense, magnitude_masks(dense, s, structure="channels" if args.structure == "filter"
-                                                        else "unstructured"))
+            masked = apply_masks(dense, magnitude_masks(dense, s, structure=args.structure))
             variants.append((f"{args.structure} {100 * s:g} %", masked, sparsify(masked)))
     print(f"{'model':<28} {'batch':>5} {'sparsity':>8} {'dense ms':>10} {'sparse ms':>10} {'speedup':>8}")
     for label, dense_m, sparse_m in variants:

@@ -25,6 +25,7 @@ TorchScript's own warnings and never traced).
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Dict, Mapping, Optional, Tuple, Union
 
 import torch
@@ -51,8 +52,9 @@ def _only_torch_prune(m: nn.Module) -> bool:
 
 
 def deploy(model: nn.Module, example_input: Union[Tensor, Tuple[Tensor, ...]], *,
-           masks: Optional[Mapping[str, Tensor]] = None, path: Union[str, Mapping[str, str]] = "auto",
-           script: bool = True, check: bool = True) -> DeployedModel:
+           masks: Optional[Mapping[str, Tensor]] = None, layout: Union[str, Mapping[str, str]] = "auto",
+           script: bool = True, check: bool = True,
+           path: Union[str, Mapping[str, str], None] = None) -> DeployedModel:
     """A frozen inference snapshot of ``model``: BatchNorms folded, sparse layers, ReLU / residual
     add in the kernel epilogue, a TorchScript graph per input signature.
 
@@ -63,18 +65,20 @@ def deploy(model: nn.Module, example_input: Union[Tensor, Tuple[Tensor, ...]], *
     Args:
         model: a model in eval mode: dense (zeros in the weights are used), masked
             (:mod:`apb_sparse.nn` masked layers, ``torch.nn.utils.prune``) or already converted by
-            :func:`~apb_sparse.sparsify` (its per-layer paths are kept).
+            :func:`~apb_sparse.sparsify` (its per-layer layouts are kept).
         example_input: an input batch (or tuple of inputs) of the deployment shape: the graph for
             its signature is traced and checked now, and the snapshot's output on it is compared
             with ``model``'s.
         masks: optional ``{layer name: 0/1 mask}`` applied before conversion (as ``sparsify``).
-        path: per-layer path for layers not already converted (see ``sparsify``).
+        layout: per-layer layout for layers not already converted (see ``sparsify``);
+            ``"dense"`` deploys the dense baseline the benchmarks compare with.
         script: make TorchScript graphs for ``no_grad`` calls (False: always the Python graph).
         check: compare the snapshot's output on ``example_input`` with ``model``'s and raise
             ``RuntimeError`` when they differ by more than rounding.
+        path: deprecated name of ``layout`` (version 0.2); warns.
 
     Returns:
-        A :class:`DeployedModel`; ``apb_sparse_choices`` and ``apb_deploy_info`` say which path
+        A :class:`DeployedModel`; ``apb_sparse_choices`` and ``apb_deploy_info`` say which layout
         each layer took, what was folded and fused, and whether the graph was traced.
 
     Raises:
@@ -97,18 +101,21 @@ def deploy(model: nn.Module, example_input: Union[Tensor, Tuple[Tensor, ...]], *
     if hooked:
         raise ValueError(f"model has forward hooks on {hooked[:5]}: a deployed snapshot would not run them; "
                          "remove them, or use apb_sparse.sparsify(model), which keeps the model's forward")
+    if path is not None:
+        warnings.warn("deploy(path=...) is renamed deploy(layout=...)", FutureWarning, stacklevel=2)
+        layout = path
     with torch.no_grad():
         reference = model(*(a.clone() for a in args)) if check else None
     work = bake_torch_prune(copy.deepcopy(model))
-    paths: Union[str, Dict[str, str]] = path
+    layouts: Union[str, Dict[str, str]] = layout
     if any(isinstance(m, SPARSE_LAYERS) for m in work.modules()):
-        # Already converted: fold into dense weights, then convert again with the same paths.
-        kept = {n: c.path for n, c in getattr(work, "apb_sparse_choices", {}).items()}
+        # Already converted: fold into dense weights, then convert again with the same layouts.
+        kept = {n: c.layout for n, c in getattr(work, "apb_sparse_choices", {}).items()}
         work = densify(work, inplace=True)
-        paths = {**({} if isinstance(path, str) else dict(path)), **kept} if kept else path
+        layouts = {**({} if isinstance(layout, str) else dict(layout)), **kept} if kept else layout
     work = fold_batchnorm(work, inplace=True)
     folded_skipped = dict(getattr(work, "apb_fuse_skipped", {}))
-    work = sparsify(work, masks, inplace=True, path=paths, fuse=False)
+    work = sparsify(work, masks, inplace=True, layout=layouts, fuse=False)
     choices = work.apb_sparse_choices
     work = fuse_activations(work)
     fused_skipped = dict(getattr(work, "apb_fuse_skipped", {}))

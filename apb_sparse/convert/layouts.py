@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from ..nn.sparse import ChannelSparseConv2d, SparseConv2d, SparseLinear
 
-__all__ = ["Layout", "LAYOUTS", "register_layout", "layout_of", "layer_classes", "UNSTRUCTURED_EFFICIENCY",
+__all__ = ["Layout", "LAYOUTS", "register_layout", "layout_of", "normalize_layout", "LAYOUT_ALIASES", "layer_classes", "UNSTRUCTURED_EFFICIENCY",
            "STRUCTURED_EFFICIENCY", "STEM_TAPS", "STEM_EFFICIENCY"]
 
 UNSTRUCTURED_EFFICIENCY = 0.35
@@ -39,7 +39,8 @@ class Layout:
     """One deployment layout.
 
     Attributes:
-        name: the path name users pass to ``sparsify(path=...)`` and see in ``LayerChoice.path``.
+        name: the name users pass to ``sparsify(layout=...)`` / ``deploy(layout=...)`` and see in
+            ``LayerChoice.layout``.
         conv: layer class for ``nn.Conv2d`` (None: convs cannot take it).
         linear: layer class for ``nn.Linear`` (None: linear layers cannot take it).
         cost: ``cost(layer, weight) -> relative cost or None`` (None: not applicable to this layer).
@@ -102,7 +103,7 @@ def register_layout(layout: Layout) -> Layout:
 # Order matters for ties: the first cheapest wins, so a fully dense stem stays a vendor conv.
 register_layout(Layout("dense", nn.Conv2d, nn.Linear, lambda layer, weight: 1.0))
 register_layout(Layout("unstructured", SparseConv2d, SparseLinear, _unstructured_cost))
-register_layout(Layout("structured", ChannelSparseConv2d, None, _structured_cost))
+register_layout(Layout("filter", ChannelSparseConv2d, None, _structured_cost))
 
 
 def layer_classes() -> Tuple[type, ...]:
@@ -115,6 +116,19 @@ def layer_classes() -> Tuple[type, ...]:
             if cls is not None and cls not in out:
                 out.append(cls)
     return tuple(out)
+
+
+LAYOUT_ALIASES = {"structured": "filter"}
+"""Older layout names still accepted (saved models of version 0.2 name the filter layout "structured")."""
+
+
+def normalize_layout(name: str, argument: str = "layout") -> str:
+    """The registered layout called ``name`` (or ``"auto"``), resolving older aliases; a ValueError
+    naming ``argument`` for anything else."""
+    canonical = LAYOUT_ALIASES.get(name, name) if isinstance(name, str) else name
+    if canonical != "auto" and canonical not in LAYOUTS:
+        raise ValueError(f"{argument} must be one of {('auto', *LAYOUTS)}, got {name!r}")
+    return canonical
 
 
 def layout_of(layer: nn.Module) -> Optional[str]:

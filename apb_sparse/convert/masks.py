@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from ..nn.masked import MaskedLayer
+from ..structures import normalize_structure
 from .compact import channel_groups
 from .sparsify import _effective_weight, _prunable
 
@@ -41,14 +42,15 @@ def magnitude_masks(model: nn.Module, sparsity: float, *, structure: str = "unst
 
     Args:
         model: the model (dense or masked).
-        sparsity: fraction of weights (or, for ``structure="channels"``, of output filters of
+        sparsity: fraction of weights (or, for ``structure="filter"``, of output filters of
             each conv layer) to remove, in [0, 1].
-        structure: ``"unstructured"`` or ``"channels"`` (whole conv filters by L2 norm; linear
-            layers are left dense).
+        structure: ``"unstructured"`` or ``"filter"`` (whole conv filters by L2 norm; linear
+            layers are left dense).  Older spellings (``"channels"``, ``"structured"``) are
+            aliases (:mod:`apb_sparse.structures`).
         scope: ``"local"`` (every layer at ``sparsity``) or ``"global"`` (one magnitude threshold
             over all layers; unstructured only).
         layers: names of the layers to prune (default: all conv and linear layers).
-        coupled: with ``structure="channels"``, drop the same filters (lowest summed L2 norm) in
+        coupled: with ``structure="filter"``, drop the same filters (lowest summed L2 norm) in
             every conv that writes into one channel space (the convs joined by a residual add, see
             :func:`channel_groups`), so that :func:`compact` can remove all of them; otherwise
             each conv picks its own filters and a residual join keeps the union.
@@ -59,11 +61,10 @@ def magnitude_masks(model: nn.Module, sparsity: float, *, structure: str = "unst
         ``{layer name: 0/1 mask}`` to pass to :func:`sparsify` or :func:`apply_masks`.
     """
     sparsity = _check_sparsity(sparsity)
-    if structure not in ("unstructured", "channels"):
-        raise ValueError(f"structure must be 'unstructured' or 'channels', got {structure!r}")
+    structure = normalize_structure(structure)
     if scope not in ("local", "global"):
         raise ValueError(f"scope must be 'local' or 'global', got {scope!r}")
-    if structure == "channels" and scope == "global":
+    if structure == "filter" and scope == "global":
         raise ValueError("scope='global' is only supported with structure='unstructured'")
     all_layers = dict(_prunable(model))
     names = list(all_layers) if layers is None else list(layers)
@@ -71,14 +72,14 @@ def magnitude_masks(model: nn.Module, sparsity: float, *, structure: str = "unst
     if missing:
         raise ValueError(f"layers not found among the model's Conv2d/Linear layers: {missing}")
     masks: Dict[str, Tensor] = {}
-    if coupled and structure != "channels":
-        raise ValueError("coupled=True needs structure='channels'")
+    if coupled and structure != "filter":
+        raise ValueError("coupled=True needs structure='filter'")
     if example_input is not None and not coupled:
         raise ValueError("example_input is only used with coupled=True (to trace the channel spaces)")
     if example_input is not None and not isinstance(example_input, Tensor):
         raise TypeError(f"example_input must be a tensor, got {type(example_input).__name__}")
-    if structure == "channels" and coupled:
-        # Linear layers keep all their weights under structure="channels": with no conv to
+    if structure == "filter" and coupled:
+        # Linear layers keep all their weights under structure="filter": with no conv to
         # prune there is nothing to couple (and no image input to trace the model with).
         has_conv = any(isinstance(all_layers[n], nn.Conv2d) for n in names)
         for group in channel_groups(model, example_input) if has_conv else []:
@@ -96,7 +97,7 @@ def magnitude_masks(model: nn.Module, sparsity: float, *, structure: str = "unst
             if n not in masks:
                 masks[n] = torch.ones_like(_effective_weight(all_layers[n], None))
         return masks
-    if structure == "channels":
+    if structure == "filter":
         for n in names:
             w = _effective_weight(all_layers[n], None)
             mask = torch.ones_like(w)

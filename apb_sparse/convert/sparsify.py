@@ -1,16 +1,16 @@
 """Model conversion: masks -> sparse deployment layers and back; sparsity reports.
 
-``sparsify`` picks, per layer, the cheapest of three paths by an expected-cost model:
+``sparsify`` picks, per layer, the cheapest of three layouts by an expected-cost model:
 
 * ``"dense"``: keep ``nn.Conv2d`` / ``nn.Linear`` (vendor kernel) on ``weight * mask``;
 * ``"unstructured"``: :class:`~apb_sparse.nn.SparseConv2d` / :class:`~apb_sparse.nn.SparseLinear`
   (CSR nonzeros, the row-gather kernel);
-* ``"structured"``: :class:`~apb_sparse.nn.ChannelSparseConv2d` (dense block of the kept filters
-  and input channels).
+* ``"filter"``: :class:`~apb_sparse.nn.ChannelSparseConv2d` (dense block of the kept filters
+  and input channels; called ``"structured"`` in version 0.2, a name still accepted).
 
 Costs are relative to the dense layer: dense = 1, unstructured = density / UNSTRUCTURED_EFFICIENCY,
-structured = kept-block density / STRUCTURED_EFFICIENCY.  The efficiencies are the rate at which
-each path does its useful multiply-adds compared with the dense vendor kernel; they were measured
+filter = kept-block density / STRUCTURED_EFFICIENCY.  The efficiencies are the rate at which
+each layout does its useful multiply-adds compared with the dense vendor kernel; they were measured
 with ``benchmarks/latency.py --per-layer`` on the 2-core AVX2 development machine.  Stem convs
 (at most STEM_TAPS taps per filter: 1- or 3-channel images) use STEM_EFFICIENCY = 1: the vendor
 kernel has no input channels to block over there and our kernel measured as fast or faster even
@@ -40,31 +40,38 @@ from ..nn.sparse import SparseLinear
 from .deployed import DeployedModel
 from .fuse import fold_batchnorm, fuse_activations, unfuse
 from .layouts import (LAYOUTS, STEM_EFFICIENCY, STEM_TAPS, STRUCTURED_EFFICIENCY, UNSTRUCTURED_EFFICIENCY,
-                      block_density, layer_classes, layout_of)
+                      block_density, layer_classes, layout_of, normalize_layout)
 
 __all__ = ["sparsify", "densify", "sparsity_report", "SparsityReport", "LayerReport", "LayerChoice",
            "bake_torch_prune", "register_converter", "unregister_converter", "PATHS",
            "UNSTRUCTURED_EFFICIENCY", "STRUCTURED_EFFICIENCY", "STEM_TAPS", "STEM_EFFICIENCY"]
 
-PATHS = ("auto", "dense", "unstructured", "structured")
-"""The built-in paths (``"auto"`` and the layouts registered in :mod:`.layouts` at import)."""
+PATHS = ("auto", *LAYOUTS)
+"""The built-in layout names (``"auto"`` and the layouts registered in :mod:`.layouts` at import); the
+version-0.2 name of this tuple, kept."""
 SPARSE_LAYERS = layer_classes()
 
 
 @dataclass
 class LayerChoice:
-    """Why ``sparsify`` chose a layer's path: densities and the expected relative costs.
+    """Why ``sparsify`` chose a layer's layout: densities and the expected relative costs.
 
-    ``reason`` is set when the layer could not take the path the cost model (or the caller) asked
-    for: it then stays dense (``path == "dense"``), either as a plain dense layer or, for layers
+    ``reason`` is set when the layer could not take the layout the cost model (or the caller) asked
+    for: it then stays dense (``layout == "dense"``), either as a plain dense layer or, for layers
     ``sparsify`` does not convert at all (see the module docstring), exactly as it was.
     """
 
-    path: str
+    layout: str
     density: float
     block_density: Optional[float]
     cost: Dict[str, float] = field(default_factory=dict)
     reason: Optional[str] = None
+
+    @property
+    def path(self) -> str:
+        """Deprecated name of :attr:`layout` (version 0.2)."""
+        warnings.warn("LayerChoice.path is renamed LayerChoice.layout", DeprecationWarning, stacklevel=2)
+        return self.layout
 
 
 # ----------------------------------------------------------------------------------------------
@@ -189,21 +196,21 @@ def _effective_weight(layer: nn.Module, mask: Optional[Tensor]) -> Tensor:
     return w
 
 
-def _choose(layer: nn.Module, weight: Tensor, path: str) -> LayerChoice:
-    """The cheapest registered layout for ``layer`` (``path="auto"``), or the one asked for."""
+def _choose(layer: nn.Module, weight: Tensor, layout: str) -> LayerChoice:
+    """The cheapest registered layout for ``layer`` (``layout="auto"``), or the one asked for."""
     density = float(weight.count_nonzero()) / max(1, weight.numel())
     cost = {}
-    for name, layout in LAYOUTS.items():
-        if layout.layer_class(layer) is not None:
-            c = layout.cost(layer, weight)
+    for name, candidate in LAYOUTS.items():
+        if candidate.layer_class(layer) is not None:
+            c = candidate.cost(layer, weight)
             if c is not None:
                 cost[name] = float(c)
-    if path == "auto":
+    if layout == "auto":
         chosen = min(cost, key=cost.get)  # ties: the first registered (dense)
-    elif path in cost:
-        chosen = path
+    elif layout in cost:
+        chosen = layout
     else:
-        chosen = "unstructured"  # structured requested on a layer that cannot take it
+        chosen = "unstructured"  # the filter layout requested on a layer that cannot take it
     return LayerChoice(chosen, density, block_density(layer, weight), cost)
 
 
@@ -248,12 +255,12 @@ def _kernel_refuses(cls: type, dtype: torch.dtype, device: torch.device) -> Opti
     return _PROBED[key]
 
 
-def _build_sparse(layer: nn.Module, weight: Tensor, path: str) -> Tuple[Optional[nn.Module], Optional[str]]:
-    """``(sparse layer, None)`` for ``path``, or ``(None, why not)``."""
+def _build_sparse(layer: nn.Module, weight: Tensor, layout: str) -> Tuple[Optional[nn.Module], Optional[str]]:
+    """``(sparse layer, None)`` for ``layout``, or ``(None, why not)``."""
     is_conv = isinstance(layer, nn.Conv2d)
-    cls = LAYOUTS[path].layer_class(layer)
+    cls = LAYOUTS[layout].layer_class(layer)
     if cls is None:
-        return None, f"the {path} layout has no {'convolution' if is_conv else 'linear'} layer"
+        return None, f"the {layout} layout has no {'convolution' if is_conv else 'linear'} layer"
     if weight.numel() == 0:
         return None, "zero-size layer: nothing to sparsify"
     refused = _kernel_refuses(cls, weight.dtype, weight.device)
@@ -354,8 +361,9 @@ def _mask_in_place(layer: nn.Module, mask: Tensor) -> None:
 
 
 def sparsify(model: nn.Module, masks: Optional[Mapping[str, Tensor]] = None, *, inplace: bool = False,
-             path: Union[str, Mapping[str, str]] = "auto", fuse: Union[bool, str] = False,
-             calibrate: Optional[Tensor] = None, calibrate_rounds: int = 5) -> nn.Module:
+             layout: Union[str, Mapping[str, str]] = "auto", fuse: Union[bool, str] = False,
+             calibrate: Optional[Tensor] = None, calibrate_rounds: int = 5,
+             path: Union[str, Mapping[str, str], None] = None) -> nn.Module:
     """Replace each ``nn.Conv2d`` / ``nn.Linear`` (masked ones included) by its sparse counterpart.
 
     Layers that cannot be converted without changing the model's function are left as they are,
@@ -372,37 +380,37 @@ def sparsify(model: nn.Module, masks: Optional[Mapping[str, Tensor]] = None, *, 
         masks: optional ``{module name: 0/1 tensor shaped like its weight}``; else the masks of
             masked layers and the zeros already in the weights are used.
         inplace: modify ``model`` instead of a deep copy.
-        path: ``"auto"`` (per-layer choice by expected cost), or force ``"dense"``,
-            ``"unstructured"`` or ``"structured"`` (layers that cannot take the structured path,
+        layout: ``"auto"`` (per-layer choice by expected cost), or force ``"dense"``,
+            ``"unstructured"`` or ``"filter"`` (layers that cannot take the filter layout,
             grouped convs and linear layers, use the unstructured one); or a mapping
-            ``{layer name: path}`` (e.g. the paths of a saved model, to rebuild it before
-            ``load_state_dict``; layers not named use ``"auto"``).
+            ``{layer name: layout}`` (e.g. the layouts of a saved model, to rebuild it before
+            ``load_state_dict``; layers not named use ``"auto"``).  ``"structured"`` is the
+            version-0.2 name of ``"filter"`` and still accepted.
         fuse: deprecated. ``False`` (default): layers are swapped and nothing else; the model
             keeps its own forward.  For inference speed use :func:`apb_sparse.deploy`, which
             returns a frozen snapshot (BatchNorms folded, ReLU / residual add fused).  ``True``
             still returns the older folded ``fx.GraphModule`` with a ``DeprecationWarning``;
             ``"auto"`` (the old default: a fused forward with caches that guessed when the model
             changed, wrong after in-place updates) now warns and behaves as ``False``.
+        path: deprecated name of ``layout`` (version 0.2); warns.
         calibrate, calibrate_rounds: deprecated and ignored with a warning (per-layer timing on
             a loaded machine chose worse paths than the cost model); the analytic cost model
             decides.
 
     Returns:
         The converted model.  ``model.apb_sparse_choices`` maps each conv / linear layer's name
-        to a :class:`LayerChoice` (path, densities, expected costs, and why a layer stayed dense).
+        to a :class:`LayerChoice` (layout, densities, expected costs, and why a layer stayed dense).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    per_layer = dict(path) if isinstance(path, Mapping) else {}
-    default = "auto" if isinstance(path, Mapping) else path
-    paths = ("auto", *LAYOUTS)
-    for p in [default, *per_layer.values()]:
-        if p not in paths:
-            raise ValueError(f"path must be one of {paths}, got {p!r}")
+    if path is not None:
+        warnings.warn("sparsify(path=...) is renamed sparsify(layout=...)", FutureWarning, stacklevel=2)
+        layout = path
+    per_layer, default = _layout_argument(layout)
     layers = _prunable(model)
-    unknown_paths = sorted(set(per_layer) - {n for n, _ in layers})
-    if unknown_paths:
-        raise ValueError(f"path names layers that are not Conv2d/Linear layers of the model: {unknown_paths}")
+    unknown_layers = sorted(set(per_layer) - {n for n, _ in layers})
+    if unknown_layers:
+        raise ValueError(f"layout names layers that are not Conv2d/Linear layers of the model: {unknown_layers}")
     masks = dict(masks or {})
     unknown = sorted(set(masks) - {n for n, _ in layers})
     if unknown:
@@ -418,7 +426,7 @@ def sparsify(model: nn.Module, masks: Optional[Mapping[str, Tensor]] = None, *, 
                       "deployment snapshot every benchmark times", DeprecationWarning, stacklevel=2)
     if calibrate is not None:
         warnings.warn("sparsify(calibrate=...) is deprecated and ignored: the analytic cost model chooses "
-                      "each layer's path", DeprecationWarning, stacklevel=2)
+                      "each layer's layout", DeprecationWarning, stacklevel=2)
         calibrate = None
     if not inplace:
         model = copy.deepcopy(model)
@@ -447,11 +455,11 @@ def sparsify(model: nn.Module, masks: Optional[Mapping[str, Tensor]] = None, *, 
         weight = _effective_weight(source, masks.get(name))
         choice = _choose(source, weight, per_layer.get(name, default))
         new = None
-        if choice.path != "dense":
-            new, why = _build_sparse(source, weight, choice.path)
+        if choice.layout != "dense":
+            new, why = _build_sparse(source, weight, choice.layout)
             if new is None:
-                choice.reason = f"{choice.path} path unavailable: {why}"
-                choice.path = "dense"
+                choice.reason = f"{choice.layout} layout unavailable: {why}"
+                choice.layout = "dense"
         model = _replace(model, name, new if new is not None else _plain(source, weight))
         choices[name] = choice
     if fuse is True:
@@ -460,6 +468,14 @@ def sparsify(model: nn.Module, masks: Optional[Mapping[str, Tensor]] = None, *, 
         model.apb_fuse_skipped = skipped_fusions
     model.apb_sparse_choices = {n: choices[n] for n, _ in layers if n in choices}
     return model
+
+
+def _layout_argument(layout: Union[str, Mapping[str, str]]) -> Tuple[Dict[str, str], str]:
+    """``(per-layer layouts, default layout)`` of a ``layout`` argument, names checked and aliases
+    resolved."""
+    if isinstance(layout, Mapping):
+        return {name: normalize_layout(v, "layout") for name, v in layout.items()}, "auto"
+    return {}, normalize_layout(layout, "layout")
 
 
 def _restore_padding_mode(dense: nn.Module, layer: nn.Module) -> nn.Module:
@@ -510,13 +526,19 @@ class LayerReport:
 
     name: str
     kind: str
-    path: str
+    layout: str
     shape: List[int]
     numel: int
     nonzeros: int
     sparsity: float
     dense_macs: Optional[int]
     sparse_macs: Optional[int]
+
+    @property
+    def path(self) -> str:
+        """Deprecated name of :attr:`layout` (version 0.2)."""
+        warnings.warn("LayerReport.path is renamed LayerReport.layout", DeprecationWarning, stacklevel=2)
+        return self.layout
 
 
 @dataclass
@@ -553,13 +575,13 @@ class SparsityReport:
                 "layers": [asdict(l) for l in self.layers]}
 
     def __str__(self) -> str:
-        head = f"{'layer':<28} {'kind':<20} {'path':<12} {'nonzeros':>10} {'sparsity':>9} {'dense MACs':>12} {'sparse MACs':>12}"
+        head = f"{'layer':<28} {'kind':<20} {'layout':<12} {'nonzeros':>10} {'sparsity':>9} {'dense MACs':>12} {'sparse MACs':>12}"
         rows = [head, "-" * len(head)]
 
         def fmt(v):
             return "-" if v is None else f"{v:,}"
         for l in self.layers:
-            rows.append(f"{l.name:<28} {l.kind:<20} {l.path:<12} {l.nonzeros:>10,} {l.sparsity:>9.4f} "
+            rows.append(f"{l.name:<28} {l.kind:<20} {l.layout:<12} {l.nonzeros:>10,} {l.sparsity:>9.4f} "
                         f"{fmt(l.dense_macs):>12} {fmt(l.sparse_macs):>12}")
         rows.append(f"{'total':<28} {'':<20} {'':<12} {self.nonzeros:>10,} {self.sparsity:>9.4f} "
                     f"{fmt(self.dense_macs):>12} {fmt(self.sparse_macs):>12}")
@@ -575,7 +597,7 @@ def _layer_weight(layer: nn.Module) -> Tensor:
     return _effective_weight(layer, None)
 
 
-def _path_of(layer: nn.Module) -> str:
+def _layout_name(layer: nn.Module) -> str:
     if layout_of(layer) is not None:
         return layout_of(layer)
     if isinstance(layer, MaskedLayer):
@@ -637,7 +659,7 @@ def sparsity_report(model: nn.Module, input_size: Optional[Sequence[int]] = None
             nnz = w.numel()
         pos = outputs.get(name)
         layers.append(LayerReport(
-            name=name, kind=type(layer).__name__, path=_path_of(layer), shape=list(w.shape), numel=w.numel(),
+            name=name, kind=type(layer).__name__, layout=_layout_name(layer), shape=list(w.shape), numel=w.numel(),
             nonzeros=nnz, sparsity=1.0 - nnz / max(1, w.numel()),
             dense_macs=None if pos is None else pos * w.numel(),
             sparse_macs=None if pos is None else pos * nnz))

@@ -6,7 +6,7 @@
   first conv and classifier included (HYDRA's choice). The requested sparsity is the fraction of
   zeros over all of them, so it matches the total of ``apb_sparse.sparsity_report``. Biases,
   BatchNorm parameters and the embedded normalisation are not pruned.
-* ``structure="filter"`` (aliases ``"structured"``, ``"channel"``): whole output filters of every
+* ``structure="filter"`` (aliases in :mod:`apb_sparse.structures`): whole output filters of every
   conv layer (``groups == 1``). Linear layers stay dense because a row of the classifier is a class.
   The requested sparsity is the fraction of conv weights removed by pruned filters (within one
   filter per layer of rounding). For a pruned filter the conv's mask row, its bias and the
@@ -22,20 +22,9 @@ from typing import List, Tuple
 from torch import nn
 
 from ..nn.masked import MaskedConv2d, masked_layers
+from ..structures import STRUCTURES, normalize_structure
 
 __all__ = ["STRUCTURES", "normalize_structure", "prunable_layers"]
-
-STRUCTURES = ("unstructured", "filter")
-_STRUCTURE_ALIASES = {"unstructured": "unstructured", "us": "unstructured",
-                      "filter": "filter", "filters": "filter", "structured": "filter",
-                      "channel": "filter", "channels": "filter", "s": "filter"}
-
-
-def normalize_structure(structure: str) -> str:
-    """Canonical structure name ("unstructured" or "filter")."""
-    if not isinstance(structure, str) or structure.lower() not in _STRUCTURE_ALIASES:
-        raise ValueError(f"structure must be one of {sorted(_STRUCTURE_ALIASES)}, got {structure!r}")
-    return _STRUCTURE_ALIASES[structure.lower()]
 
 
 def prunable_layers(model: nn.Module, structure: str = "unstructured") -> List[Tuple[str, nn.Module]]:

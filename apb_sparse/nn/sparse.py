@@ -103,7 +103,8 @@ class SparseConv2d(_CsrMixin, nn.Module):
     The state_dict stores only the nonzeros (``values``, ``row_ptr``, ``col_idx``) and the bias.
     """
 
-    path = "unstructured"
+    layout = "unstructured"
+    path = layout  # the name of version 0.2
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: Tuple[int, int],
                  stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups: int = 1, bias: bool = True,
@@ -237,7 +238,8 @@ class SparseConv2d(_CsrMixin, nn.Module):
 class SparseLinear(_CsrMixin, nn.Module):
     """Linear layer whose weight is stored as CSR nonzeros. :meth:`from_dense` / :meth:`to_dense`."""
 
-    path = "unstructured"
+    layout = "unstructured"
+    path = layout  # the name of version 0.2
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
                  weight: Optional[Tensor] = None, device=None, dtype=None):
@@ -287,14 +289,15 @@ class SparseLinear(_CsrMixin, nn.Module):
 
 
 class ChannelSparseConv2d(nn.Module):
-    """Structured path: only the kept output filters and input channels are stored, as a dense
+    """Filter layout: only the kept output filters and input channels are stored, as a dense
     block, and computed by the dense kernel on the gathered input channels.  Dropped output
     channels produce their bias (zero without bias), like the masked dense layer.
 
     Only ``groups == 1``.  For physically smaller models use :func:`apb_sparse.compact`.
     """
 
-    path = "structured"
+    layout = "filter"
+    path = layout  # the name of version 0.2
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=(1, 1), padding=(0, 0),
                  dilation=(1, 1), bias: bool = True, *, out_index: Tensor, in_index: Tensor, weight: Tensor,
@@ -363,7 +366,7 @@ class ChannelSparseConv2d(nn.Module):
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
         if conv.groups != 1:
-            raise ValueError(f"conv: the structured path needs groups == 1, got groups={conv.groups}")
+            raise ValueError(f"conv: the filter layout needs groups == 1, got groups={conv.groups}")
         weight = _layer_mask_weight(conv, mask)
         nz = weight != 0
         out_index = nz.flatten(1).any(1).nonzero().flatten()
