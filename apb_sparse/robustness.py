@@ -1,4 +1,7 @@
-"""Attacks and robustness evaluation.
+"""Robustness evaluation (one entry point, :func:`evaluate`) and its result records.
+
+The attacks live in :mod:`apb_sparse.pgd` (PGD) and :mod:`apb_sparse.security` (FMN minimum-norm
+distances, security curves); their names are re-exported here.
 
 * :func:`pgd` -- projected gradient descent (Linf / L2) with random start and restarts; the
   adversarial-training loops in :mod:`apb_sparse.train` use it too.
@@ -11,8 +14,6 @@ Models take [0, 1] images (normalisation lives inside the model); every attack c
 """
 from __future__ import annotations
 
-import contextlib
-import copy
 import logging
 import math
 import re
@@ -22,176 +23,18 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .pgd import (NORMS, _check_eps, _check_norm, _check_positive_int, _eval_mode, _frozen, _lp_norm,  # noqa: F401
+                  _model_device, _predict, _project, _random_start, pgd)
+from .security import fmn_distances, plot_security_curve, security_curve
 
 __all__ = ["pgd", "evaluate", "RobustnessResult", "MaskingCheck", "fmn_distances",
            "security_curve", "plot_security_curve", "AUTOATTACK_ATTACKS", "NORMS"]
 
-NORMS = ("Linf", "L2")
 AUTOATTACK_ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
 _SINGLE_ATTACKS = ("pgd", "autoattack", "fmn") + AUTOATTACK_ATTACKS
 
-
-# ----------------------------------------------------------------------------- argument checks
-def _check_norm(norm: Any) -> str:
-    if norm not in NORMS:
-        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
-    return norm
-
-
-def _check_eps(eps: Any, name: str = "eps") -> float:
-    try:
-        value = float(eps)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a number, got {type(eps).__name__}") from None
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {eps!r}")
-    return value
-
-
-def _check_positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module):
-    """Evaluate in eval mode (BN running stats, no dropout) and restore the caller's mode."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
-
-
-@contextlib.contextmanager
-def _frozen(model: nn.Module):
-    """Stop third-party attacks that call ``loss.backward()`` from filling parameter ``.grad``."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    for p, _ in flags:
-        p.requires_grad_(False)
-    try:
-        yield model
-    finally:
-        for p, f in flags:
-            p.requires_grad_(f)
-
-
-# ----------------------------------------------------------------------------- PGD
-def _lp_norm(t: Tensor, norm: str) -> Tensor:
-    flat = t.flatten(1)
-    return flat.abs().amax(1) if norm == "Linf" else flat.norm(p=2, dim=1)
-
-
-def _project(delta: Tensor, norm: str, eps: float) -> Tensor:
-    if norm == "Linf":
-        return delta.clamp(-eps, eps)
-    n = _lp_norm(delta, "L2").clamp_min(1e-12)
-    factor = (eps / n).clamp(max=1.0)
-    return delta * factor.view(-1, *([1] * (delta.dim() - 1)))
-
-
-def _random_start(x: Tensor, norm: str, eps: float) -> Tensor:
-    if norm == "Linf":
-        return torch.empty_like(x).uniform_(-eps, eps)
-    # Uniform direction, radius uniform in [0, eps].
-    d = torch.randn_like(x)
-    d = d / _lp_norm(d, "L2").clamp_min(1e-12).view(-1, *([1] * (x.dim() - 1)))
-    r = torch.rand(x.shape[0], device=x.device, dtype=x.dtype).view(-1, *([1] * (x.dim() - 1)))
-    return d * r * eps
-
-
-def pgd(model: nn.Module, x: Tensor, y: Tensor, *, norm: str = "Linf", eps: float,
-        alpha: Optional[float] = None, steps: int = 10, restarts: int = 1,
-        random_start: bool = True, keep_best: bool = True) -> Tensor:
-    """Projected gradient ascent on the cross-entropy (Madry et al.), Linf or L2.
-
-    The model is used as it is (its train/eval mode is not changed: :func:`evaluate` and
-    :func:`apb_sparse.train.train` put it in eval mode). Only the input gradient is computed
-    (``torch.autograd.grad``), so parameter ``.grad`` fields are left untouched.
-
-    Args:
-        model: classifier taking [0, 1] images.
-        x: clean images ``[N, C, H, W]`` in [0, 1].
-        y: labels ``[N]``.
-        norm: "Linf" or "L2".
-        eps: radius of the threat model (>= 0).
-        alpha: step size; default ``2.5 * eps / steps``. Linf steps along the gradient sign,
-            L2 along the L2-normalised gradient.
-        steps: iterations per restart (>= 1).
-        restarts: independent random starts; per sample the worst case is kept (a misclassified
-            point if any restart finds one, else the one with the highest loss).
-        random_start: start from a uniform point of the ball (else from ``x``).
-        keep_best: also keep any misclassified intermediate iterate (evaluation); the training
-            loops pass False and use the final iterate, as in Madry's PGD-AT.
-
-    Random starts draw from torch's global generator: seed with ``torch.manual_seed``.
-
-    Returns:
-        Adversarial images, same shape as ``x``, within the ball and in [0, 1], detached.
-    """
-    _check_norm(norm)
-    eps = _check_eps(eps)
-    steps = _check_positive_int(steps, "steps")
-    restarts = _check_positive_int(restarts, "restarts")
-    if alpha is None:
-        alpha = 2.5 * eps / steps
-    alpha = _check_eps(alpha, "alpha")
-    if x.shape[0] != y.shape[0]:
-        raise ValueError(f"x has {x.shape[0]} samples but y has {y.shape[0]}")
-    x = x.detach()
-    y = y.detach()
-    if eps == 0 or x.shape[0] == 0:
-        return x.clone()
-
-    best = x.clone()
-    best_loss = torch.full((x.shape[0],), -float("inf"), device=x.device)
-    best_fooled = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-    view = (-1,) + (1,) * (x.dim() - 1)
-
-    for _ in range(restarts):
-        delta = _random_start(x, norm, eps) if random_start else torch.zeros_like(x)
-        delta = ((x + delta).clamp(0, 1) - x).detach()
-        for _ in range(steps):
-            delta.requires_grad_(True)
-            logits = model(x + delta)
-            loss = F.cross_entropy(logits, y, reduction="none")
-            grad, = torch.autograd.grad(loss.sum(), delta)
-            with torch.no_grad():
-                if keep_best:
-                    fooled = logits.argmax(1) != y
-                    new = fooled & ~best_fooled
-                    best[new] = (x + delta)[new]
-                    best_fooled |= new
-                if norm == "Linf":
-                    step = alpha * grad.sign()
-                else:
-                    step = alpha * grad / _lp_norm(grad, "L2").clamp_min(1e-12).view(view)
-                delta = _project(delta + step, norm, eps)
-                delta = (x + delta).clamp(0, 1) - x
-            delta = delta.detach()
-        with torch.no_grad():
-            x_adv = x + delta
-            logits = model(x_adv)
-            loss = F.cross_entropy(logits, y, reduction="none")
-            fooled = logits.argmax(1) != y
-            # Replace where this restart fools a not-yet-fooled sample, or raises its loss.
-            take = (fooled & ~best_fooled) | (~best_fooled & ~fooled & (loss > best_loss))
-            best[take] = x_adv[take]
-            best_loss = torch.where(take, loss, best_loss)
-            best_fooled |= fooled
-    return best.detach()
 
 
 # ----------------------------------------------------------------------------- results
@@ -267,120 +110,8 @@ class RobustnessResult:
                 f"({self.attack_time:.1f} s){flag}")
 
 
-# ----------------------------------------------------------------------------- FMN
-def fmn_distances(model: nn.Module, x: Tensor, y: Tensor, *, norm: str = "Linf", steps: int = 100,
-                  step_size: Optional[float] = None, batch_size: int = 256,
-                  seed: int = 0) -> Tuple[Tensor, Tensor]:
-    """Per-sample minimal adversarial perturbation norms with FMN (Pintor et al., NeurIPS'21).
-
-    Uses the native FMN of ``secml-torch`` (``secmlt.adv.evasion.fmn.FMN``). Every returned
-    distance is re-verified here: the adversarial point is re-classified by ``model`` and its norm
-    recomputed, so a distance is never smaller than a perturbation that really fools the model.
-
-    Args:
-        model: classifier in the mode it should be attacked in (evaluate() uses eval mode).
-        x, y: images in [0, 1] and labels.
-        norm: "Linf" or "L2".
-        steps: FMN iterations.
-        step_size: initial step size along the L2-normalised gradient (cosine-annealed to 1/100
-            of it); default 1.0 for L2 and 0.1 for Linf, for [0, 1] images.
-        batch_size: attack batch size.
-        seed: seeds torch before the attack.
-
-    Returns:
-        ``(distances, x_adv)``: distances ``[N]`` (0 for clean errors, inf where FMN found no
-        adversarial example) and the adversarial images (``x`` where none was found).
-    """
-    _check_norm(norm)
-    steps = _check_positive_int(steps, "steps")
-    from secmlt.adv.evasion.fmn import FMN
-    from torch.utils.data import DataLoader, TensorDataset
-
-    if step_size is None:
-        step_size = 1.0 if norm == "L2" else 0.1
-    torch.manual_seed(seed)
-    device = _model_device(model)
-    attacked = model
-    if device.type != "cpu":
-        # secml-torch 1.5's native FMN keeps its per-sample bookkeeping on the CPU and mixes it
-        # with the model's outputs, which fails for CUDA models: attack a CPU copy instead (the
-        # distances are re-verified on the original model below).
-        attacked = copy.deepcopy(model).cpu()
-    xc, yc = x.detach().cpu(), y.detach().cpu()
-    chunks = []
-    with _frozen(attacked):
-        for i in range(0, xc.shape[0], batch_size):
-            # A fresh attack object per batch: secml-torch 1.5 leaves the last batch's per-sample
-            # radii in the attack's constraint, which breaks the next batch of another size.
-            attack = FMN(perturbation_model="linf" if norm == "Linf" else "l2", num_steps=steps,
-                         step_size=float(step_size), backend="native")
-            loader = DataLoader(TensorDataset(xc[i:i + batch_size], yc[i:i + batch_size]),
-                                batch_size=batch_size)
-            chunks += [b for b, _ in attack(attacked, loader)]
-    x_adv = torch.cat(chunks).to(device)
-    x = x.to(device)
-    y = y.to(device)
-    with torch.no_grad():
-        pred_adv = _predict(model, x_adv, batch_size)
-        pred_clean = _predict(model, x, batch_size)
-    dist = _lp_norm(x_adv - x, norm)
-    dist = torch.where(pred_adv != y, dist, torch.full_like(dist, float("inf")))
-    dist = torch.where(pred_clean != y, torch.zeros_like(dist), dist)
-    x_adv = torch.where((pred_adv != y).view(-1, *([1] * (x.dim() - 1))), x_adv, x)
-    return dist.detach().cpu(), x_adv.detach()
-
-
-def security_curve(distances: Tensor, eps_grid: Sequence[float]) -> Tuple[List[float], List[float]]:
-    """Robust accuracy at each eps of ``eps_grid``: the fraction of samples whose minimal
-    adversarial distance exceeds eps (clean errors have distance 0 and never count)."""
-    d = distances.detach().cpu().double()
-    grid = [float(e) for e in eps_grid]
-    return grid, [float((d > e).double().mean()) for e in grid]
-
-
-def plot_security_curve(curves: Dict[str, Tuple[Sequence[float], Sequence[float]]],
-                        path: Union[str, Path], *, norm: str = "Linf",
-                        eps_marker: Optional[float] = None, title: Optional[str] = None) -> Path:
-    """Plot one or more security curves (robust accuracy vs eps) to a PNG file.
-
-    Args:
-        curves: label -> (eps_grid, robust_accuracy).
-        path: output file (parent folders are created).
-        norm: for the x-axis label.
-        eps_marker: draw a vertical line at this eps (the evaluated radius).
-        title: figure title.
-    """
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
-    for label, (grid, acc) in curves.items():
-        ax.plot(list(grid), [100 * a for a in acc], label=label)
-    if eps_marker is not None:
-        ax.axvline(eps_marker, color="gray", linestyle="--", linewidth=1)
-    ax.set_xlabel(f"{norm} eps")
-    ax.set_ylabel("robust accuracy (%)")
-    ax.set_ylim(-2, 102)
-    ax.grid(alpha=0.3)
-    if len(curves) > 1:
-        ax.legend()
-    if title:
-        ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
-
 
 # ----------------------------------------------------------------------------- helpers
-def _predict(model: nn.Module, x: Tensor, batch_size: int) -> Tensor:
-    out = [model(x[i:i + batch_size]).argmax(1) for i in range(0, x.shape[0], batch_size)]
-    return torch.cat(out) if out else torch.empty(0, dtype=torch.long, device=x.device)
-
-
 def _pgd_robust(model, x, y, *, norm, eps, steps, restarts, alpha, batch_size, seed) -> Tensor:
     torch.manual_seed(seed)
     flags = []
