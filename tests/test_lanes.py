@@ -35,6 +35,7 @@ CASES = [
     (9, 4, 8, 8, 6, (5, 5), 1, 0, 1, 1, 0.3),       # 5x5 kernel, no padding, 4x4 output
     (20, 16, 2, 2, 16, (1, 1), 1, 0, 1, 1, 0.99),   # 1x1, nearly empty rows
     (32, 1, 8, 8, 16, (3, 3), 1, 1, 1, 1, 0.6),     # one input channel, 64 output pixels
+    (40, 288, 4, 4, 8, (3, 3), 1, 1, 1, 1, 0.9),    # wide input: fewer images per chunk (L2-sized), partial chunk
 ]
 
 

@@ -17,9 +17,10 @@ namespace APB_ISA_NAMESPACE {
 
 /// PB output pixels (pixel table entries q .. q + PB) of one output channel.  NU: units (32-byte
 /// vectors) of lanes per pixel; the output block is stored at dst (pixel stride NU * unit).
+/// off[j]: source offset of nonzero j (its tap's), looked up once per row, not per block.
 template <typename T, int NU, int PB>
-inline void lanes_block(const int64_t* tap, const int32_t* col, const T* val, int32_t nnz, const T* src,
-                        const int64_t* pix, T init, T* dst) {
+inline void lanes_block(const int64_t* off, const T* val, int32_t nnz, const T* src, const int64_t* pix, T init,
+                        T* dst) {
   using U = VecB<T, acc_bytes(NU)>;
   using V = typename U::type;
   constexpr int W = U::W;
@@ -32,7 +33,7 @@ inline void lanes_block(const int64_t* tap, const int32_t* col, const T* val, in
     for (int v = 0; v < N; ++v) acc[p][v] = V{};
   for (int32_t j = 0; j < nnz; ++j) {
     const V w = broadcast<V, T>(val[j]);
-    const int64_t o = tap[col[j]];
+    const int64_t o = off[j];
     for (int p = 0; p < PB; ++p)
       for (int v = 0; v < N; ++v) acc[p][v] += w * loadu<V, T>(s[p] + o + v * W);
   }
@@ -52,16 +53,19 @@ void lanes_rows(const LanesArgs<T>& a, int64_t r0, int64_t r1) {
   constexpr int PB = 8 / N > 0 ? 8 / N : 1;  // 8 independent accumulators hide the FMA latency
   constexpr int L = NU * Vec<T>::W;
   const int64_t P = a.pixels;
+  ChunkScratch<T>& cs = ChunkScratch<T>::get(0, 0);
   for (int64_t r = r0; r < r1; ++r) {
     const int32_t jb = a.row_ptr[r], nnz = a.row_ptr[r + 1] - jb;
     const int32_t* col = a.col + jb;
     const T* val = a.val + jb;
+    int64_t* off = cs.offsets(nnz);
+    for (int32_t j = 0; j < nnz; ++j) off[j] = a.tap[col[j]];
     const T* src = a.src + (a.src_base ? a.src_base[r] : 0);
     const T init = a.init ? a.init[r] : T(0);
     T* dst = a.dst + r * P * L;
     int64_t q = 0;
-    for (; q + PB <= P; q += PB) lanes_block<T, NU, PB>(a.tap, col, val, nnz, src, a.pix + q, init, dst + q * L);
-    for (; q < P; ++q) lanes_block<T, NU, 1>(a.tap, col, val, nnz, src, a.pix + q, init, dst + q * L);
+    for (; q + PB <= P; q += PB) lanes_block<T, NU, PB>(off, val, nnz, src, a.pix + q, init, dst + q * L);
+    for (; q < P; ++q) lanes_block<T, NU, 1>(off, val, nnz, src, a.pix + q, init, dst + q * L);
   }
 }
 

@@ -59,6 +59,9 @@ struct Row {
   const T* res;        ///< residual + dst_base[r], or nullptr
   const Run* runs;     ///< this row's class's runs
   const int32_t* idx;  ///< this row's class's run_index
+  /// Output-row mode: source offset of each of this row's nonzeros (tap[col[j]], looked up once
+  /// per row and cache block instead of once per nonzero and tile), or nullptr.
+  const int64_t* off = nullptr;
 };
 
 /// Stores positions [t, t + len) of a finished tile (in buf) as the tile's runs say.
@@ -150,7 +153,7 @@ inline void tile(const Row<T>& row, const int64_t* tap, int64_t stride, int64_t 
 /// grid offset `src` (row pitch `pitch`) and stored at `dst` (row pitch VPR * W).  acc_in /
 /// acc_out: as for tile().
 template <typename T, int RPT, int VPR>
-inline void tile_rows(const Row<T>& row, const int64_t* tap, int64_t src, int64_t pitch, int64_t dst, bool relu,
+inline void tile_rows(const Row<T>& row, int64_t src, int64_t pitch, int64_t dst, bool relu,
                       const T* acc_in = nullptr, T* acc_out = nullptr) {
   using U = VecB<T, acc_bytes(VPR)>;
   using V = typename U::type;
@@ -170,14 +173,14 @@ inline void tile_rows(const Row<T>& row, const int64_t* tap, int64_t src, int64_
   for (; j + K <= row.nnz; j += K) {
     for (int k = 0; k < K; ++k) {
       const V w = broadcast<V, T>(row.val[j + k]);
-      const T* s = base + tap[row.col[j + k]];
+      const T* s = base + row.off[j + k];
       for (int i = 0; i < RPT; ++i)
         for (int v = 0; v < N; ++v) acc[k][i][v] += w * loadu<V, T>(s + i * pitch + v * W);
     }
   }
   for (; j < row.nnz; ++j) {
     const V w = broadcast<V, T>(row.val[j]);
-    const T* s = base + tap[row.col[j]];
+    const T* s = base + row.off[j];
     for (int i = 0; i < RPT; ++i)
       for (int v = 0; v < N; ++v) acc[K - 1][i][v] += w * loadu<V, T>(s + i * pitch + v * W);
   }
@@ -241,10 +244,21 @@ template <typename T>
 struct ChunkScratch {
   T* acc = nullptr;
   int32_t* split = nullptr;
-  int64_t acc_size = 0, split_size = 0;
+  int64_t* off = nullptr;
+  int64_t acc_size = 0, split_size = 0, off_size = 0;
   ~ChunkScratch() {
     delete[] acc;
     delete[] split;
+    delete[] off;
+  }
+  /// The per-nonzero offset buffer, at least `need` entries.
+  int64_t* offsets(int64_t need) {
+    if (off_size < need) {
+      delete[] off;
+      off = new int64_t[need];
+      off_size = need;
+    }
+    return off;
   }
   static ChunkScratch& get(int64_t acc_need, int64_t split_need) {
     thread_local ChunkScratch s;
@@ -279,7 +293,15 @@ void run_rows(const RowSpmmArgs<T>& a, int64_t r0, int64_t r1, int64_t p0, int64
   const int64_t nk = a.tap_chunk > 0 ? a.tap_chunks : 1;
   const int64_t sub_tiles = imin(kTilesPerSub, (block + TW - 1) / TW);
   const int64_t rbn = nk > 1 ? (a.chunk_rows > 0 ? a.chunk_rows : imax(1, kAccTiles / sub_tiles)) : r1 - r0;
-  ChunkScratch<T>* cs = nk > 1 ? &ChunkScratch<T>::get(imax(kAccTiles, rbn * sub_tiles) * TW, rbn * (nk + 1)) : nullptr;
+  ChunkScratch<T>& cs = ChunkScratch<T>::get(nk > 1 ? imax(kAccTiles, rbn * sub_tiles) * TW : 0,
+                                             nk > 1 ? rbn * (nk + 1) : 0);
+  // Source offsets of the nonzeros of rows [rb, re): entry j - row_ptr[rb] for nonzero j.
+  auto fill_offsets = [&](int64_t rb, int64_t re) {
+    const int32_t jb = a.row_ptr[rb], je = a.row_ptr[re];
+    int64_t* off = cs.offsets(je - jb);
+    for (int32_t j = jb; j < je; ++j) off[j - jb] = a.tap[a.col[j]];
+    return off;
+  };
   int64_t soff[kTilesPerSub], doff[kTilesPerSub];
   for (int64_t pb = p0; pb < p1; pb += block) {
     const int64_t pe = pb + block < p1 ? pb + block : p1;
@@ -294,8 +316,9 @@ void run_rows(const RowSpmmArgs<T>& a, int64_t r0, int64_t r1, int64_t p0, int64
       }
       if (nk == 1) {
         for (int64_t r = r0; r < r1; ++r) {
-          const Row<T> row = make_row(a, r, a.row_ptr[r], a.row_ptr[r + 1], nullptr, nullptr);
-          for (int64_t t = 0; t < nt; ++t) tile_rows<T, RPT, VPR>(row, a.tap, soff[t], a.src_row, doff[t], a.relu);
+          Row<T> row = make_row(a, r, a.row_ptr[r], a.row_ptr[r + 1], nullptr, nullptr);
+          row.off = fill_offsets(r, r + 1);
+          for (int64_t t = 0; t < nt; ++t) tile_rows<T, RPT, VPR>(row, soff[t], a.src_row, doff[t], a.relu);
         }
         continue;
       }
@@ -303,15 +326,17 @@ void run_rows(const RowSpmmArgs<T>& a, int64_t r0, int64_t r1, int64_t p0, int64
       // tile t live at acc[((r - rb) * nt + t) * TW].
       for (int64_t rb = r0; rb < r1; rb += rbn) {
         const int64_t re = imin(rb + rbn, r1);
-        int32_t* split = cs->split;
+        int32_t* split = cs.split;
         chunk_splits(a.row_ptr, a.col, rb, re, a.tap_chunk, nk, split);
+        const int64_t* off = fill_offsets(rb, re);
         for (int64_t k = 0; k < nk; ++k) {
           for (int64_t r = rb; r < re; ++r) {
             const int32_t* sp = split + (r - rb) * (nk + 1);
-            const Row<T> row = make_row(a, r, sp[k], sp[k + 1], nullptr, nullptr);
-            T* acc = cs->acc + (r - rb) * nt * TW;
+            Row<T> row = make_row(a, r, sp[k], sp[k + 1], nullptr, nullptr);
+            row.off = off + (sp[k] - a.row_ptr[rb]);
+            T* acc = cs.acc + (r - rb) * nt * TW;
             for (int64_t t = 0; t < nt; ++t)
-              tile_rows<T, RPT, VPR>(row, a.tap, soff[t], a.src_row, doff[t], a.relu,
+              tile_rows<T, RPT, VPR>(row, soff[t], a.src_row, doff[t], a.relu,
                                      k == 0 ? nullptr : acc + t * TW, k == nk - 1 ? nullptr : acc + t * TW);
           }
         }
