@@ -168,21 +168,26 @@ inline void tile_rows(const Row<T>& row, int64_t src, int64_t pitch, int64_t dst
   for (int k = 0; k < K; ++k)
     for (int i = 0; i < RPT; ++i)
       for (int v = 0; v < N; ++v) acc[k][i][v] = (k == 0 && acc_in) ? loadu<V, T>(acc_in + i * RW + v * W) : V{};
-  const T* base = row.src + src;
-  int32_t j = 0;
-  for (; j + K <= row.nnz; j += K) {
+  // One base pointer per output row (no row-pitch arithmetic per nonzero), and pointer walks
+  // over the values and offsets (no index extension per nonzero).
+  const T* base[RPT];
+  for (int i = 0; i < RPT; ++i) base[i] = row.src + src + i * pitch;
+  const T* vp = row.val;
+  const int64_t* op = row.off;
+  const T* const vend = row.val + row.nnz;
+  for (; vp + K <= vend; vp += K, op += K) {
     for (int k = 0; k < K; ++k) {
-      const V w = broadcast<V, T>(row.val[j + k]);
-      const T* s = base + row.off[j + k];
+      const V w = broadcast<V, T>(vp[k]);
+      const int64_t o = op[k];
       for (int i = 0; i < RPT; ++i)
-        for (int v = 0; v < N; ++v) acc[k][i][v] += w * loadu<V, T>(s + i * pitch + v * W);
+        for (int v = 0; v < N; ++v) acc[k][i][v] += w * loadu<V, T>(base[i] + o + v * W);
     }
   }
-  for (; j < row.nnz; ++j) {
-    const V w = broadcast<V, T>(row.val[j]);
-    const T* s = base + row.off[j];
+  for (; vp < vend; ++vp, ++op) {
+    const V w = broadcast<V, T>(*vp);
+    const int64_t o = *op;
     for (int i = 0; i < RPT; ++i)
-      for (int v = 0; v < N; ++v) acc[K - 1][i][v] += w * loadu<V, T>(s + i * pitch + v * W);
+      for (int v = 0; v < N; ++v) acc[K - 1][i][v] += w * loadu<V, T>(base[i] + o + v * W);
   }
   for (int k = 1; k < K; ++k)
     for (int i = 0; i < RPT; ++i)
