@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .nn import masked_layers
-from .robustness import NORMS, _lp_norm, _project, pgd
+from .pgd import NORMS, _lp_norm, _project, pgd
+from .pgd import _model_device as _device_of
 
 __all__ = ["TrainConfig", "TrainLog", "train", "mode_loss", "accuracy", "adversarial_examples",
            "MODES"]
@@ -252,14 +253,6 @@ def accuracy(model: nn.Module, loader_or_data, *, batch_size: int = 256) -> floa
     if total == 0:
         raise ValueError("loader_or_data yielded no samples")
     return correct / total
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
 
 
 # ----------------------------------------------------------------------------- seeding / checkpoints

@@ -12,7 +12,7 @@ using namespace apb_sparse::kernel;
 
 /// Names of the kernel's run-time options, in the order `_kernel_option()` lists them.
 const char* const kOptions[] = {"isa", "row_tiles", "channel_blocking", "lanes", "shifted_layout",
-                                "min_parallel_work"};
+                                "min_parallel_work", "output_cache_bytes"};
 
 PyObject* option_value(const char* name) {
   if (std::strcmp(name, "isa") == 0) return PyUnicode_FromString(isa_name(active_isa()));
@@ -20,6 +20,7 @@ PyObject* option_value(const char* name) {
   if (std::strcmp(name, "channel_blocking") == 0) return PyBool_FromLong(channel_blocking_enabled());
   if (std::strcmp(name, "lanes") == 0) return PyBool_FromLong(lanes_enabled());
   if (std::strcmp(name, "shifted_layout") == 0) return PyLong_FromLong(shifted_layout());
+  if (std::strcmp(name, "output_cache_bytes") == 0) return PyLong_FromLongLong(output_cache_bytes());
   return PyLong_FromLongLong(min_parallel_work());
 }
 
@@ -55,7 +56,8 @@ PyObject* set_option(const char* name, PyObject* value) {
     }
     return PyUnicode_FromString(isa_name(set_max_isa(Isa(isa))));
   }
-  if (std::strcmp(name, "shifted_layout") == 0 || std::strcmp(name, "min_parallel_work") == 0) {
+  if (std::strcmp(name, "shifted_layout") == 0 || std::strcmp(name, "min_parallel_work") == 0 ||
+      std::strcmp(name, "output_cache_bytes") == 0) {
     if (PyBool_Check(value) || !PyLong_Check(value)) {
       PyErr_Format(PyExc_TypeError, "kernel option '%s' takes an int", name);
       return nullptr;
@@ -70,9 +72,10 @@ PyObject* set_option(const char* name, PyObject* value) {
       return PyLong_FromLong(set_shifted_layout(int(v)));
     }
     if (v < 0) {
-      PyErr_SetString(PyExc_ValueError, "kernel option 'min_parallel_work' must be >= 0");
+      PyErr_Format(PyExc_ValueError, "kernel option '%s' must be >= 0", name);
       return nullptr;
     }
+    if (name[0] == 'o') return PyLong_FromLongLong(set_output_cache_bytes(v));
     return PyLong_FromLongLong(set_min_parallel_work(v));
   }
   const int on = parse_bool(name, value);
@@ -107,7 +110,7 @@ PyObject* kernel_option(PyObject*, PyObject* args) {
   if (!known) {
     PyErr_Format(PyExc_ValueError,
                  "unknown kernel option '%s' (options: isa, row_tiles, channel_blocking, lanes, shifted_layout, "
-                 "min_parallel_work)",
+                 "min_parallel_work, output_cache_bytes)",
                  name);
     return nullptr;
   }

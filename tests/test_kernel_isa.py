@@ -57,10 +57,12 @@ def test_isa_query_and_force():
 
 def test_kernel_options_list_and_restore():
     before = ops.kernel_options()
-    assert set(before) == {"isa", "row_tiles", "channel_blocking", "lanes", "shifted_layout", "min_parallel_work"}
+    assert set(before) == {"isa", "row_tiles", "channel_blocking", "lanes", "shifted_layout", "min_parallel_work",
+                           "output_cache_bytes"}
     flipped = dict(row_tiles=not before["row_tiles"], channel_blocking=not before["channel_blocking"],
                    lanes=not before["lanes"], shifted_layout=(before["shifted_layout"] + 1) % 3,
-                   min_parallel_work=before["min_parallel_work"] + 7, isa=ISAS[0])
+                   min_parallel_work=before["min_parallel_work"] + 7, isa=ISAS[0],
+                   output_cache_bytes=before["output_cache_bytes"] + 64)
     with ops.kernel_config(**flipped):
         assert ops.kernel_options() == flipped
     assert ops.kernel_options() == before
@@ -79,6 +81,7 @@ def test_kernel_config_rejects_bad_options():
                                (dict(shifted_layout=3), ValueError, "shifted_layout"),
                                (dict(shifted_layout=True), TypeError, "shifted_layout' takes an int"),
                                (dict(min_parallel_work=-1), ValueError, "min_parallel_work' must be >= 0"),
+                               (dict(output_cache_bytes=-1), ValueError, "output_cache_bytes' must be >= 0"),
                                (dict(tiles=True), ValueError, "unknown kernel option 'tiles'")]:
         with pytest.raises(err, match=match):
             with ops.kernel_config(row_tiles=not before["row_tiles"], **kwargs):
@@ -283,3 +286,37 @@ def test_shifted_layout_threads(threads, sparsity):
                 with shifted_layout(mode):
                     got = ops.sparse_conv2d(x, v, rp, ci, w.shape, b, 1, 1)
                 torch.testing.assert_close(got, ref, **TOL[torch.float32])
+
+
+def test_output_cache_reuses_freed_outputs_and_keeps_results():
+    """Forward outputs come from a cache of freed blocks (no page faults on reuse): a freed output's
+    block is handed out again for the next output of that size, every result stays exact, outputs
+    alive at the same time never share memory, and a cap of 0 turns the cache off."""
+    torch.manual_seed(9)
+    x = torch.randn(4, 16, 16, 16)
+    w = _sparse_weight(24, 16, 3, 0.8, torch.float32)
+    v, rp, ci = ops.pack_csr(w)
+    ref = F.conv2d(x, w, None, 1, 1)
+    lw = torch.randn(12, 40) * (torch.rand(12, 40) > 0.5)
+    lv, lrp, lci = ops.pack_csr(lw)
+    xl = torch.randn(7, 40)
+    with ops.kernel_config(output_cache_bytes=1 << 26):
+        a = ops.sparse_conv2d(x, v, rp, ci, w.shape, None, 1, 1)
+        b = ops.sparse_conv2d(x, v, rp, ci, w.shape, None, 1, 1)
+        assert a.data_ptr() != b.data_ptr()  # both alive: distinct blocks
+        torch.testing.assert_close(a, ref, **TOL[torch.float32])
+        torch.testing.assert_close(b, ref, **TOL[torch.float32])
+        ptr = a.data_ptr()
+        del a
+        c = ops.sparse_conv2d(x * 2, v, rp, ci, w.shape, None, 1, 1)
+        assert c.data_ptr() == ptr  # the freed block, reused
+        torch.testing.assert_close(c, 2 * ref, **TOL[torch.float32])
+        c.add_(1)  # outputs are ordinary writable tensors
+        torch.testing.assert_close(b, ref, **TOL[torch.float32])
+        torch.testing.assert_close(ops.sparse_linear(xl, lv, lrp, lci, 40), xl @ lw.t(), **TOL[torch.float32])
+        del b, c
+        with ops.kernel_config(output_cache_bytes=0):  # lowering the cap frees what is cached
+            d = ops.sparse_conv2d(x, v, rp, ci, w.shape, None, 1, 1)
+            e = ops.sparse_conv2d(x, v, rp, ci, w.shape, None, 1, 1)
+            torch.testing.assert_close(d, ref, **TOL[torch.float32])
+            torch.testing.assert_close(e, ref, **TOL[torch.float32])

@@ -1,4 +1,4 @@
-"""Model conversion: masks -> sparse deployment layers and back; sparsity reports.
+"""Model conversion: masks -> sparse deployment layers (:func:`sparsify`) and back (:func:`densify`).
 
 ``sparsify`` picks, per layer, the cheapest of three layouts by an expected-cost model:
 

@@ -11,14 +11,19 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/irange.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <mutex>
+#include <new>
+#include <unordered_map>
 #include <vector>
 #include <cstdlib>
 
@@ -31,6 +36,74 @@ using at::Tensor;
 using kernel::RowSpmmArgs;
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+/// A cache of freed output blocks, by exact size.  The CPU forward ops allocate their outputs
+/// here (at::from_blob with a deleter that gives the block back) instead of through the default
+/// allocator, whose large blocks are fresh mmap'ed pages on every call once glibc trims or maps
+/// them (a page fault per 4 KiB at first touch).  At most output_cache_bytes() are kept; the
+/// rest is freed.  Never destroyed: tensors may outlive static destruction at exit.
+class OutputPool {
+ public:
+  static OutputPool& get() {
+    static OutputPool* pool = new OutputPool();
+    return *pool;
+  }
+  void* take(size_t bytes) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      auto it = free_.find(bytes);
+      if (it != free_.end() && !it->second.empty()) {
+        void* p = it->second.back();
+        it->second.pop_back();
+        cached_ -= bytes;
+        return p;
+      }
+    }
+    void* p = std::aligned_alloc(64, round_up(int64_t(bytes), 64));
+    if (p == nullptr) throw std::bad_alloc();
+    return p;
+  }
+  void give(void* p, size_t bytes) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (int64_t(cached_ + bytes) <= kernel::output_cache_bytes()) {
+        free_[bytes].push_back(p);
+        cached_ += bytes;
+        return;
+      }
+    }
+    std::free(p);
+  }
+  /// Frees cached blocks until at most `cap` bytes are kept.
+  void trim(int64_t cap) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (auto& kv : free_) {
+      while (!kv.second.empty() && int64_t(cached_) > cap) {
+        std::free(kv.second.back());
+        kv.second.pop_back();
+        cached_ -= kv.first;
+      }
+    }
+  }
+
+ private:
+  std::mutex mutex_;
+  std::unordered_map<size_t, std::vector<void*>> free_;
+  size_t cached_ = 0;
+};
+
+/// An uninitialised contiguous CPU tensor from the output pool (plain at::empty when the cache is
+/// off or the tensor is empty).
+Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  int64_t numel = 1;
+  for (const int64_t s : sizes) numel *= s;
+  const size_t bytes = size_t(numel) * options.dtype().itemsize();
+  if (numel == 0 || kernel::output_cache_bytes() == 0 || options.device().type() != at::kCPU) {
+    return at::empty(sizes, options);
+  }
+  void* p = OutputPool::get().take(bytes);
+  return at::from_blob(p, sizes, [bytes](void* q) { OutputPool::get().give(q, bytes); }, options);
+}
 
 /// Largest spatial size, kernel size, padding and dilation accepted (so that products of two stay
 /// in int64), and largest working set of a convolution in elements.
@@ -611,7 +684,7 @@ int64_t lanes_units(const ConvGeom& g) {
 template <typename T>
 Tensor conv_forward_lanes(const Tensor& input, const ConvGeom& g, const int32_t* row_ptr, const int32_t* col,
                           const T* val, const Tensor& bias, const Tensor& residual, bool relu, int64_t units) {
-  Tensor out = at::empty({g.N, g.O, g.OH, g.OW}, input.options());
+  Tensor out = empty_output({g.N, g.O, g.OH, g.OW}, input.options());
   if (out.numel() == 0) return out;
   const int64_t L = units * kernel::vector_width<T>();
   const int64_t OHW = g.OH * g.OW, HWp = g.Hp * g.Wp, image_out = g.O * OHW;
@@ -715,7 +788,7 @@ Tensor conv_forward(const Tensor& input, const ConvGeom& g, const int32_t* row_p
   if (const int64_t units = lanes_units<T>(g)) {
     return conv_forward_lanes<T>(input, g, row_ptr, col, val, bias, residual, relu, units);
   }
-  Tensor out = at::empty({g.N, g.O, g.OH, g.OW}, input.options());
+  Tensor out = empty_output({g.N, g.O, g.OH, g.OW}, input.options());
   if (out.numel() == 0) return out;
   const int64_t VW = kernel::vector_width<T>(), TW = kernel::tile_width<T>();
   const int64_t HWq = g.Hq * g.Wq, OHW = g.OH * g.OW, KK = g.KH * g.KW;
@@ -1011,7 +1084,7 @@ void check_bias(const std::optional<Tensor>& bias, const Tensor& input, int64_t 
 /// at every position (the kernels assume at least one tap per filter).
 template <typename T>
 Tensor no_tap_output(const Tensor& input, const ConvGeom& g, const Tensor& bias, const Tensor& residual, bool relu) {
-  Tensor out = at::empty({g.N, g.O, g.OH, g.OW}, input.options());
+  Tensor out = empty_output({g.N, g.O, g.OH, g.OW}, input.options());
   const Tensor b = bias.defined() ? bias.contiguous() : Tensor();
   const Tensor r = residual.defined() ? residual.contiguous() : Tensor();
   const T* bp = b.defined() ? b.const_data_ptr<T>() : nullptr;
@@ -1146,7 +1219,7 @@ void linear_rows(const Tensor& x, int64_t R, const int32_t* row_ptr, const int32
   const int64_t VW = kernel::vector_width<T>(), TW = kernel::tile_width<T>();
   const int64_t length = round_up(B, VW);
   // Transposed input: feature k holds the batch contiguously.
-  Tensor xt = at::empty({K * length + TW}, x.options());
+  Tensor xt = empty_output({K * length + TW}, x.options());  // per-call scratch: reused through the pool
   T* d = xt.mutable_data_ptr<T>();
   const T* s = x.const_data_ptr<T>();
   const int64_t sB = x.stride(0), sK = x.stride(1);
@@ -1181,7 +1254,7 @@ Tensor sparse_linear_cpu(const Tensor& input, const Tensor& values, const Tensor
   check_bias(bias, input, R);
   std::vector<int64_t> out_size(input.sizes().begin(), input.sizes().end());
   out_size.back() = R;
-  Tensor out = at::empty(out_size, input.options());
+  Tensor out = empty_output(out_size, input.options());
   if (out.numel() == 0) return out;
   const int64_t B = out.numel() / R;  // rows of the input, counted without reshape(-1, 0)
   if (in_features == 0) {  // no input features: the output is the bias
@@ -1255,5 +1328,19 @@ TORCH_LIBRARY_IMPL(apb_sparse, CPU, m) {
   m.impl("sparse_linear", &sparse_linear_cpu);
   m.impl("sparse_linear_backward_input", &sparse_linear_backward_input_cpu);
 }
+
+namespace kernel {
+
+static std::atomic<int64_t> g_output_cache_bytes{int64_t(256) << 20};
+
+int64_t output_cache_bytes() { return g_output_cache_bytes.load(std::memory_order_relaxed); }
+
+int64_t set_output_cache_bytes(int64_t bytes) {
+  const int64_t prev = g_output_cache_bytes.exchange(bytes < 0 ? 0 : bytes);
+  OutputPool::get().trim(bytes < 0 ? 0 : bytes);
+  return prev;
+}
+
+}  // namespace kernel
 
 }  // namespace apb_sparse
