@@ -28,6 +28,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Optional, Tuple, Type
 
+from . import methods
 from .methods.base import TaxonomyTags
 
 __all__ = ["SurveyedMethod", "METHODS", "get", "filter", "implemented", "to_markdown",
@@ -61,7 +62,6 @@ class SurveyedMethod:
         """The implementing :class:`~apb_sparse.methods.PruningMethod` subclass, or None."""
         if self.implemented is None:
             return None
-        from . import methods
 
         return methods.get(self.implemented)
 
