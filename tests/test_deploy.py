@@ -427,3 +427,38 @@ def test_random_draw_in_forward_follows_the_seed():
         random.seed(3)
         b = m(_x())
     _same(a, b)
+
+
+def test_deploy_swaps_2x2_max_pools_for_the_fast_form_with_the_same_values():
+    """nn.MaxPool2d(2, 2) becomes MaxPool2x2 in the snapshot (other pools stay): identical values,
+    odd maps drop the last row / column, NaN propagates; gradients (grad mode) match the source's
+    max_pool2d routing exactly; densify / export give a plain nn.MaxPool2d back."""
+    from apb_sparse.nn import MaxPool2x2
+
+    torch.manual_seed(3)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2, 2),
+                      nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(3, 2), nn.MaxPool2d(2)).eval()
+    for h, w in ((16, 16), (19, 21)):
+        x = torch.randn(4, 3, h, w)
+        d = deploy(m, x)
+        assert d.apb_deploy_info["fast_pools"] == ["2", "6"]
+        kinds = [type(mod) for mod in d.module.modules()]
+        assert kinds.count(MaxPool2x2) == 2 and nn.MaxPool2d in kinds  # the 3x3 pool is untouched
+        with torch.no_grad():
+            assert torch.equal(d(x), m(x))
+    pool, ref_pool = MaxPool2x2(), nn.MaxPool2d(2, 2)
+    x = torch.randn(2, 3, 7, 9)
+    x[0, 1, 2, 3] = float("nan")
+    assert torch.equal(pool(x).isnan(), ref_pool(x).isnan()) and pool(x).isnan().any()
+    torch.testing.assert_close(pool(x), ref_pool(x), equal_nan=True, rtol=0, atol=0)
+    r = torch.relu(torch.randn(2, 3, 8, 8)).requires_grad_()  # many tied zeros
+    pool(r).sum().backward()
+    g = r.grad.clone()
+    r.grad = None
+    ref_pool(r).sum().backward()
+    assert torch.equal(g, r.grad)
+    assert MaxPool2x2.can_replace(nn.MaxPool2d(2)) and not MaxPool2x2.can_replace(nn.MaxPool2d(2, 2, ceil_mode=True))
+    assert not MaxPool2x2.can_replace(nn.MaxPool2d(2, 1)) and not MaxPool2x2.can_replace(MaxPool2x2())
+    back = apb_sparse.densify(deploy(m, torch.randn(1, 3, 16, 16)))
+    assert not any(isinstance(mod, MaxPool2x2) for mod in back.modules())
+    assert sum(type(mod) is nn.MaxPool2d for mod in back.modules()) == 3

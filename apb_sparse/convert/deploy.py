@@ -26,13 +26,14 @@ from __future__ import annotations
 
 import copy
 import warnings
-from typing import Dict, Mapping, Optional, Tuple, Union
+from typing import Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules import module as _module_mod
 from torch.nn.utils import prune
 
+from ..nn.pool import MaxPool2x2
 from .deployed import MAX_TRACES, DeployedModel
 from .fuse import fold_batchnorm, fuse_activations
 from .sparsify import SPARSE_LAYERS, bake_torch_prune, densify, sparsify
@@ -119,15 +120,26 @@ def deploy(model: nn.Module, example_input: Union[Tensor, Tuple[Tensor, ...]], *
     choices = work.apb_sparse_choices
     work = fuse_activations(work)
     fused_skipped = dict(getattr(work, "apb_fuse_skipped", {}))
+    pools = _fast_pools(work)
     work.apb_sparse_choices = choices
     deployed = DeployedModel(work, script=script)
     deployed.apb_deploy_info = {"fx_graph": isinstance(work, torch.fx.GraphModule),
-                                "not_folded": folded_skipped, "not_fused": fused_skipped}
+                                "not_folded": folded_skipped, "not_fused": fused_skipped, "fast_pools": pools}
     with torch.no_grad():
         got = deployed(*(a.clone() for a in args))
     if check:
         _check_close(reference, got)
     return deployed
+
+
+def _fast_pools(model: nn.Module) -> List[str]:
+    """Swaps every ``nn.MaxPool2d(2, 2)`` of ``model`` for :class:`~apb_sparse.nn.MaxPool2x2` (same
+    values, faster on CPU); returns their names."""
+    names = [n for n, m in model.named_modules() if n and MaxPool2x2.can_replace(m)]
+    for n in names:
+        parent, _, child = n.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, MaxPool2x2())
+    return names
 
 
 def _check_close(want, got, where: str = "output") -> None:

@@ -40,6 +40,7 @@ from torch import Tensor, fx, nn
 from torch.nn.utils import prune
 
 from ..nn.masked import MaskedConv2d, MaskedLayer, MaskedLinear
+from ..nn.pool import MaxPool2x2
 from ..nn.sparse import SparseLinear
 from .deployed import DeployedModel
 from .fuse import fold_batchnorm, fuse_activations, unfuse
@@ -509,6 +510,9 @@ def densify(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         if isinstance(sub, fx.GraphModule):
             unfuse(sub)
     for name, layer in list(model.named_modules()):
+        if isinstance(layer, MaxPool2x2):
+            model = _replace(model, name, nn.MaxPool2d(2, 2))
+            continue
         if isinstance(layer, SPARSE_LAYERS + MaskedLayer):
             dense = _restore_padding_mode(layer.to_dense(), layer)
             dense.train(layer.training)
