@@ -495,3 +495,18 @@ def test_an_early_stopped_search_counts_its_steps_in_the_budget():
     assert budget["steps"] == search["steps"] + res.log["phases"][1]["steps"]
     # the first steps of the planned cosine, not a whole cosine squeezed into them
     assert lr_sum(0.05, 3, "cosine", 12) > lr_sum(0.05, 3, "cosine")
+
+
+def test_preset_model_kwargs_apply_to_its_own_architectures_only():
+    """The quick preset's width=16 is small_cnn's: another --arch (timm:, resnet18) is built with
+    its own defaults, and its checkpoint config says so."""
+    from apb_sparse.bench.presets import get_preset
+    from apb_sparse.bench.prepare import build_model, load_data
+
+    quick = get_preset("quick")
+    assert quick.model_kwargs_for("small_cnn") == {"width": 16}
+    other = quick.with_overrides(archs=("resnet18",))
+    assert other.model_kwargs_for("resnet18") == {} and other.model_kwargs_for("small_cnn") == {"width": 16}
+    data = load_data("digits", quick)
+    model = build_model(other, "resnet18", data, seed=0)  # raised "unexpected keyword 'width'" before
+    assert model(torch.rand(2, *data.input_shape)).shape == (2, 10)

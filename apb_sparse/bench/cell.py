@@ -188,7 +188,7 @@ def run_cell(preset: Preset, cell: Cell, out_dir: str, data_dir: Optional[str] =
             flags.append("sparsity!=target")
         ckpt = out / "checkpoints" / f"{cell.id}.safetensors"
         save_checkpoint(sparse_model, ckpt, arch=cell.arch, num_classes=int(data.num_classes),
-                        in_channels=int(data.input_shape[0]), model_kwargs=preset.model_kwargs,
+                        in_channels=int(data.input_shape[0]), model_kwargs=preset.model_kwargs_for(cell.arch),
                         extra={"method": cell.method, "structure": cell.structure, "sparsity": cell.sparsity,
                                "seed": cell.seed, "dataset": cell.dataset})
         record = {"method": cell.method, "arch": cell.arch, "dataset": cell.dataset, "structure": cell.structure,

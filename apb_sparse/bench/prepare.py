@@ -37,7 +37,7 @@ def load_data(dataset: str, preset: Preset, data_dir: Optional[str] = None):
 
 def build_model(preset: Preset, arch: str, data, seed: int) -> nn.Module:
     """A freshly initialised ``arch`` under ``seed``, sized for ``data``, with its statistics."""
-    kw = dict(preset.model_kwargs)
+    kw = preset.model_kwargs_for(arch)
     if getattr(data, "mean", ()):
         kw.update(mean=data.mean, std=data.std)
     with torch.random.fork_rng(devices=[]):
@@ -81,7 +81,7 @@ def get_base_model(preset: Preset, arch: str, dataset: str, data, seed: int, out
     info = {"arch": arch, "dataset": dataset, "seed": seed, "epochs": preset.base_epochs,
             "train_seconds": seconds, "train_log": tlog.to_dict(), "preset_identity": preset.identity()}
     save_checkpoint(model, path, arch=arch, num_classes=int(data.num_classes),
-                    in_channels=int(data.input_shape[0]), model_kwargs=preset.model_kwargs,
+                    in_channels=int(data.input_shape[0]), model_kwargs=preset.model_kwargs_for(arch),
                     extra={"role": "dense base model"})
     atomic_write_text(info_path, json.dumps(info, indent=1, default=str))
     log(f"[base] trained in {seconds:.1f} s, cached in {path}")

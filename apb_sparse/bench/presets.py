@@ -132,6 +132,13 @@ class Preset:
             d.pop(k)
         return d
 
+    def model_kwargs_for(self, arch: str) -> Dict[str, Any]:
+        """``model_kwargs`` for ``arch``: they are written for the preset's own architectures (the
+        quick preset's ``width`` is small_cnn's), so an architecture given on the command line
+        instead (``--arch timm:resnet18``) is built with its own defaults."""
+        own = PRESETS[self.name].archs if PRESETS.get(self.name) is not None else self.archs
+        return dict(self.model_kwargs) if arch in own else {}
+
     def identity_hash(self) -> str:
         blob = json.dumps(self.identity(), sort_keys=True, default=str).encode()
         return hashlib.sha1(blob).hexdigest()[:10]

@@ -48,7 +48,7 @@ def _cmd_prune(args, parser) -> int:
         else:
             try:
                 base = load_dense_model(args.base, arch, num_classes=int(data.num_classes),
-                                        in_channels=int(data.input_shape[0]), model_kwargs=preset.model_kwargs,
+                                        in_channels=int(data.input_shape[0]), model_kwargs=preset.model_kwargs_for(arch),
                                         state=base_state)
             except CheckpointError as e:
                 _fail(f"argument --base: {e}")
@@ -69,7 +69,7 @@ def _cmd_prune(args, parser) -> int:
     sparse = sparsify(res.model.cpu()).eval()
     print(sparsity_report(sparse, (1, *data.input_shape)))
     save_checkpoint(sparse, out, arch=arch, num_classes=int(data.num_classes), in_channels=int(data.input_shape[0]),
-                    model_kwargs=preset.model_kwargs,
+                    model_kwargs=preset.model_kwargs_for(arch),
                     extra={"method": name, "structure": args.structure, "sparsity": args.sparsity, "seed": args.seed,
                            "dataset": dataset, "measured_sparsity": res.log.get("sparsity")})
     print(f"\n{name} pruned to {100 * res.log['sparsity']:.2f} % of prunable weights in {time.perf_counter() - t0:.1f} s; "
