@@ -71,9 +71,10 @@ def supported_isas() -> List[str]:
 def kernel_config(**options: Union[str, bool, int]) -> Iterator[Dict[str, Union[str, bool, int]]]:
     """Context manager that sets CPU kernel options (see :func:`kernel_options`) and restores them.
 
-    ``with kernel_config(isa="generic", lanes=False): ...``.  An unknown option, a wrong type or an
-    ISA this CPU lacks is an error naming the option, raised before anything is changed.  The
-    options are process-wide (not per thread).  Yields the previous values of the options set.
+    ``with kernel_config(isa="generic", lanes=False): ...``.  An unknown option name is refused
+    before anything changes; a bad value (wrong type, out of range, an ISA this CPU lacks) is an
+    error naming the option, after which the options already set are restored.  The options are
+    process-wide (not per thread).  Yields the previous values of the options set.
     """
     _require()
     known = _C._kernel_option()

@@ -53,6 +53,15 @@ def _iqr(r, prefix="cpu_speedup") -> str:
     return "-" if lo is None or hi is None else f"{lo:.2f}-{hi:.2f}"
 
 
+
+def _gpu_columns(rows: List[Dict[str, Any]]) -> List[Tuple[str, Any]]:
+    """The GPU timing columns, when any row has GPU timings."""
+    if not any(r["gpu_speedup"] is not None for r in rows):
+        return []
+    return [("GPU dense ms", lambda r: _f(r["gpu_dense_ms"], "{:.3f}")),
+            ("GPU sparse ms", lambda r: _f(r["gpu_sparse_ms"], "{:.3f}")),
+            ("GPU speedup", lambda r: _f(r["gpu_speedup"], "{:.2f}x"))]
+
 def _speed_columns(rows: List[Dict[str, Any]]) -> List[Tuple[str, Any]]:
     """Kept MACs, ideal and measured speedups (preset batch and batch 1), GPU when measured."""
     batch = next((r["latency_batch"] for r in rows if r.get("latency_batch")), None)
@@ -66,10 +75,7 @@ def _speed_columns(rows: List[Dict[str, Any]]) -> List[Tuple[str, Any]]:
         ("CPU speedup (batch 1)", lambda r: _f(r["b1_speedup"], "{:.2f}x")),
         ("CPU sparse ms (batch 1)", lambda r: _f(r["b1_sparse_ms"], "{:.3f}")),
         ("vs eager dense", lambda r: _f(r["cpu_speedup_vs_eager"], "{:.2f}x"))]
-    if any(r["gpu_speedup"] is not None for r in rows):
-        cols += [("GPU dense ms", lambda r: _f(r["gpu_dense_ms"], "{:.3f}")),
-                 ("GPU sparse ms", lambda r: _f(r["gpu_sparse_ms"], "{:.3f}")),
-                 ("GPU speedup", lambda r: _f(r["gpu_speedup"], "{:.2f}x"))]
+    cols += _gpu_columns(rows)
     return cols
 
 
@@ -92,10 +98,7 @@ def _table_columns(rows: List[Dict[str, Any]]) -> List[Tuple[str, Any]]:
              ("kept MACs %", lambda r: _pct(r["kept_macs"])),
              ("ideal speedup", lambda r: _f(r["ideal_speedup"], "{:.2f}x")),
              ("CPU speedup (batch 1)", lambda r: _f(r["b1_speedup"], "{:.2f}x"))]
-    if any(r["gpu_speedup"] is not None for r in rows):
-        cols += [("GPU dense ms", lambda r: _f(r["gpu_dense_ms"], "{:.3f}")),
-                 ("GPU sparse ms", lambda r: _f(r["gpu_sparse_ms"], "{:.3f}")),
-                 ("GPU speedup", lambda r: _f(r["gpu_speedup"], "{:.2f}x"))]
+    cols += _gpu_columns(rows)
     cols += [("size dense", lambda r: _bytes(r["size_dense_bytes"])),
              ("size sparse", lambda r: _bytes(r["size_sparse_bytes"])),
              ("flags", lambda r: r["flags"] or "")]

@@ -36,7 +36,7 @@ from torch.nn.utils import prune
 from ..nn.pool import MaxPool2x2
 from .deployed import MAX_TRACES, DeployedModel
 from .fuse import fold_batchnorm, fuse_activations
-from .sparsify import SPARSE_LAYERS, bake_torch_prune, densify, sparsify
+from .sparsify import SPARSE_LAYERS, _replace, bake_torch_prune, densify, sparsify
 
 __all__ = ["deploy", "DeployedModel", "MAX_TRACES"]
 
@@ -137,8 +137,7 @@ def _fast_pools(model: nn.Module) -> List[str]:
     values, faster on CPU); returns their names."""
     names = [n for n, m in model.named_modules() if n and MaxPool2x2.can_replace(m)]
     for n in names:
-        parent, _, child = n.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, MaxPool2x2())
+        _replace(model, n, MaxPool2x2())
     return names
 
 

@@ -186,8 +186,9 @@ bool channel_blocking_enabled();
 /// columns and cropped to the output width, so that every tap reads whole output rows starting at
 /// a vector-aligned address (the phase grid's rows are Wq = W + 2 * padding wide, so 15 of 16 of
 /// its 64-byte loads cross a cache line).  It costs KW copies of the input per call, which the
-/// multiply-adds repay only on denser layers.  Mode 0: never; 1 (default): where the nonzeros per
-/// input channel repay the copies (see conv_forward); 2: wherever the geometry allows it (tests).
+/// multiply-adds repay only on denser layers.  Mode 0: never; 1 (default): with AVX-512 active,
+/// where the nonzeros per input channel repay the copies (see conv_forward; on AVX2 they did not);
+/// 2: wherever the geometry allows it (tests).
 /// Returns the previous mode.
 int set_shifted_layout(int mode);
 int shifted_layout();
