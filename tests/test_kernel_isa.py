@@ -112,6 +112,11 @@ CASES = [
     (1, 64, 12, 48, 1, 2, 0.6),     # groups, strip layout
     (2, 128, 4, 64, 1, 1, 0.9),     # tap-major layout (4x4 outputs)
     (1, 32, 8, 16, 1, 1, 0.99),     # nearly empty rows
+    # images-in-lanes layout (batch >= one vector of images), split into tap chunks when blocked:
+    (8, 64, 16, 32, 1, 1, 0.9),     # large map (over 64 pixels), 8-pixel blocks within a row
+    (9, 256, 4, 48, 1, 1, 0.9),     # small map, blocks across output rows, partial image chunk
+    (8, 512, 2, 24, 1, 1, 0.9),     # 2x2 map: fewer pixels than a block (single-pixel path)
+    (17, 128, 8, 40, 2, 1, 0.85),   # stride 2, 16 images in two units plus a partial chunk
 ]
 
 
@@ -137,11 +142,13 @@ def test_conv_forward_every_isa_and_blocking(isa, dtype, case):
 
 
 @pytest.mark.parametrize("isa", ISAS)
-def test_blocking_with_unsorted_columns(isa):
-    """The tap chunks are found by binary search over each row's columns; a CSR whose columns are not
-    sorted must still use every nonzero exactly once."""
+@pytest.mark.parametrize("batch", [1, 8])
+def test_blocking_with_unsorted_columns(isa, batch):
+    """The tap chunks are found by binary search (grid layouts) or a linear scan (lanes layout, batch
+    8) over each row's columns; a CSR whose columns are not sorted must still use every nonzero
+    exactly once."""
     torch.manual_seed(2)
-    x = torch.randn(1, 128, 16, 16)
+    x = torch.randn(batch, 128, 16, 16)
     w = _sparse_weight(64, 128, 3, 0.8, torch.float32)
     v, rp, ci = ops.pack_csr(w)
     g = torch.Generator().manual_seed(5)
@@ -211,7 +218,8 @@ def test_stride2_grid_fill_every_width_and_padding(threads):
 
 
 def shifted_layout(mode):
-    return ops.kernel_config(shifted_layout=mode)
+    # lanes off: batches of 8 or more would otherwise take the images-in-lanes layout instead
+    return ops.kernel_config(shifted_layout=mode, lanes=False)
 
 
 def test_shifted_layout_switch():

@@ -18,9 +18,10 @@ namespace APB_ISA_NAMESPACE {
 /// PB output pixels (pixel table entries q .. q + PB) of one output channel.  NU: units (32-byte
 /// vectors) of lanes per pixel; the output block is stored at dst (pixel stride NU * unit).
 /// off[j]: source offset of nonzero j (its tap's), looked up once per row, not per block.
+/// first: start from zero (else from the partial sums in dst); last: add init and finish.
 template <typename T, int NU, int PB>
 inline void lanes_block(const int64_t* off, const T* val, int32_t nnz, const T* src, const int64_t* pix, T init,
-                        T* dst) {
+                        T* dst, bool first = true, bool last = true) {
   using U = VecB<T, acc_bytes(NU)>;
   using V = typename U::type;
   constexpr int W = U::W;
@@ -30,19 +31,47 @@ inline void lanes_block(const int64_t* off, const T* val, int32_t nnz, const T* 
   for (int p = 0; p < PB; ++p) s[p] = src + pix[p];
   V acc[PB][N];
   for (int p = 0; p < PB; ++p)
-    for (int v = 0; v < N; ++v) acc[p][v] = V{};
+    for (int v = 0; v < N; ++v) acc[p][v] = first ? V{} : loadu<V, T>(dst + p * L + v * W);
   for (int32_t j = 0; j < nnz; ++j) {
     const V w = broadcast<V, T>(val[j]);
     const int64_t o = off[j];
     for (int p = 0; p < PB; ++p)
       for (int v = 0; v < N; ++v) acc[p][v] += w * loadu<V, T>(s[p] + o + v * W);
   }
-  const V b = broadcast<V, T>(init);
+  const V b = broadcast<V, T>(last ? init : T(0));
   for (int p = 0; p < PB; ++p)
     for (int v = 0; v < N; ++v) {
       const V y = acc[p][v] + b;
       std::memcpy(dst + p * L + v * W, &y, sizeof(V));
     }
+}
+
+/// Rows [r0, r1) with input-channel blocking (LanesArgs::tap_chunk): for each block of PB output
+/// pixels, tap chunk 0 of every row, then chunk 1, ...; the partial sums of a row's block stay in
+/// its output block between chunks.  Split points and source offsets come from the caller.
+template <typename T, int NU, int PB>
+void lanes_rows_chunked(const LanesArgs<T>& a, int64_t r0, int64_t r1) {
+  constexpr int L = NU * Vec<T>::W;
+  const int64_t P = a.pixels, nk = a.tap_chunks;
+  for (int64_t q = 0; q < P; q += PB) {
+    const bool full = q + PB <= P;
+    for (int64_t k = 0; k < nk; ++k) {
+      const bool first = k == 0, last = k == nk - 1;
+      for (int64_t r = r0; r < r1; ++r) {
+        const int32_t* sp = a.split + r * (nk + 1);
+        const int32_t jb = sp[k], n = sp[k + 1] - jb;
+        const T* src = a.src + (a.src_base ? a.src_base[r] : 0);
+        const T init = a.init ? a.init[r] : T(0);
+        T* dst = a.dst + (r * P + q) * L;
+        if (full) {
+          lanes_block<T, NU, PB>(a.off + jb, a.val + jb, n, src, a.pix + q, init, dst, first, last);
+        } else {
+          for (int64_t u = q; u < P; ++u)
+            lanes_block<T, NU, 1>(a.off + jb, a.val + jb, n, src, a.pix + u, init, dst + (u - q) * L, first, last);
+        }
+      }
+    }
+  }
 }
 
 /// Rows [r0, r1) over every output pixel, NU units of lanes per pixel.
@@ -53,13 +82,11 @@ void lanes_rows(const LanesArgs<T>& a, int64_t r0, int64_t r1) {
   constexpr int PB = 8 / N > 0 ? 8 / N : 1;  // 8 independent accumulators hide the FMA latency
   constexpr int L = NU * Vec<T>::W;
   const int64_t P = a.pixels;
-  ChunkScratch<T>& cs = ChunkScratch<T>::get(0, 0);
+  if (a.tap_chunk > 0 && a.tap_chunks > 1) return lanes_rows_chunked<T, NU, PB>(a, r0, r1);
   for (int64_t r = r0; r < r1; ++r) {
     const int32_t jb = a.row_ptr[r], nnz = a.row_ptr[r + 1] - jb;
-    const int32_t* col = a.col + jb;
     const T* val = a.val + jb;
-    int64_t* off = cs.offsets(nnz);
-    for (int32_t j = 0; j < nnz; ++j) off[j] = a.tap[col[j]];
+    const int64_t* off = a.off + jb;
     const T* src = a.src + (a.src_base ? a.src_base[r] : 0);
     const T init = a.init ? a.init[r] : T(0);
     T* dst = a.dst + r * P * L;

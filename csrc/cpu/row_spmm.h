@@ -108,6 +108,17 @@ struct LanesArgs {
   const T* src;             ///< the input chunk.
   const T* init;            ///< [rows] bias, or nullptr.
   T* dst;                   ///< [rows][pixels][L] output chunk.
+  /// Input-channel (L1) blocking, as RowSpmmArgs::tap_chunk: when tap_chunk > 0, each block of
+  /// output pixels runs every row's nonzeros of taps [0, tap_chunk), then of the next chunk, and
+  /// so on, so that the window rows of one chunk's channels stay in L1 while all rows read them.
+  /// Partial sums go through dst (the row's own output block).
+  int64_t tap_chunk = 0;
+  int64_t tap_chunks = 0;  ///< ceil(taps / tap_chunk)
+  /// [nnz] source offset of every nonzero (tap[col[j]]), computed once per call by the caller.
+  const int64_t* off = nullptr;
+  /// With tap_chunk > 0: [rows][tap_chunks + 1] first nonzero of each row in each chunk (the last
+  /// entry is the row's end), computed once per call by the caller.
+  const int32_t* split = nullptr;
 };
 
 /// Input transpose of the lanes layout: channels of images [0, m) of x (strides s0..s3) into a
