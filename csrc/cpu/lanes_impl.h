@@ -15,13 +15,51 @@ namespace apb_sparse {
 namespace kernel {
 namespace APB_ISA_NAMESPACE {
 
+/// 8x8 transpose of float vectors in place: v[i][j] -> v[j][i] (three shuffle stages).
+inline void transpose8(typename Vec<float>::type (&v)[8]) {
+  using V = typename Vec<float>::type;
+  using M = int __attribute__((vector_size(32)));
+  V t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = __builtin_shuffle(v[i], v[i + 1], M{0, 8, 1, 9, 4, 12, 5, 13});
+    t[i + 1] = __builtin_shuffle(v[i], v[i + 1], M{2, 10, 3, 11, 6, 14, 7, 15});
+  }
+  for (int i = 0; i < 8; i += 4) {
+    u[i] = __builtin_shuffle(t[i], t[i + 2], M{0, 1, 8, 9, 4, 5, 12, 13});
+    u[i + 1] = __builtin_shuffle(t[i], t[i + 2], M{2, 3, 10, 11, 6, 7, 14, 15});
+    u[i + 2] = __builtin_shuffle(t[i + 1], t[i + 3], M{0, 1, 8, 9, 4, 5, 12, 13});
+    u[i + 3] = __builtin_shuffle(t[i + 1], t[i + 3], M{2, 3, 10, 11, 6, 7, 14, 15});
+  }
+  for (int i = 0; i < 4; ++i) {
+    v[i] = __builtin_shuffle(u[i], u[i + 4], M{0, 1, 2, 3, 8, 9, 10, 11});
+    v[i + 4] = __builtin_shuffle(u[i], u[i + 4], M{4, 5, 6, 7, 12, 13, 14, 15});
+  }
+}
+
+/// Stores a finished block of 8 consecutive pixels x 8 images (acc[p] holds pixel p's images) of
+/// output channel r straight to NCHW through one 8x8 register transpose: one 32-byte store per
+/// image instead of a trip through the chunk's output buffer and a separate transpose pass.
+template <typename T>
+inline void store_direct(typename Vec<float>::type (&acc)[8], const LanesDirect<T>& d, int64_t off) {
+  using V = typename Vec<float>::type;
+  transpose8(acc);
+  for (int64_t n = 0; n < d.m; ++n) {
+    V o = acc[n];
+    if (d.res) o += loadu<V, T>(d.res + n * d.image + off);
+    if (d.relu) o = o < V{} ? V{} : o;  // NaN stays NaN, as torch.relu
+    std::memcpy(d.y + n * d.image + off, &o, sizeof(V));
+  }
+}
+
 /// PB output pixels (pixel table entries q .. q + PB) of one output channel.  NU: units (32-byte
 /// vectors) of lanes per pixel; the output block is stored at dst (pixel stride NU * unit).
 /// off[j]: source offset of nonzero j (its tap's), looked up once per row, not per block.
 /// first: start from zero (else from the partial sums in dst); last: add init and finish.
+/// direct (float, one unit, 8 pixels only): finished blocks go straight to NCHW at out_off.
 template <typename T, int NU, int PB>
 inline void lanes_block(const int64_t* off, const T* val, int32_t nnz, const T* src, const int64_t* pix, T init,
-                        T* dst, bool first = true, bool last = true) {
+                        T* dst, bool first = true, bool last = true, const LanesDirect<T>* direct = nullptr,
+                        int64_t out_off = 0) {
   using U = VecB<T, acc_bytes(NU)>;
   using V = typename U::type;
   constexpr int W = U::W;
@@ -39,6 +77,13 @@ inline void lanes_block(const int64_t* off, const T* val, int32_t nnz, const T* 
       for (int v = 0; v < N; ++v) acc[p][v] += w * loadu<V, T>(s[p] + o + v * W);
   }
   const V b = broadcast<V, T>(last ? init : T(0));
+  if constexpr (sizeof(T) == 4 && N == 1 && W == 8 && PB == 8) {
+    if (last && direct) {
+      typename Vec<float>::type blk[8];
+      for (int p = 0; p < 8; ++p) blk[p] = acc[p][0] + b;
+      return store_direct(blk, *direct, out_off);
+    }
+  }
   for (int p = 0; p < PB; ++p)
     for (int v = 0; v < N; ++v) {
       const V y = acc[p][v] + b;
@@ -60,11 +105,19 @@ void lanes_rows_chunked(const LanesArgs<T>& a, int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         const int32_t* sp = a.split + r * (nk + 1);
         const int32_t jb = sp[k], n = sp[k + 1] - jb;
+        if (r + 2 < r1) {
+          const int32_t jn = sp[2 * (nk + 1) + k];
+          __builtin_prefetch(a.off + jn);
+          __builtin_prefetch(a.off + jn + 8);
+          __builtin_prefetch(a.off + jn + 16);
+          __builtin_prefetch(a.val + jn);
+        }
         const T* src = a.src + (a.src_base ? a.src_base[r] : 0);
         const T init = a.init ? a.init[r] : T(0);
         T* dst = a.dst + (r * P + q) * L;
         if (full) {
-          lanes_block<T, NU, PB>(a.off + jb, a.val + jb, n, src, a.pix + q, init, dst, first, last);
+          lanes_block<T, NU, PB>(a.off + jb, a.val + jb, n, src, a.pix + q, init, dst, first, last, a.direct,
+                                 r * P + q);
         } else {
           for (int64_t u = q; u < P; ++u)
             lanes_block<T, NU, 1>(a.off + jb, a.val + jb, n, src, a.pix + u, init, dst + (u - q) * L, first, last);
@@ -91,29 +144,9 @@ void lanes_rows(const LanesArgs<T>& a, int64_t r0, int64_t r1) {
     const T init = a.init ? a.init[r] : T(0);
     T* dst = a.dst + r * P * L;
     int64_t q = 0;
-    for (; q + PB <= P; q += PB) lanes_block<T, NU, PB>(off, val, nnz, src, a.pix + q, init, dst + q * L);
+    for (; q + PB <= P; q += PB)
+      lanes_block<T, NU, PB>(off, val, nnz, src, a.pix + q, init, dst + q * L, true, true, a.direct, r * P + q);
     for (; q < P; ++q) lanes_block<T, NU, 1>(off, val, nnz, src, a.pix + q, init, dst + q * L);
-  }
-}
-
-/// 8x8 transpose of float vectors in place: v[i][j] -> v[j][i] (three shuffle stages).
-inline void transpose8(typename Vec<float>::type (&v)[8]) {
-  using V = typename Vec<float>::type;
-  using M = int __attribute__((vector_size(32)));
-  V t[8], u[8];
-  for (int i = 0; i < 8; i += 2) {
-    t[i] = __builtin_shuffle(v[i], v[i + 1], M{0, 8, 1, 9, 4, 12, 5, 13});
-    t[i + 1] = __builtin_shuffle(v[i], v[i + 1], M{2, 10, 3, 11, 6, 14, 7, 15});
-  }
-  for (int i = 0; i < 8; i += 4) {
-    u[i] = __builtin_shuffle(t[i], t[i + 2], M{0, 1, 8, 9, 4, 5, 12, 13});
-    u[i + 1] = __builtin_shuffle(t[i], t[i + 2], M{2, 3, 10, 11, 6, 7, 14, 15});
-    u[i + 2] = __builtin_shuffle(t[i + 1], t[i + 3], M{0, 1, 8, 9, 4, 5, 12, 13});
-    u[i + 3] = __builtin_shuffle(t[i + 1], t[i + 3], M{2, 3, 10, 11, 6, 7, 14, 15});
-  }
-  for (int i = 0; i < 4; ++i) {
-    v[i] = __builtin_shuffle(u[i], u[i + 4], M{0, 1, 2, 3, 8, 9, 10, 11});
-    v[i + 4] = __builtin_shuffle(u[i], u[i + 4], M{4, 5, 6, 7, 12, 13, 14, 15});
   }
 }
 

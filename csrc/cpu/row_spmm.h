@@ -93,6 +93,17 @@ void row_spmm_avx2(const RowSpmmArgs<double>& a, int64_t r0, int64_t r1, int64_t
 void row_spmm_generic(const RowSpmmArgs<float>& a, int64_t r0, int64_t r1, int64_t p0, int64_t p1);
 void row_spmm_generic(const RowSpmmArgs<double>& a, int64_t r0, int64_t r1, int64_t p0, int64_t p1);
 
+/// Direct NCHW output of the lanes kernel (LanesArgs::direct): image n < m, output channel r,
+/// pixel q is stored at y[n * image + r * pixels + q], after adding res at the same offset (when
+/// set) and the ReLU (when relu).
+template <typename T>
+struct LanesDirect {
+  T* y;
+  const T* res;
+  int64_t image, m;
+  bool relu;
+};
+
 /// Arguments of the images-in-lanes convolution kernel (lanes_impl.h), used for forward
 /// convolutions of small maps at batch >= 8: L = units * vector_width images share every vector.
 template <typename T>
@@ -119,6 +130,10 @@ struct LanesArgs {
   /// With tap_chunk > 0: [rows][tap_chunks + 1] first nonzero of each row in each chunk (the last
   /// entry is the row's end), computed once per call by the caller.
   const int32_t* split = nullptr;
+  /// When set (float, one unit of lanes, pixels a multiple of 8 only: the caller checks), finished
+  /// blocks are stored straight to NCHW through register transposes, and dst only holds partial
+  /// sums between tap chunks.
+  const LanesDirect<T>* direct = nullptr;
 };
 
 /// Input transpose of the lanes layout: channels of images [0, m) of x (strides s0..s3) into a

@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <type_traits>
 #include <cstdint>
 #include <cstring>
 #include <memory>
@@ -658,9 +659,9 @@ T* aligned64(T* p) {
 /// use the grid / tap-major layouts.  Batches of at least one vector of images take it:
 ///  * on small output maps (at most 64 pixels: the 8x8 / 4x4 / 2x2 maps of CIFAR networks' last
 ///    stages), where the other layouts waste lanes or pay an im2col;
-///  * on larger maps where each input value feeds at least 16 multiply-adds (the 90-95 % sparse
-///    3x3 layers), which repay the two transposes with aligned loads and the kernel's channel
-///    blocking.  Measured (AVX2 Zen 3, one thread, batch 32, 3x3): 64->64 on 32x32 at 90 % 8.0 ->
+///  * on larger maps where each input value feeds at least 16 multiply-adds and each output
+///    channel has at least 16 nonzeros (the 90-95 % sparse 3x3 layers, not a 3-channel stem),
+///    which repay the two transposes with aligned loads and the kernel's channel blocking.  Measured (AVX2 Zen 3, one thread, batch 32, 3x3): 64->64 on 32x32 at 90 % 8.0 ->
 ///    7.0 ms, 95 % 5.5 -> 4.8 ms, 128->128 on 16x16 at 95 % 4.3 -> 3.8 ms; but 99 % 64->64 1.6 ->
 ///    2.1 ms and 1x1 stride-2 shortcuts 0.9 -> 1.2-1.5 ms, where the transposes dominate.
 template <typename T>
@@ -668,7 +669,7 @@ int64_t lanes_units(const ConvGeom& g, int64_t nnz) {
   const int64_t VW = kernel::vector_width<T>();
   if (!kernel::lanes_enabled() || g.N < VW) return 0;
   const bool small = g.OH * g.OW <= 64;
-  if (!small && nnz * g.OH * g.OW < 16 * g.C * g.Hp * g.Wp) return 0;
+  if (!small && (nnz * g.OH * g.OW < 16 * g.C * g.Hp * g.Wp || nnz < 16 * g.O)) return 0;
   int64_t units = g.N >= 4 * VW ? 4 : g.N >= 2 * VW ? 2 : 1;
   // Fewer images per chunk where a chunk's input would outgrow a core's L2.  Measured (AVX2, one
   // thread, 90 % sparse 512->512 3x3 on 4x4 maps, batch 32, before the channel blocking): 8 images
@@ -791,6 +792,15 @@ Tensor conv_forward_lanes(const Tensor& input, const ConvGeom& g, const int32_t*
   }
   proto.off = off.data();
   proto.split = nk > 0 ? split.data() : nullptr;
+  // Float blocks of 8 pixels x 8 images go straight to NCHW from the kernel's registers
+  // (kernel::LanesArgs::direct): no output transpose pass.  Measured (AVX2 Zen 3, one thread, 90 %
+  // sparse, batch 32, against the transpose pass, 4 alternating process pairs): 512->512 on 4x4
+  // 1.05x, 256->256 on 8x8 1.07x, 128->128 on 16x16 1.03x faster, but 64->64 on 32x32 0.95x (its
+  // 8 stores per block land 256 KiB apart), so maps of up to 256 pixels only.
+  const bool direct = std::is_same_v<T, float> && units == 1 && OHW % 8 == 0 && OHW <= 256;
+  auto direct_for = [&](int64_t n0, int64_t m) {
+    return kernel::LanesDirect<T>{y + n0 * image_out, rp ? rp + n0 * image_out : nullptr, image_out, m, relu};
+  };
   const int64_t nthreads = threads_for(int64_t(row_ptr[g.O]) * OHW * L * nchunks + (in_size + out_size) * nchunks);
   if (nchunks >= nthreads && nchunks > 1 && nthreads > 1) {
     at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
@@ -805,8 +815,10 @@ Tensor conv_forward_lanes(const Tensor& input, const ConvGeom& g, const int32_t*
       for (int64_t c = c0; c < c1; ++c) {
         const int64_t n0 = c * L, m = std::min(L, g.N - n0);
         fill(buf, n0, m, 0, g.C);
+        const kernel::LanesDirect<T> d = direct_for(n0, m);
+        a.direct = direct ? &d : nullptr;
         kernel::lanes(a, 0, g.O);
-        store(a.dst, n0, m, 0, image_out);
+        if (!direct) store(a.dst, n0, m, 0, image_out);
       }
     });
     return out;
@@ -820,17 +832,19 @@ Tensor conv_forward_lanes(const Tensor& input, const ConvGeom& g, const int32_t*
   a.dst = buf + in_size;
   for (int64_t c = 0; c < nchunks; ++c) {
     const int64_t n0 = c * L, m = std::min(L, g.N - n0);
+    const kernel::LanesDirect<T> d = direct_for(n0, m);
+    a.direct = direct ? &d : nullptr;
     if (nthreads == 1) {
       fill(buf, n0, m, 0, g.C);
       kernel::lanes(a, 0, g.O);
-      store(a.dst, n0, m, 0, image_out);
+      if (!direct) store(a.dst, n0, m, 0, image_out);
       continue;
     }
     at::parallel_for(0, g.C, 1, [&](int64_t c0, int64_t c1) { fill(buf, n0, m, c0, c1); });
     at::parallel_for(0, nthreads, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) kernel::lanes(a, bounds[t], bounds[t + 1]);
     });
-    at::parallel_for(0, image_out, 64, [&](int64_t k0, int64_t k1) { store(a.dst, n0, m, k0, k1); });
+    if (!direct) at::parallel_for(0, image_out, 64, [&](int64_t k0, int64_t k1) { store(a.dst, n0, m, k0, k1); });
   }
   return out;
 }
