@@ -1,4 +1,4 @@
-"""Single-layer A/B of two builds of apb_sparse: alternating processes, one thread, medians.
+"""Single-layer A/B of two builds of apb_sparse: alternating processes, one thread (``--threads``), medians.
 
 Each round runs one process per build (``--root`` and ``--baseline-root``, each a checkout whose
 extension is built in place, e.g. ``git worktree add /tmp/base <commit>`` then
@@ -19,7 +19,7 @@ import sys
 SHAPES = [(64, 64, 32, 1), (128, 128, 16, 1), (256, 256, 8, 1), (512, 512, 4, 1), (256, 512, 8, 2)]
 
 
-def measure(root: str, batch: int, sparsity: float, min_time: float) -> dict:
+def measure(root: str, batch: int, sparsity: float, min_time: float, threads: int = 1) -> dict:
     """Per-layer median ms of the build at ``root`` (run in this process)."""
     sys.path.insert(0, root)
     import time
@@ -30,7 +30,7 @@ def measure(root: str, batch: int, sparsity: float, min_time: float) -> dict:
     from apb_sparse import ops
     if not os.path.realpath(apb_sparse.__file__).startswith(os.path.realpath(root)):
         raise SystemExit(f"apb_sparse imported from {apb_sparse.__file__}, not from {root}")
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     torch.set_flush_denormal(True)
     out = {}
     for cin, cout, hw, stride in SHAPES:
@@ -61,18 +61,20 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--sparsity", type=float, default=0.9)
     p.add_argument("--min-time", type=float, default=0.15)
+    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
-    if a.rounds < 1 or not 0 <= a.sparsity < 1 or a.batch < 1:
-        p.error("need --rounds >= 1, --batch >= 1 and 0 <= --sparsity < 1")
+    if a.rounds < 1 or not 0 <= a.sparsity < 1 or a.batch < 1 or a.threads < 1:
+        p.error("need --rounds >= 1, --batch >= 1, --threads >= 1 and 0 <= --sparsity < 1")
     if a.worker:
-        print(json.dumps(measure(a.worker, a.batch, a.sparsity, a.min_time)))
+        print(json.dumps(measure(a.worker, a.batch, a.sparsity, a.min_time, a.threads)))
         return 0
     runs = {"new": [], "base": []}
     for _ in range(a.rounds):
         for name, root in (("base", a.baseline_root), ("new", a.root)):
             cmd = [sys.executable, os.path.abspath(__file__), "--baseline-root", a.baseline_root, "--worker", root,
-                   "--batch", str(a.batch), "--sparsity", str(a.sparsity), "--min-time", str(a.min_time)]
+                   "--batch", str(a.batch), "--sparsity", str(a.sparsity), "--min-time", str(a.min_time),
+                   "--threads", str(a.threads)]
             res = subprocess.run(cmd, capture_output=True, text=True, cwd="/", check=True)
             runs[name].append(json.loads(res.stdout.strip().splitlines()[-1]))
     for layer in runs["new"][0]:
