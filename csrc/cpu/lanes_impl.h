@@ -37,7 +37,7 @@ inline void transpose8(typename Vec<float>::type (&v)[8]) {
 }
 
 /// Stores a finished block of 8 consecutive pixels x 8 images (acc[p] holds pixel p's images) of
-/// output channel r straight to NCHW through one 8x8 register transpose: one 32-byte store per
+/// one output channel (NCHW offset off of image 0) straight to NCHW through one 8x8 register transpose: one 32-byte store per
 /// image instead of a trip through the chunk's output buffer and a separate transpose pass.
 template <typename T>
 inline void store_direct(typename Vec<float>::type (&acc)[8], const LanesDirect<T>& d, int64_t off) {
@@ -53,7 +53,7 @@ inline void store_direct(typename Vec<float>::type (&acc)[8], const LanesDirect<
 
 /// PB output pixels (pixel table entries q .. q + PB) of one output channel.  NU: units (32-byte
 /// vectors) of lanes per pixel; the output block is stored at dst (pixel stride NU * unit).
-/// off[j]: source offset of nonzero j (its tap's), looked up once per row, not per block.
+/// off[j]: source offset of nonzero j (its tap's), computed once per call (LanesArgs::off).
 /// first: start from zero (else from the partial sums in dst); last: add init and finish.
 /// direct (float, one unit, 8 pixels only): finished blocks go straight to NCHW at out_off.
 template <typename T, int NU, int PB>

@@ -661,8 +661,9 @@ T* aligned64(T* p) {
 ///    stages), where the other layouts waste lanes or pay an im2col;
 ///  * on larger maps where each input value feeds at least 16 multiply-adds and each output
 ///    channel has at least 16 nonzeros (the 90-95 % sparse 3x3 layers, not a 3-channel stem),
-///    which repay the two transposes with aligned loads and the kernel's channel blocking.  Measured (AVX2 Zen 3, one thread, batch 32, 3x3): 64->64 on 32x32 at 90 % 8.0 ->
-///    7.0 ms, 95 % 5.5 -> 4.8 ms, 128->128 on 16x16 at 95 % 4.3 -> 3.8 ms; but 99 % 64->64 1.6 ->
+///    which repay the two transposes with aligned loads and the kernel's channel blocking.
+///    Measured (AVX2 Zen 3, one thread, batch 32, 3x3): 64->64 on 32x32 at 90 % 8.0 -> 7.0 ms,
+///    95 % 5.5 -> 4.8 ms, 128->128 on 16x16 at 95 % 4.3 -> 3.8 ms; but 99 % 64->64 1.6 ->
 ///    2.1 ms and 1x1 stride-2 shortcuts 0.9 -> 1.2-1.5 ms, where the transposes dominate.
 template <typename T>
 int64_t lanes_units(const ConvGeom& g, int64_t nnz) {
@@ -693,8 +694,10 @@ template <typename T>
 void set_lanes_chunks(kernel::LanesArgs<T>& a, const ConvGeom& g, const std::vector<int64_t>& pix, int64_t L,
                       int64_t nnz) {
   const int64_t VW = kernel::vector_width<T>();
-  const int64_t N = L / VW;                    // accumulator vectors per pixel (32-byte units)
-  const int64_t PB = std::max<int64_t>(1, 8 / N);  // pixels per block, as lanes_rows
+  // Pixels per block as lanes_rows has them with 32-byte accumulators (the AVX-512 build's 64-byte
+  // ones give up to twice as many pixels per block; this only sizes the estimate below).
+  const int64_t N = L / VW;
+  const int64_t PB = std::max<int64_t>(1, 8 / N);
   const int64_t pb = std::min<int64_t>(PB, int64_t(pix.size()));
   // Span of one channel's plane that a block reads: from its first window to its last window's end.
   int64_t lo = pix[0], hi = pix[0];
