@@ -116,22 +116,28 @@ def test_auto_path_choice_follows_cost():
 
 
 def test_stem_convs_take_the_sparse_path_at_lower_sparsity():
-    """Stem convs (<= STEM_TAPS taps per filter) are costed with STEM_EFFICIENCY: a half-pruned
-    grayscale or RGB stem goes sparse, a fully dense one stays a vendor conv, and a wide conv at
-    the same density stays dense."""
-    from apb_sparse.sparsify import STEM_EFFICIENCY, STEM_TAPS, UNSTRUCTURED_EFFICIENCY
+    """Stem convs (<= STEM_TAPS taps per filter) are costed with STEM_EFFICIENCY, wide 3x3 convs with
+    SPATIAL_EFFICIENCY, 1x1 convs with UNSTRUCTURED_EFFICIENCY: at the same density a grayscale or RGB
+    stem goes sparse, a fully dense one stays a vendor conv, and wide convs stay dense where their
+    efficiency makes the sparse layout dearer."""
+    from apb_sparse.sparsify import SPATIAL_EFFICIENCY, STEM_EFFICIENCY, STEM_TAPS, UNSTRUCTURED_EFFICIENCY
+    assert UNSTRUCTURED_EFFICIENCY < 0.5 < SPATIAL_EFFICIENCY < 0.75 < STEM_EFFICIENCY
     torch.manual_seed(0)
-    gray, rgb, full, wide = nn.Conv2d(1, 16, 3), nn.Conv2d(3, 16, 3), nn.Conv2d(3, 16, 3), nn.Conv2d(16, 16, 3)
-    assert gray.weight[0].numel() <= STEM_TAPS and rgb.weight[0].numel() <= STEM_TAPS < wide.weight[0].numel()
+    gray, rgb, full = nn.Conv2d(1, 16, 3), nn.Conv2d(3, 16, 3), nn.Conv2d(3, 16, 3)
+    wide_half, wide_most, pointwise = nn.Conv2d(16, 16, 3), nn.Conv2d(16, 16, 3), nn.Conv2d(64, 64, 1)
+    assert gray.weight[0].numel() <= STEM_TAPS and rgb.weight[0].numel() <= STEM_TAPS < min(wide_half.weight[0].numel(), pointwise.weight[0].numel())
     with torch.no_grad():
-        for conv in (gray, rgb, wide):
+        for conv in (gray, rgb, wide_half, pointwise):
             conv.weight.mul_((torch.arange(conv.weight.numel()) % 2).view_as(conv.weight))
-    out = sparsify(nn.Sequential(gray, rgb, full, wide))
+        wide_most.weight.mul_((torch.arange(wide_most.weight.numel()) % 4 != 0).view_as(wide_most.weight))
+    out = sparsify(nn.Sequential(gray, rgb, full, wide_half, wide_most, pointwise))  # no forward: shapes need not chain
     choices = list(out.apb_sparse_choices.values())
-    assert [c.layout for c in choices[:3]] == ["unstructured", "unstructured", "dense"]
-    assert choices[3].layout != "unstructured"
+    assert [c.layout for c in choices[:5]] == ["unstructured", "unstructured", "dense", "unstructured", "dense"]
+    assert choices[5].layout != "unstructured"
     assert choices[0].cost["unstructured"] == pytest.approx(0.5 / STEM_EFFICIENCY)
-    assert choices[3].cost["unstructured"] == pytest.approx(0.5 / UNSTRUCTURED_EFFICIENCY)
+    assert choices[3].cost["unstructured"] == pytest.approx(0.5 / SPATIAL_EFFICIENCY)
+    assert choices[4].cost["unstructured"] == pytest.approx(0.75 / SPATIAL_EFFICIENCY)
+    assert choices[5].cost["unstructured"] == pytest.approx(0.5 / UNSTRUCTURED_EFFICIENCY)
 
 
 def test_sparse_model_input_gradients_match(inputs):

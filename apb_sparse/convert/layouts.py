@@ -21,10 +21,16 @@ from torch import Tensor, nn
 from ..nn.sparse import ChannelSparseConv2d, SparseConv2d, SparseLinear
 
 __all__ = ["Layout", "LAYOUTS", "register_layout", "layout_of", "normalize_layout", "LAYOUT_ALIASES", "layer_classes", "UNSTRUCTURED_EFFICIENCY",
-           "STRUCTURED_EFFICIENCY", "STEM_TAPS", "STEM_EFFICIENCY"]
+           "SPATIAL_EFFICIENCY", "STRUCTURED_EFFICIENCY", "STEM_TAPS", "STEM_EFFICIENCY"]
 
 UNSTRUCTURED_EFFICIENCY = 0.35
-"""Rate of the CSR kernel's useful multiply-adds relative to the dense vendor kernel."""
+"""Rate of the CSR kernel's useful multiply-adds relative to the dense vendor kernel: linear layers
+and 1x1 convs (1x1 stride-2 shortcuts at batch 32 measured 0.25-0.3, at batch 1 0.4-0.6)."""
+SPATIAL_EFFICIENCY = 0.6
+"""The same for convs with a kernel of at least 3x3 (nine taps per input channel), where the
+kernel reuses every loaded input value across taps: ResNet-18's 3x3 shapes at batch 1 and 32 broke
+even with the vendor conv at 60-75 % density (0.61-0.66x its time at 39 %), AVX2 Zen 3, 2 threads
+(docs/performance.md, "Layout choice")."""
 STRUCTURED_EFFICIENCY = 0.9
 """Rate of the kept dense block relative to the whole dense layer (gathers, a smaller GEMM)."""
 STEM_TAPS = 32
@@ -78,8 +84,18 @@ def block_density(layer: nn.Module, weight: Tensor) -> Optional[float]:
     return kept_out * kept_in / max(1, weight.shape[0] * weight.shape[1])
 
 
+def _is_spatial(layer: nn.Module, weight: Tensor) -> bool:
+    return isinstance(layer, nn.Conv2d) and weight.dim() == 4 and weight.shape[2] * weight.shape[3] >= 9
+
+
 def _unstructured_cost(layer: nn.Module, weight: Tensor) -> float:
-    return _density(weight) / (STEM_EFFICIENCY if _is_stem(layer, weight) else UNSTRUCTURED_EFFICIENCY)
+    if _is_stem(layer, weight):
+        rate = STEM_EFFICIENCY
+    elif _is_spatial(layer, weight):
+        rate = SPATIAL_EFFICIENCY
+    else:
+        rate = UNSTRUCTURED_EFFICIENCY
+    return _density(weight) / rate
 
 
 def _structured_cost(layer: nn.Module, weight: Tensor) -> Optional[float]:

@@ -8,8 +8,9 @@
 * ``"filter"``: :class:`~apb_sparse.nn.ChannelSparseConv2d` (dense block of the kept filters
   and input channels; called ``"structured"`` in version 0.2, a name still accepted).
 
-Costs are relative to the dense layer: dense = 1, unstructured = density / UNSTRUCTURED_EFFICIENCY,
-filter = kept-block density / STRUCTURED_EFFICIENCY.  The efficiencies are the rate at which
+Costs are relative to the dense layer: dense = 1, unstructured = density / SPATIAL_EFFICIENCY for
+convs with a kernel of at least 3x3 and density / UNSTRUCTURED_EFFICIENCY for 1x1 convs and linear
+layers, filter = kept-block density / STRUCTURED_EFFICIENCY.  The efficiencies are the rate at which
 each layout does its useful multiply-adds compared with the dense vendor kernel; they were measured
 with ``benchmarks/latency.py --per-layer`` on the 2-core AVX2 development machine.  Stem convs
 (at most STEM_TAPS taps per filter: 1- or 3-channel images) use STEM_EFFICIENCY = 1: the vendor
@@ -44,12 +45,12 @@ from ..nn.pool import MaxPool2x2
 from ..nn.sparse import SparseLinear
 from .deployed import DeployedModel
 from .fuse import fold_batchnorm, fuse_activations, unfuse
-from .layouts import (LAYOUTS, STEM_EFFICIENCY, STEM_TAPS, STRUCTURED_EFFICIENCY, UNSTRUCTURED_EFFICIENCY,
+from .layouts import (LAYOUTS, SPATIAL_EFFICIENCY, STEM_EFFICIENCY, STEM_TAPS, STRUCTURED_EFFICIENCY, UNSTRUCTURED_EFFICIENCY,
                       block_density, layer_classes, normalize_layout)
 
 __all__ = ["sparsify", "densify", "sparsity_report", "SparsityReport", "LayerReport", "LayerChoice",
            "bake_torch_prune", "register_converter", "unregister_converter", "PATHS",
-           "UNSTRUCTURED_EFFICIENCY", "STRUCTURED_EFFICIENCY", "STEM_TAPS", "STEM_EFFICIENCY"]
+           "UNSTRUCTURED_EFFICIENCY", "SPATIAL_EFFICIENCY", "STRUCTURED_EFFICIENCY", "STEM_TAPS", "STEM_EFFICIENCY"]
 
 PATHS = ("auto", *LAYOUTS)
 """The built-in layout names (``"auto"`` and the layouts registered in :mod:`.layouts` at import); the
