@@ -447,10 +447,14 @@ def test_deploy_swaps_2x2_max_pools_for_the_fast_form_with_the_same_values():
         with torch.no_grad():
             assert torch.equal(d(x), m(x))
     pool, ref_pool = MaxPool2x2(), nn.MaxPool2d(2, 2)
-    x = torch.randn(2, 3, 7, 9)
-    x[0, 1, 2, 3] = float("nan")
-    assert torch.equal(pool(x).isnan(), ref_pool(x).isnan()) and pool(x).isnan().any()
-    torch.testing.assert_close(pool(x), ref_pool(x), equal_nan=True, rtol=0, atol=0)
+    # odd maps, even contiguous maps (the view path, 4-d and 3-d), a non-contiguous even map
+    for x in (torch.randn(2, 3, 7, 9), torch.randn(2, 3, 8, 10), torch.randn(3, 6, 4),
+              torch.randn(2, 3, 10, 8).transpose(-1, -2)):
+        if x.is_contiguous():
+            x.view(-1)[7] = float("nan")
+        x[..., 1, 2] = float("nan")
+        assert torch.equal(pool(x).isnan(), ref_pool(x).isnan()) and pool(x).isnan().any()
+        torch.testing.assert_close(pool(x), ref_pool(x), equal_nan=True, rtol=0, atol=0)
     r = torch.relu(torch.randn(2, 3, 8, 8)).requires_grad_()  # many tied zeros
     pool(r).sum().backward()
     g = r.grad.clone()

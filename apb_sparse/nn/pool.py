@@ -10,8 +10,8 @@ __all__ = ["MaxPool2x2"]
 
 class MaxPool2x2(nn.MaxPool2d):
     """``nn.MaxPool2d(2, 2)`` for inference: the same values (NaN propagates, an odd last row or
-    column is dropped), computed as the maximum of the even and odd columns, then of the even and
-    odd rows.  ATen's CPU ``max_pool2d`` on NCHW tensors is slow: measured (AMD EPYC Zen 3, 2
+    column is dropped), computed from two elementwise maxima: of the row pairs, then of the column
+    pairs (columns first where the map is odd or the input not contiguous).  ATen's CPU ``max_pool2d`` on NCHW tensors is slow: measured (AMD EPYC Zen 3, 2
     threads, float32) 7.16 ms on a 32x64x32x32 batch against 1.0 ms this way (VGG-16's pools were
     over half of its deployed time at 99 % sparsity).  With gradients enabled on the input it runs
     the parent's ``max_pool2d``, so gradients route to one maximum exactly as the source model's
@@ -34,6 +34,14 @@ class MaxPool2x2(nn.MaxPool2d):
         if input.dim() not in (3, 4) or (input.requires_grad and torch.is_grad_enabled()):
             return super().forward(input)
         h, w = input.shape[-2] // 2 * 2, input.shape[-1] // 2 * 2
-        x = input[..., :h, :w]
-        cols = torch.maximum(x[..., 0::2], x[..., 1::2])
-        return torch.maximum(cols[..., 0::2, :], cols[..., 1::2, :])
+        if h == 0 or w == 0 or not input.is_contiguous() or (h, w) != tuple(input.shape[-2:]):
+            x = input[..., :h, :w]
+            cols = torch.maximum(x[..., 0::2], x[..., 1::2])
+            return torch.maximum(cols[..., 0::2, :], cols[..., 1::2, :])
+        # Even, contiguous maps: rows first through a view (two contiguous half-rows), then the
+        # column pairs of the half-size result: measured 1.5-2.6x faster than columns first on
+        # VGG-16's pools at batch 32 (AMD EPYC Zen 3, 2 threads).
+        lead = input.shape[:-2]
+        pairs = input.view(*lead, h // 2, 2, w)
+        rows = torch.maximum(pairs.select(-2, 0), pairs.select(-2, 1)).view(*lead, h // 2, w // 2, 2)
+        return torch.maximum(rows.select(-1, 0), rows.select(-1, 1))
