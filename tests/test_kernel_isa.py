@@ -141,6 +141,37 @@ def test_conv_forward_every_isa_and_blocking(isa, dtype, case):
             torch.testing.assert_close(fused, torch.relu(ref + res), **TOL[dtype])
 
 
+# Strided 1x1 convs (ResNet shortcuts): with batches of a vector of images or more they run as a
+# stride-1 conv on the sampled pixels in the lanes layout where that qualifies, else as before.
+# (batch, channels, height, width, out channels, stride, groups, sparsity)
+STRIDED_1X1 = [
+    (16, 128, 16, 16, 256, (2, 2), 1, 0.9),   # 8x8 out: sampled lanes path
+    (9, 64, 15, 17, 128, (2, 3), 2, 0.8),     # odd sizes, unequal strides, groups, partial image chunk
+    (8, 96, 20, 20, 64, (2, 2), 1, 0.9),      # 10x10 out, under 16 nonzeros per output channel: the old path
+    (3, 64, 8, 8, 128, (2, 2), 1, 0.9),       # batch under a vector: the old path
+]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", STRIDED_1X1, ids=lambda c: "x".join(map(str, c)))
+def test_strided_1x1_conv_every_isa(isa, dtype, case):
+    n, c, h, w_, o, stride, groups, sparsity = case
+    torch.manual_seed(2)
+    x = torch.randn(n, c, h, w_, dtype=dtype)
+    w = _sparse_weight(o, c // groups, 1, sparsity, dtype)
+    b = torch.randn(o, dtype=dtype)
+    ref = F.conv2d(x, w, b, stride, 0, 1, groups)
+    res = torch.randn_like(ref)
+    v, rp, ci = ops.pack_csr(w)
+    for lanes in (True, False):
+        with kernel_config(isa, True, True), ops.kernel_config(lanes=lanes):
+            plain = ops.sparse_conv2d(x, v, rp, ci, w.shape, b, stride, 0, 1, groups)
+            fused = ops.sparse_conv2d(x, v, rp, ci, w.shape, b, stride, 0, 1, groups, residual=res, relu=True)
+        torch.testing.assert_close(plain, ref, **TOL[dtype])
+        torch.testing.assert_close(fused, torch.relu(ref + res), **TOL[dtype])
+
+
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("batch", [1, 8])
 def test_blocking_with_unsorted_columns(isa, batch):
