@@ -361,6 +361,10 @@ if _C is not None:
     def _(grad_output, values, row_ptr, col_idx, in_features):
         return grad_output.new_empty((*grad_output.shape[:-1], in_features))
 
+    @torch.library.register_fake("apb_sparse::max_pool2x2")
+    def _(input):
+        return input.new_empty((*input.shape[:-2], input.shape[-2] // 2, input.shape[-1] // 2))
+
     # -- autograd ------------------------------------------------------------------------------
 
     def _masked_conv2d_setup(ctx, inputs, output):

@@ -1,5 +1,7 @@
 // Schemas of every apb_sparse op (implementations: cpu/sparse_ops.cpp, cuda/*.cu).
 //
+// max_pool2x2: nn.MaxPool2d(2, 2)'s values for inference (CPU; cpu/pool_ops.cpp).
+//
 // sparse_conv2d optionally fuses a residual add and a ReLU: relu(conv(input) + bias + residual).
 //
 // Sparse weights are CSR over output channels (or output features): row_ptr int32 [O + 1],
@@ -24,6 +26,7 @@ TORCH_LIBRARY(apb_sparse, m) {
   m.def(
       "sparse_linear(Tensor input, Tensor values, Tensor row_ptr, Tensor col_idx, int in_features, "
       "Tensor? bias) -> Tensor");
+  m.def("max_pool2x2(Tensor input) -> Tensor");
   m.def(
       "sparse_linear_backward_input(Tensor grad_output, Tensor values, Tensor row_ptr, Tensor col_idx, "
       "int in_features) -> Tensor");

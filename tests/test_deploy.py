@@ -447,14 +447,23 @@ def test_deploy_swaps_2x2_max_pools_for_the_fast_form_with_the_same_values():
         with torch.no_grad():
             assert torch.equal(d(x), m(x))
     pool, ref_pool = MaxPool2x2(), nn.MaxPool2d(2, 2)
-    # odd maps, even contiguous maps (the view path, 4-d and 3-d), a non-contiguous even map
-    for x in (torch.randn(2, 3, 7, 9), torch.randn(2, 3, 8, 10), torch.randn(3, 6, 4),
-              torch.randn(2, 3, 10, 8).transpose(-1, -2)):
-        if x.is_contiguous():
-            x.view(-1)[7] = float("nan")
-        x[..., 1, 2] = float("nan")
-        assert torch.equal(pool(x).isnan(), ref_pool(x).isnan()) and pool(x).isnan().any()
-        torch.testing.assert_close(pool(x), ref_pool(x), equal_nan=True, rtol=0, atol=0)
+    # odd maps, even contiguous maps (4-d and 3-d), a non-contiguous even map; float32 / float64 take
+    # the extension's op, bfloat16 the two-maxima route (its view path on even contiguous maps)
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        for x in (torch.randn(2, 3, 7, 9), torch.randn(2, 3, 8, 10), torch.randn(3, 6, 4),
+                  torch.randn(2, 3, 10, 8).transpose(-1, -2), torch.randn(2, 3, 33, 2)):
+            x = x.to(dtype)
+            if x.is_contiguous():
+                x.view(-1)[7] = float("nan")
+            x[..., 1, 1] = float("nan")
+            x[..., 0, 0] = float("-inf")
+            assert torch.equal(pool(x).isnan(), ref_pool(x).isnan()) and pool(x).isnan().any()
+            torch.testing.assert_close(pool(x), ref_pool(x), equal_nan=True, rtol=0, atol=0)
+    assert pool(torch.randn(2, 3, 1, 5)).shape == (2, 3, 0, 2)
+    with pytest.raises(RuntimeError, match="input must be 3-d"):
+        torch.ops.apb_sparse.max_pool2x2(torch.randn(2, 2))
+    with pytest.raises(RuntimeError, match="float32 or float64"):
+        torch.ops.apb_sparse.max_pool2x2(torch.ones(1, 2, 2, dtype=torch.int32))
     r = torch.relu(torch.randn(2, 3, 8, 8)).requires_grad_()  # many tied zeros
     pool(r).sum().backward()
     g = r.grad.clone()
