@@ -28,7 +28,7 @@ except ImportError as exc:  # pragma: no cover - only without a build
     _IMPORT_ERROR = exc
 
 __all__ = [
-    "available", "pack_csr", "unpack_csr", "masked_conv2d", "sparse_conv2d", "sparse_linear",
+    "available", "pack_csr", "unpack_csr", "masked_conv2d", "sparse_conv2d", "sparse_linear", "max_pool2x2",
     "conv_output_size", "use_portable_kernel", "use_row_tiles", "use_lanes", "check_csr",
     "kernel_options", "kernel_config", "supported_isas",
 ]
@@ -328,6 +328,23 @@ def sparse_linear(input: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tenso
     out = call_op(torch.ops.apb_sparse.sparse_linear, input, t["values"], row_ptr, col_idx, int(in_features),
                   t["bias"])
     return out.to(dtype)
+
+
+def max_pool2x2(input: Tensor) -> Tensor:
+    """``nn.MaxPool2d(2, 2)``'s values (floor mode: an odd last row or column is dropped; NaN
+    propagates) in one pass, for inference: no autograd (use ``F.max_pool2d`` for gradients).
+
+    Args:
+        input: ``(N, C, H, W)`` or ``(C, H, W)``, float32 or float64, on the CPU.
+
+    Returns:
+        ``(..., H // 2, W // 2)``.
+    """
+    _require()
+    _check_input("input", input)
+    if input.device.type != "cpu":
+        raise ValueError(f"input must be on the CPU (max_pool2x2 has no CUDA kernel), got {input.device}")
+    return torch.ops.apb_sparse.max_pool2x2(input)
 
 
 if _C is not None:

@@ -34,3 +34,8 @@ def sparse_linear(input: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tenso
     """``F.linear`` with the CSR weight unpacked to dense."""
     weight = unpack_csr(values, row_ptr, col_idx, (row_ptr.numel() - 1, in_features))
     return F.linear(input, weight, bias)
+
+
+def max_pool2x2(input: Tensor) -> Tensor:
+    """``F.max_pool2d(input, 2, 2)``."""
+    return F.max_pool2d(input, 2, 2)

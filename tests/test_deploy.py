@@ -464,6 +464,11 @@ def test_deploy_swaps_2x2_max_pools_for_the_fast_form_with_the_same_values():
         torch.ops.apb_sparse.max_pool2x2(torch.randn(2, 2))
     with pytest.raises(RuntimeError, match="float32 or float64"):
         torch.ops.apb_sparse.max_pool2x2(torch.ones(1, 2, 2, dtype=torch.int32))
+    from apb_sparse import ops, reference
+    x = torch.randn(3, 5, 9, 6, dtype=torch.float64)
+    assert torch.equal(ops.max_pool2x2(x), reference.max_pool2x2(x))
+    with pytest.raises(TypeError, match="input must be a torch.Tensor"):
+        ops.max_pool2x2([1.0])
     r = torch.relu(torch.randn(2, 3, 8, 8)).requires_grad_()  # many tied zeros
     pool(r).sum().backward()
     g = r.grad.clone()
