@@ -141,14 +141,14 @@ def test_conv_forward_every_isa_and_blocking(isa, dtype, case):
             torch.testing.assert_close(fused, torch.relu(ref + res), **TOL[dtype])
 
 
-# Strided 1x1 convs (ResNet shortcuts): with batches of a vector of images or more they run as a
-# stride-1 conv on the sampled pixels in the lanes layout where that qualifies, else as before.
+# Strided 1x1 convs (ResNet shortcuts), lanes layout on and off: the grid fills only the stride
+# phase they read; the lanes layout transposes the whole input and reads every other pixel.
 # (batch, channels, height, width, out channels, stride, groups, sparsity)
 STRIDED_1X1 = [
-    (16, 128, 16, 16, 256, (2, 2), 1, 0.9),   # 8x8 out: sampled lanes path
+    (16, 128, 16, 16, 256, (2, 2), 1, 0.9),   # 8x8 out (lanes when on)
     (9, 64, 15, 17, 128, (2, 3), 2, 0.8),     # odd sizes, unequal strides, groups, partial image chunk
-    (8, 96, 20, 20, 64, (2, 2), 1, 0.9),      # 10x10 out, under 16 nonzeros per output channel: the old path
-    (3, 64, 8, 8, 128, (2, 2), 1, 0.9),       # batch under a vector: the old path
+    (8, 96, 20, 20, 64, (2, 2), 1, 0.9),      # 10x10 out, under 16 nonzeros per output channel: grid
+    (3, 64, 8, 8, 128, (2, 2), 1, 0.9),       # batch under a vector: grid
 ]
 
 

@@ -1211,22 +1211,7 @@ Tensor sparse_conv2d_cpu(const Tensor& input, const Tensor& values, const Tensor
                                     residual.has_value() ? *residual : Tensor(), relu);
       return;
     }
-    const int32_t* const rpp = rp.const_data_ptr<int32_t>();
-    if (g.KH == 1 && g.KW == 1 && g.ph == 0 && g.pw == 0 && (g.sh > 1 || g.sw > 1) &&
-        g.N >= kernel::vector_width<scalar_t>() && g.OH > 0 && g.OW > 0) {
-      // A strided 1x1 conv (ResNet shortcuts) reads only every sh-th row and sw-th column: the same
-      // conv at stride 1 on those pixels.  Where that compact input qualifies for the lanes layout,
-      // copy it out (a quarter of the input at stride 2) instead of transposing the whole input.
-      const Tensor sampled_view = input.slice(2, 0, (g.OH - 1) * g.sh + 1, g.sh).slice(3, 0, (g.OW - 1) * g.sw + 1, g.sw);
-      const ConvGeom g1(sampled_view.sizes(), weight_size, {1, 1}, {0, 0}, {1, 1}, groups);
-      if (const int64_t units = lanes_units<scalar_t>(g1, int64_t(rpp[g.O]))) {
-        out = conv_forward_lanes<scalar_t>(sampled_view.contiguous(), g1, rpp, ci.const_data_ptr<int32_t>(),
-                                           v.const_data_ptr<scalar_t>(), bias.has_value() ? *bias : Tensor(),
-                                           residual.has_value() ? *residual : Tensor(), relu, units);
-        return;
-      }
-    }
-    out = conv_forward<scalar_t>(input, g, rpp, ci.const_data_ptr<int32_t>(),
+    out = conv_forward<scalar_t>(input, g, rp.const_data_ptr<int32_t>(), ci.const_data_ptr<int32_t>(),
                                  v.const_data_ptr<scalar_t>(), bias.has_value() ? *bias : Tensor(),
                                  residual.has_value() ? *residual : Tensor(), relu);
   });
