@@ -111,8 +111,13 @@ class _Runner:
                 model = apb_sparse.densify(masked).eval()  # plain Conv2d / BatchNorm2d modules
                 note = "densify(model): torch eager"
             elif hasattr(apb_sparse, "deploy"):  # apb_sparse and apb_sparse_base
-                model = apb_sparse.deploy(masked, x)
-                note = "apb_sparse.deploy(model, x)"
+                import inspect
+                if msg.get("tune") and "tune" in inspect.signature(apb_sparse.deploy).parameters:
+                    model = apb_sparse.deploy(masked, x, tune=True)
+                    note = "apb_sparse.deploy(model, x, tune=True)"
+                else:
+                    model = apb_sparse.deploy(masked, x)
+                    note = "apb_sparse.deploy(model, x)"
             else:
                 model = apb_sparse.sparsify(masked, fuse=True)
                 note = "apb_sparse.sparsify(model, fuse=True)"
@@ -503,7 +508,7 @@ def run_case(case: dict, workers: dict, args, tmp: str) -> dict:
     scale = max(1.0, float(ref.abs().max()))
     for engine, w in workers.items():
         r = w.call(cmd="load", onnx=paths["onnx"], model=paths["model"], input=paths["input"],
-                   output=os.path.join(tmp, f"{tag}_{engine}_y.npy"))
+                   output=os.path.join(tmp, f"{tag}_{engine}_y.npy"), tune=bool(args.tune))
         if not r.get("ok"):
             row["skipped"][engine] = r.get("error")
             print(f"  {engine}: load failed: {r.get('error')}\n{r.get('trace', '')}", flush=True)
@@ -604,6 +609,8 @@ def main(argv=None) -> int:
                    help="largest output difference to torch allowed, relative to max(1, max |output|)")
     p.add_argument("--gemm-n", type=int, default=4096, help="matmul size of the GEMM-rate measurement")
     p.add_argument("--per-layer", action="store_true", help="also collect per-layer times (ours, DeepSparse)")
+    p.add_argument("--tune", action="store_true",
+                   help="deploy with tune=True (layouts chosen by measured time; checkouts without it: the cost model)")
     p.add_argument("--profile-iterations", type=int, default=10)
     p.add_argument("--deepsparse-python", default=DEFAULT_DEEPSPARSE_PYTHON)
     p.add_argument("--onnx-python", default=None,

@@ -480,3 +480,68 @@ def test_deploy_swaps_2x2_max_pools_for_the_fast_form_with_the_same_values():
     back = apb_sparse.densify(deploy(m, torch.randn(1, 3, 16, 16)))
     assert not any(isinstance(mod, MaxPool2x2) for mod in back.modules())
     assert sum(type(mod) is nn.MaxPool2d for mod in back.modules()) == 3
+
+
+def _tune_model():
+    torch.manual_seed(5)
+    m = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
+                      nn.Conv2d(32, 32, 3, padding=1), nn.Flatten(), nn.Linear(32 * 8 * 8, 10)).eval()
+    with torch.no_grad():
+        m[2].weight.mul_(torch.rand_like(m[2].weight) > 0.9)          # 90 % sparse
+        m[4].weight.mul_(torch.rand_like(m[4].weight) > 0.5)          # half dense
+        m[4].weight[:, 16:] = 0                                       # and half its input channels
+    return m
+
+
+def test_deploy_tune_keeps_the_fastest_measured_layout(monkeypatch):
+    """tune=True times each layer's candidate layouts (on its own input shape) and keeps the
+    fastest: with a timer that makes "filter" cheapest, then "dense", the half-dense conv takes the
+    filter layout and the linear layer stays dense, against the cost model; the 90 %-sparse conv,
+    whose other layouts the cost model prices at over MAX_COST_RATIO times, is not timed; the
+    snapshot still computes the model's function."""
+    import apb_sparse.convert.tune as tune
+    from apb_sparse.convert.layouts import layout_of
+
+    seen = []
+
+    def fake(module, x, min_time):
+        seen.append((layout_of(module) or "dense", tuple(x.shape)))
+        return {"filter": 1.0, "dense": 2.0}.get(layout_of(module) or "dense", 3.0)
+
+    monkeypatch.setattr(tune, "time_layer", fake)
+    m, x = _tune_model(), torch.randn(4, 3, 8, 8)
+    auto = deploy(m, x).apb_sparse_choices
+    assert [auto[n].layout for n in ("2", "4", "6")] == ["unstructured", "unstructured", "dense"]
+    d = deploy(m, x, tune=True)
+    choices = d.apb_sparse_choices
+    assert [choices[n].layout for n in ("2", "4", "6")] == ["unstructured", "filter", "dense"]
+    assert not choices["2"].measured_ms
+    assert set(choices["4"].measured_ms) == {"dense", "unstructured", "filter"}
+    assert choices["4"].measured_ms["filter"] == 1000.0            # medians in ms
+    assert set(choices["6"].measured_ms) == {"dense", "unstructured"}
+    assert ("unstructured", (4, 32, 8, 8)) in seen and ("dense", (4, 2048)) in seen  # each layer's own input shape
+    assert not any(shape == (4, 16, 8, 8) for _, shape in seen)
+    with torch.no_grad():
+        torch.testing.assert_close(d(x), m(x), rtol=1e-4, atol=1e-5)
+    # layers the layout argument names keep their layout and are not timed
+    pinned = deploy(m, x, tune=True, layout={"4": "unstructured"}).apb_sparse_choices
+    assert pinned["4"].layout == "unstructured" and not pinned["4"].measured_ms and pinned["6"].measured_ms
+    # a forced layout for the whole model: nothing is timed
+    seen.clear()
+    assert deploy(m, x, tune=True, layout="dense").apb_sparse_choices["4"].layout == "dense" and not seen
+
+
+def test_deploy_tune_with_the_real_timer():
+    """With real timings the chosen layout is each tuned layer's fastest measured one, and the
+    snapshot matches the model."""
+    m, x = _tune_model(), torch.randn(8, 3, 8, 8)
+    d = deploy(m, x, tune=True)
+    tuned = {n: c for n, c in d.apb_sparse_choices.items() if c.measured_ms}
+    assert tuned
+    for c in tuned.values():
+        assert len(c.measured_ms) >= 2 and all(v > 0 for v in c.measured_ms.values())
+        assert c.layout == min(c.measured_ms, key=c.measured_ms.get)
+    with torch.no_grad():
+        torch.testing.assert_close(d(x), m(x), rtol=1e-4, atol=1e-5)
+    with pytest.raises(TypeError, match="tune must be True or False"):
+        deploy(m, x, tune="yes")

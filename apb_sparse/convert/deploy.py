@@ -37,6 +37,7 @@ from ..nn.pool import MaxPool2x2
 from .deployed import MAX_TRACES, DeployedModel
 from .fuse import fold_batchnorm, fuse_activations
 from .sparsify import SPARSE_LAYERS, _replace, bake_torch_prune, densify, sparsify
+from .tune import measure_layouts
 
 __all__ = ["deploy", "DeployedModel", "MAX_TRACES"]
 
@@ -54,7 +55,7 @@ def _only_torch_prune(m: nn.Module) -> bool:
 
 def deploy(model: nn.Module, example_input: Union[Tensor, Tuple[Tensor, ...]], *,
            masks: Optional[Mapping[str, Tensor]] = None, layout: Union[str, Mapping[str, str]] = "auto",
-           script: bool = True, check: bool = True,
+           script: bool = True, check: bool = True, tune: bool = False,
            path: Union[str, Mapping[str, str], None] = None) -> DeployedModel:
     """A frozen inference snapshot of ``model``: BatchNorms folded, sparse layers, ReLU / residual
     add in the kernel epilogue, a TorchScript graph per input signature.
@@ -76,6 +77,10 @@ def deploy(model: nn.Module, example_input: Union[Tensor, Tuple[Tensor, ...]], *
         script: make TorchScript graphs for ``no_grad`` calls (False: always the Python graph).
         check: compare the snapshot's output on ``example_input`` with ``model``'s and raise
             ``RuntimeError`` when they differ by more than rounding.
+        tune: choose each layer's layout by timing every layout it can take on its input shape
+            from ``example_input`` (:mod:`apb_sparse.convert.tune`), instead of the cost model;
+            the times are kept in ``LayerChoice.measured_ms``.  Layers whose layout ``layout``
+            names keep it.
         path: deprecated name of ``layout`` (version 0.2); warns.
 
     Returns:
@@ -105,6 +110,8 @@ def deploy(model: nn.Module, example_input: Union[Tensor, Tuple[Tensor, ...]], *
     if path is not None:
         warnings.warn("deploy(path=...) is renamed deploy(layout=...)", FutureWarning, stacklevel=2)
         layout = path
+    if not isinstance(tune, bool):
+        raise TypeError(f"tune must be True or False, got {type(tune).__name__}")
     with torch.no_grad():
         reference = model(*(a.clone() for a in args)) if check else None
     work = bake_torch_prune(copy.deepcopy(model))
@@ -116,8 +123,14 @@ def deploy(model: nn.Module, example_input: Union[Tensor, Tuple[Tensor, ...]], *
         layouts = {**({} if isinstance(layout, str) else dict(layout)), **kept} if kept else layout
     work = fold_batchnorm(work, inplace=True)
     folded_skipped = dict(getattr(work, "apb_fuse_skipped", {}))
+    measured: Dict[str, Dict[str, float]] = {}
+    if tune:
+        layouts, measured = measure_layouts(work, args, masks, layouts)
+        layouts = layouts or layout
     work = sparsify(work, masks, inplace=True, layout=layouts, fuse=False)
     choices = work.apb_sparse_choices
+    for name, times in measured.items():
+        choices[name].measured_ms = times
     work = fuse_activations(work)
     fused_skipped = dict(getattr(work, "apb_fuse_skipped", {}))
     pools = _fast_pools(work)

@@ -65,6 +65,8 @@ class LayerChoice:
     ``reason`` is set when the layer could not take the layout the cost model (or the caller) asked
     for: it then stays dense (``layout == "dense"``), either as a plain dense layer or, for layers
     ``sparsify`` does not convert at all (see the module docstring), exactly as it was.
+    ``measured_ms`` holds ``{layout: ms per call}`` when ``deploy(..., tune=True)`` timed the
+    layer's candidate layouts (and chose the fastest).
     """
 
     layout: str
@@ -72,6 +74,7 @@ class LayerChoice:
     block_density: Optional[float]
     cost: Dict[str, float] = field(default_factory=dict)
     reason: Optional[str] = None
+    measured_ms: Dict[str, float] = field(default_factory=dict)
 
     @property
     def path(self) -> str:
