@@ -197,7 +197,7 @@ def model_cases(draw):
     return dict(c=draw(st.integers(1, 6)), size=draw(st.integers(3, 9)), batch=draw(st.integers(1, 3)),
                 mode=draw(st.sampled_from(MODES)), sparsity=draw(st.sampled_from([0.0, 0.5, 0.8, 0.95, 1.0])),
                 layout=draw(st.sampled_from(["auto", "unstructured", "filter"])),
-                form=draw(st.sampled_from(["sparsify", "deploy"])),
+                form=draw(st.sampled_from(["sparsify", "deploy"])), pool=draw(st.booleans()),
                 seed=draw(st.integers(0, 2**31 - 1)))
 
 
@@ -209,7 +209,9 @@ def test_fuzz_small_models(case):
     COUNTS["model"] += 1
     torch.manual_seed(case["seed"])
     c = case["c"]
-    model = nn.Sequential(nn.Conv2d(3, c, 3, padding=1, stride=2), nn.ReLU(), _Block(c, case["mode"]),
+    # deploy swaps the 2x2 max pool (odd maps included) for MaxPool2x2 and its one-pass op
+    pool = [nn.MaxPool2d(2, 2)] if case["pool"] else []
+    model = nn.Sequential(nn.Conv2d(3, c, 3, padding=1, stride=2), nn.ReLU(), _Block(c, case["mode"]), *pool,
                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, 4)).double().eval()
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
