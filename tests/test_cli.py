@@ -244,6 +244,17 @@ def test_good_checkpoint_still_loads(apb_checkpoint, capsys):
     assert "speedup" in capsys.readouterr().out
 
 
+def test_bench_latency_tune_deploys_with_measured_layouts(apb_checkpoint, tmp_path, capsys):
+    out = tmp_path / "lat.json"
+    assert main(["bench", "latency", "--checkpoint", str(apb_checkpoint), "--batch", "2", "--rounds", "1", "--tune",
+                 "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert rows and all(r["tuned_layers"] >= 1 and r["outputs_match"] for r in rows)
+    assert main(["bench", "latency", "--checkpoint", str(apb_checkpoint), "--batch", "2", "--rounds", "1",
+                 "--out", str(out)]) == 0
+    assert all(r["tuned_layers"] == 0 for r in json.loads(out.read_text())["results"])
+
+
 def test_unwritable_outputs_are_refused_before_any_work(apb_checkpoint, tmp_path, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")

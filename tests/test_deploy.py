@@ -523,6 +523,10 @@ def test_deploy_tune_keeps_the_fastest_measured_layout(monkeypatch):
     assert not any(shape == (4, 16, 8, 8) for _, shape in seen)
     with torch.no_grad():
         torch.testing.assert_close(d(x), m(x), rtol=1e-4, atol=1e-5)
+    # an already converted model's layouts are timed again (without tune they are kept)
+    converted = apb_sparse.sparsify(m)
+    assert deploy(converted, x).apb_sparse_choices["4"].layout == "unstructured"
+    assert deploy(converted, x, tune=True).apb_sparse_choices["4"].layout == "filter"
     # layers the layout argument names keep their layout and are not timed
     pinned = deploy(m, x, tune=True, layout={"4": "unstructured"}).apb_sparse_choices
     assert pinned["4"].layout == "unstructured" and not pinned["4"].measured_ms and pinned["6"].measured_ms

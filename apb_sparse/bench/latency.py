@@ -25,18 +25,20 @@ LATENCY_BASELINE = ("the dense model deployed the same way (apb_sparse.deploy(de
 
 
 def measure_latency(dense: nn.Module, sparse: nn.Module, input_shape: Sequence[int], *, batch: int,
-                    rounds: int, device: torch.device) -> Dict[str, Any]:
+                    rounds: int, device: torch.device, tune: bool = False) -> Dict[str, Any]:
     """Median inference latency of the deployed dense and sparse models, interleaved, same run.
 
     Both are timed as :func:`apb_sparse.deploy` snapshots (the form the leaderboard times): the
     baseline is ``deploy(dense, x, layout="dense")``; ``speedup_vs_eager`` is against the eager dense
-    model.  Outputs are compared first (a fast wrong model is not a result).
+    model.  Outputs are compared first (a fast wrong model is not a result).  ``tune``: deploy the
+    sparse model with ``tune=True`` (layouts by measured time); ignored for an already deployed one.
     """
     gen = torch.Generator().manual_seed(0)
     x = torch.rand((batch, *input_shape), generator=gen).to(device)
     eager = copy.deepcopy(dense).to(device).eval()
     dense_d = deploy(eager, x, layout="dense")
-    sparse_d = sparse if isinstance(sparse, DeployedModel) else deploy(copy.deepcopy(sparse).to(device).eval(), x)
+    sparse_d = sparse if isinstance(sparse, DeployedModel) else deploy(copy.deepcopy(sparse).to(device).eval(), x,
+                                                                       tune=tune)
     with torch.inference_mode():
         ref = eager(x)
         diff = float((sparse_d(x) - ref).abs().max())
@@ -49,6 +51,7 @@ def measure_latency(dense: nn.Module, sparse: nn.Module, input_shape: Sequence[i
     return {"device": str(device), "batch": batch, "rounds": rounds, "dense_ms": d * 1e3, "sparse_ms": s * 1e3,
             "dense_eager_ms": e * 1e3, "speedup": d / s, "speedup_vs_eager": e / s,
             "baseline": LATENCY_BASELINE,
+            "tuned_layers": sum(1 for c in getattr(sparse_d, "apb_sparse_choices", {}).values() if c.measured_ms),
             "dense_times_ms": [v * 1e3 for v in t["dense"]["times_s"]],
             "sparse_times_ms": [v * 1e3 for v in t["sparse"]["times_s"]], "max_abs_diff": diff,
             "outputs_match": diff <= 1e-3 * scale}

@@ -47,7 +47,8 @@ def _cmd_bench_latency(args, parser) -> int:
     for label, dense_m, sparse_m in variants:
         rep = sparsity_report(sparse_m)
         for b in args.batch:
-            lat = measure_latency(dense_m, sparse_m, shape, batch=b, rounds=args.rounds, device=dev)
+            lat = measure_latency(dense_m, sparse_m, shape, batch=b, rounds=args.rounds, device=dev,
+                                  tune=args.tune)
             if not lat["outputs_match"]:
                 print(f"{label}: sparse output differs from dense by {lat['max_abs_diff']:.3g}", file=sys.stderr)
                 return 1

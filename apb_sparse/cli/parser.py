@@ -245,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     bl.add_argument("--checkpoint", default=None, metavar="FILE", help="time this apb_sparse checkpoint instead")
     bl.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="device")
     bl.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
+    bl.add_argument("--tune", action="store_true",
+                    help="deploy the sparse model with tune=True (each layer's layout by measured time)")
     bl.add_argument("--out", default=None, metavar="JSON", help="write the results as JSON")
 
     # ---------------------------------------------------------------- leaderboard

@@ -80,7 +80,7 @@ def deploy(model: nn.Module, example_input: Union[Tensor, Tuple[Tensor, ...]], *
         tune: choose each layer's layout by timing every layout it can take on its input shape
             from ``example_input`` (:mod:`apb_sparse.convert.tune`), instead of the cost model;
             the times are kept in ``LayerChoice.measured_ms``.  Layers whose layout ``layout``
-            names keep it.
+            names keep it; the layouts of an already converted model are chosen again.
         path: deprecated name of ``layout`` (version 0.2); warns.
 
     Returns:
@@ -120,7 +120,8 @@ def deploy(model: nn.Module, example_input: Union[Tensor, Tuple[Tensor, ...]], *
         # Already converted: fold into dense weights, then convert again with the same layouts.
         kept = {n: c.layout for n, c in getattr(work, "apb_sparse_choices", {}).items()}
         work = densify(work, inplace=True)
-        layouts = {**({} if isinstance(layout, str) else dict(layout)), **kept} if kept else layout
+        if kept and not tune:  # tune=True times them again
+            layouts = {**({} if isinstance(layout, str) else dict(layout)), **kept}
     work = fold_batchnorm(work, inplace=True)
     folded_skipped = dict(getattr(work, "apb_fuse_skipped", {}))
     measured: Dict[str, Dict[str, float]] = {}
