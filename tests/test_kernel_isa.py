@@ -120,6 +120,20 @@ CASES = [
 ]
 
 
+def _check_plain_and_fused(x, w, b, stride, padding, groups, configs):
+    """ops.sparse_conv2d, plain and fused with residual + ReLU, under each kernel configuration
+    (context-manager factories), against F.conv2d."""
+    ref = F.conv2d(x, w, b, stride, padding, 1, groups)
+    res = torch.randn_like(ref)
+    v, rp, ci = ops.pack_csr(w)
+    for config in configs:
+        with config():
+            plain = ops.sparse_conv2d(x, v, rp, ci, w.shape, b, stride, padding, 1, groups)
+            fused = ops.sparse_conv2d(x, v, rp, ci, w.shape, b, stride, padding, 1, groups, residual=res, relu=True)
+        torch.testing.assert_close(plain, ref, **TOL[x.dtype])
+        torch.testing.assert_close(fused, torch.relu(ref + res), **TOL[x.dtype])
+
+
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c)))
@@ -129,16 +143,8 @@ def test_conv_forward_every_isa_and_blocking(isa, dtype, case):
     x = torch.randn(n, c, hw, hw, dtype=dtype)
     w = _sparse_weight(o, c // groups, 3, sparsity, dtype)
     b = torch.randn(o, dtype=dtype)
-    ref = F.conv2d(x, w, b, stride, 1, 1, groups)
-    res = torch.randn_like(ref)
-    v, rp, ci = ops.pack_csr(w)
-    for blocking in (True, False):
-        for row_tiles in (True, False):
-            with kernel_config(isa, blocking, row_tiles):
-                plain = ops.sparse_conv2d(x, v, rp, ci, w.shape, b, stride, 1, 1, groups)
-                fused = ops.sparse_conv2d(x, v, rp, ci, w.shape, b, stride, 1, 1, groups, residual=res, relu=True)
-            torch.testing.assert_close(plain, ref, **TOL[dtype])
-            torch.testing.assert_close(fused, torch.relu(ref + res), **TOL[dtype])
+    configs = [lambda bl=bl, rt=rt: kernel_config(isa, bl, rt) for bl in (True, False) for rt in (True, False)]
+    _check_plain_and_fused(x, w, b, stride, 1, groups, configs)
 
 
 # Strided 1x1 convs (ResNet shortcuts), lanes layout on and off: the grid fills only the stride
@@ -152,6 +158,12 @@ STRIDED_1X1 = [
 ]
 
 
+@contextlib.contextmanager
+def _isa_and_lanes(isa, lanes):
+    with kernel_config(isa, True, True), ops.kernel_config(lanes=lanes):
+        yield
+
+
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("case", STRIDED_1X1, ids=lambda c: "x".join(map(str, c)))
@@ -161,15 +173,7 @@ def test_strided_1x1_conv_every_isa(isa, dtype, case):
     x = torch.randn(n, c, h, w_, dtype=dtype)
     w = _sparse_weight(o, c // groups, 1, sparsity, dtype)
     b = torch.randn(o, dtype=dtype)
-    ref = F.conv2d(x, w, b, stride, 0, 1, groups)
-    res = torch.randn_like(ref)
-    v, rp, ci = ops.pack_csr(w)
-    for lanes in (True, False):
-        with kernel_config(isa, True, True), ops.kernel_config(lanes=lanes):
-            plain = ops.sparse_conv2d(x, v, rp, ci, w.shape, b, stride, 0, 1, groups)
-            fused = ops.sparse_conv2d(x, v, rp, ci, w.shape, b, stride, 0, 1, groups, residual=res, relu=True)
-        torch.testing.assert_close(plain, ref, **TOL[dtype])
-        torch.testing.assert_close(fused, torch.relu(ref + res), **TOL[dtype])
+    _check_plain_and_fused(x, w, b, stride, 0, groups, [lambda la=la: _isa_and_lanes(isa, la) for la in (True, False)])
 
 
 @pytest.mark.parametrize("isa", ISAS)
