@@ -19,7 +19,8 @@ def test_peers_tiny_case(tmp_path):
     cmd = [sys.executable, os.path.join(HERE, "peers.py"), "--engines", "torch", "apb_sparse", "deepsparse",
            "--deepsparse-python", str(tmp_path / "no_such_venv" / "python"), "--archs", "resnet18", "--width", "8",
            "--masks", "local@0.9", "--batches", "2", "--rounds", "2", "--warmup", "0", "--min-time", "0",
-           "--gemm-n", "256", "--threads", "1", "--per-layer", "--profile-iterations", "2", "--out", str(out)]
+           "--gemm-n", "256", "--threads", "1", "--per-layer", "--profile-iterations", "2", "--tune",
+           "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "skipping deepsparse" in proc.stdout
@@ -28,6 +29,7 @@ def test_peers_tiny_case(tmp_path):
     assert data["gemm_gflops"] > 0
     (row,) = data["results"]
     assert 0 < row["nonzero_macs"] < 0.2 * row["dense_macs"]
+    assert row["engines"]["apb_sparse"]["note"] == "apb_sparse.deploy(model, x, tune=True)"
     for engine in ("torch", "apb_sparse"):
         e = row["engines"][engine]
         assert e["max_abs_err"] < 1e-3
