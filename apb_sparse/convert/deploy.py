@@ -127,7 +127,6 @@ def deploy(model: nn.Module, example_input: Union[Tensor, Tuple[Tensor, ...]], *
     measured: Dict[str, Dict[str, float]] = {}
     if tune:
         layouts, measured = measure_layouts(work, args, masks, layouts)
-        layouts = layouts or layout
     work = sparsify(work, masks, inplace=True, layout=layouts, fuse=False)
     choices = work.apb_sparse_choices
     for name, times in measured.items():

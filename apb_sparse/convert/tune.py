@@ -18,37 +18,23 @@ shape from the example batch, and keeps the fastest:
 
 What it does not see: the epilogue fusions (a ReLU or residual add moved into a sparse conv's
 kernel is free there, a separate pass after a dense conv) and cache effects between layers.  A
-layer the caller forces (``layout={name: ...}``, or a model already converted by ``sparsify``)
-keeps its layout.  Timing costs a few forwards of the model per layout; the three converted
-copies exist only during ``deploy``.
+layer the caller names in ``layout={name: ...}`` keeps its layout (``deploy`` re-times the layouts
+of a model already converted by ``sparsify``).  Timing costs a few forwards of the model per
+layout; the three converted copies exist only during ``deploy``.
 """
 from __future__ import annotations
 
 import copy
-import statistics
-import time
 import warnings
-from typing import Callable, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
-from .layouts import LAYOUTS, layout_of, normalize_layout
+from ..bench.timing import interleaved_medians
+from .layouts import LAYOUTS, normalize_layout
 
-__all__ = ["measure_layouts", "time_layer", "time_call", "MAX_COST_RATIO"]
-
-
-def time_call(fn: Callable[[], object], min_time: float) -> float:
-    """Mean seconds per call of ``fn`` over repeated calls lasting at least ``min_time`` (at least
-    two calls, after one warm-up call)."""
-    fn()
-    calls, start = 0, time.perf_counter()
-    while True:
-        fn()
-        calls += 1
-        elapsed = time.perf_counter() - start
-        if calls >= 2 and elapsed >= min_time:
-            return elapsed / calls
+__all__ = ["measure_layouts", "time_candidates", "MAX_COST_RATIO"]
 
 
 def _input_shapes(model: nn.Module, names: List[str], args: Tuple[Tensor, ...]) -> Dict[str, Tuple[torch.Size, torch.dtype]]:
@@ -75,10 +61,13 @@ def _input_shapes(model: nn.Module, names: List[str], args: Tuple[Tensor, ...]) 
     return seen
 
 
-def time_layer(module: nn.Module, x: Tensor, min_time: float) -> float:
-    """Seconds per call of ``module(x)`` (no autograd), :func:`time_call`."""
-    with torch.no_grad():
-        return time_call(lambda: module(x), min_time)
+def time_candidates(candidates: Mapping[str, nn.Module], x: Tensor, *, rounds: int,
+                    min_time: float) -> Dict[str, float]:
+    """``{layout: median ms per call}`` of each candidate layer on ``x``, timed in interleaved
+    rounds (:func:`apb_sparse.bench.interleaved_medians`, one warm-up round)."""
+    t = interleaved_medians({k: (lambda m=m: m(x)) for k, m in candidates.items()}, rounds=rounds, warmup=1,
+                            min_time=min_time)
+    return {k: v["median_s"] * 1e3 for k, v in t.items()}
 
 
 # A candidate whose modelled cost is over this multiple of the cheapest one's is not timed (a
@@ -98,17 +87,18 @@ def measure_layouts(model: nn.Module, args: Tuple[Tensor, ...], masks: Optional[
         layout: ``"auto"`` or a ``{layer name: layout}`` mapping (the layers it names keep theirs;
             a layer the mapping does not name is tuned).
         rounds: interleaved timing rounds per layer.
-        min_time: seconds each timed call is repeated for, per round (:func:`time_layer`).
+        min_time: seconds each timed call is repeated for, per round (:func:`time_candidates`).
 
     Returns:
-        ``({layer name: layout}`` for ``sparsify``, ``{layer name: {layout: median ms}})``; layers
-        with a single candidate are not timed and appear in neither.
+        ``(layout argument for sparsify, {layer name: {layout: median ms}})``: the measured choice of
+        every timed layer merged with the layers ``layout`` names (``layout`` itself when it forces
+        one layout on every layer); layers with a single candidate are left to the cost model.
     """
     from .sparsify import sparsify  # deploy -> tune -> sparsify: import at call time
 
     if isinstance(layout, str):
         if normalize_layout(layout, "layout") != "auto":
-            return {}, {}
+            return layout, {}
         fixed: Dict[str, str] = {}
     else:
         fixed = {n: v for n, v in layout.items() if normalize_layout(v, "layout") != "auto"}
@@ -131,22 +121,12 @@ def measure_layouts(model: nn.Module, args: Tuple[Tensor, ...], masks: Optional[
         for layout_name, converted in copies.items():
             if converted.apb_sparse_choices[name].layout != layout_name:
                 continue  # this layout was not available to the layer (it fell back)
-            if cost.get(layout_name, 0.0) > MAX_COST_RATIO * cheapest:
-                continue
-            module = converted.get_submodule(name)
-            if (layout_of(module) or "dense") == layout_name:
-                candidates[layout_name] = module
+            if cost.get(layout_name, 0.0) <= MAX_COST_RATIO * cheapest:
+                candidates[layout_name] = converted.get_submodule(name)
         if len(candidates) < 2:
             continue
         shape, dtype = shapes[name]
         x = torch.randn(shape, dtype=dtype, generator=torch.Generator().manual_seed(0))
-        times: Dict[str, List[float]] = {k: [] for k in candidates}
-        for r in range(rounds):
-            order = list(candidates)
-            order = order[r % len(order):] + order[:r % len(order)]  # rotate the starting candidate
-            for k in order:
-                times[k].append(time_layer(candidates[k], x, min_time))
-        medians = {k: statistics.median(v) * 1e3 for k, v in times.items()}
-        measured[name] = medians
-        chosen[name] = min(medians, key=medians.get)
+        measured[name] = time_candidates(candidates, x, rounds=rounds, min_time=min_time)
+        chosen[name] = min(measured[name], key=measured[name].get)
     return {**chosen, **fixed}, measured
