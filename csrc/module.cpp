@@ -11,14 +11,15 @@ namespace {
 using namespace apb_sparse::kernel;
 
 /// Names of the kernel's run-time options, in the order `_kernel_option()` lists them.
-const char* const kOptions[] = {"isa", "row_tiles", "channel_blocking", "lanes", "shifted_layout",
-                                "min_parallel_work", "output_cache_bytes"};
+const char* const kOptions[] = {"isa", "row_tiles", "channel_blocking", "lanes", "lanes_tiles",
+                                "shifted_layout", "min_parallel_work", "output_cache_bytes"};
 
 PyObject* option_value(const char* name) {
   if (std::strcmp(name, "isa") == 0) return PyUnicode_FromString(isa_name(active_isa()));
   if (std::strcmp(name, "row_tiles") == 0) return PyBool_FromLong(row_tiles_enabled());
   if (std::strcmp(name, "channel_blocking") == 0) return PyBool_FromLong(channel_blocking_enabled());
   if (std::strcmp(name, "lanes") == 0) return PyBool_FromLong(lanes_enabled());
+  if (std::strcmp(name, "lanes_tiles") == 0) return PyBool_FromLong(lanes_tiles_enabled());
   if (std::strcmp(name, "shifted_layout") == 0) return PyLong_FromLong(shifted_layout());
   if (std::strcmp(name, "output_cache_bytes") == 0) return PyLong_FromLongLong(output_cache_bytes());
   return PyLong_FromLongLong(min_parallel_work());
@@ -82,6 +83,7 @@ PyObject* set_option(const char* name, PyObject* value) {
   if (on < 0) return nullptr;
   if (std::strcmp(name, "row_tiles") == 0) return PyBool_FromLong(set_row_tiles(on));
   if (std::strcmp(name, "channel_blocking") == 0) return PyBool_FromLong(set_channel_blocking(on));
+  if (std::strcmp(name, "lanes_tiles") == 0) return PyBool_FromLong(set_lanes_tiles(on));
   return PyBool_FromLong(set_lanes(on));
 }
 
@@ -109,8 +111,8 @@ PyObject* kernel_option(PyObject*, PyObject* args) {
   for (const char* o : kOptions) known = known || std::strcmp(name, o) == 0;
   if (!known) {
     PyErr_Format(PyExc_ValueError,
-                 "unknown kernel option '%s' (options: isa, row_tiles, channel_blocking, lanes, shifted_layout, "
-                 "min_parallel_work, output_cache_bytes)",
+                 "unknown kernel option '%s' (options: isa, row_tiles, channel_blocking, lanes, lanes_tiles, "
+                 "shifted_layout, min_parallel_work, output_cache_bytes)",
                  name);
     return nullptr;
   }

@@ -57,10 +57,10 @@ def test_isa_query_and_force():
 
 def test_kernel_options_list_and_restore():
     before = ops.kernel_options()
-    assert set(before) == {"isa", "row_tiles", "channel_blocking", "lanes", "shifted_layout", "min_parallel_work",
-                           "output_cache_bytes"}
+    assert set(before) == {"isa", "row_tiles", "channel_blocking", "lanes", "lanes_tiles", "shifted_layout",
+                           "min_parallel_work", "output_cache_bytes"}
     flipped = dict(row_tiles=not before["row_tiles"], channel_blocking=not before["channel_blocking"],
-                   lanes=not before["lanes"], shifted_layout=(before["shifted_layout"] + 1) % 3,
+                   lanes=not before["lanes"], lanes_tiles=not before["lanes_tiles"], shifted_layout=(before["shifted_layout"] + 1) % 3,
                    min_parallel_work=before["min_parallel_work"] + 7, isa=ISAS[0],
                    output_cache_bytes=before["output_cache_bytes"] + 64)
     with ops.kernel_config(**flipped):
@@ -78,6 +78,7 @@ def test_kernel_config_rejects_bad_options():
     for kwargs, err, match in [(dict(isa="sse9"), ValueError, "isa' must be"),
                                (dict(isa=2), TypeError, "isa' must be a str"),
                                (dict(lanes=1), TypeError, "'lanes' takes True or False"),
+                               (dict(lanes_tiles=0), TypeError, "'lanes_tiles' takes True or False"),
                                (dict(shifted_layout=3), ValueError, "shifted_layout"),
                                (dict(shifted_layout=True), TypeError, "shifted_layout' takes an int"),
                                (dict(min_parallel_work=-1), ValueError, "min_parallel_work' must be >= 0"),

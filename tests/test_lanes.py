@@ -124,3 +124,37 @@ def test_min_parallel_work_switch_keeps_results():
                 pass
     finally:
         torch.set_num_threads(prev_threads)
+
+
+# Maps whose rows split into 4-pixel segments (output width a multiple of 4, >= 8) at one vector of
+# images per position (float batches 8-15, halved for float64): the lanes kernel runs 4x3 pixel tiles
+# over the first rows (a multiple of 3) and 8-pixel blocks over the rest.
+TILE_CASES = [
+    (8, 16, 8, 8, 24, (3, 3), 1, 1, 1, 1, 0.7),      # 8x8: 6 tiled rows, 2 rows of 8-pixel blocks
+    (13, 8, 12, 12, 16, (3, 3), 1, 1, 1, 1, 0.3),    # 12x12: every row tiled, partial last chunk
+    (8, 96, 8, 16, 32, (3, 3), 1, 1, 1, 1, 0.9),     # 8x16: input-channel chunks, 2 untiled rows
+    (12, 12, 8, 8, 18, (3, 3), 1, 2, 2, 3, 0.6),     # dilation 2, groups 3
+    (9, 4, 10, 10, 6, (3, 3), 1, 0, 1, 1, 0.3),      # no padding: 8x8 output
+    (10, 8, 7, 20, 8, (3, 5), 1, (1, 2), 1, 1, 0.5),  # 3x5 kernel, 7x20: 6 tiled rows + 1 row of 20
+]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", TILE_CASES, ids=lambda c: "x".join(map(str, c[:5])) + f"d{c[8]}g{c[9]}")
+def test_lanes_tiles_match_torch(isa, dtype, case):
+    n, c, h, w_, o, k, stride, pad, dil, groups, sparsity = case
+    n = n if dtype == torch.float32 else max(4, n // 2)
+    torch.manual_seed(5)
+    x = torch.randn(n, c, h, w_, dtype=dtype)
+    w = _weight(o, c // groups, k[0], k[1], sparsity, dtype, seed=6)
+    b = torch.randn(o, dtype=dtype)
+    ref = F.conv2d(x, w, b, stride, pad, dil, groups)
+    res = torch.randn_like(ref)
+    v, rp, ci = ops.pack_csr(w)
+    for tiles in (True, False):
+        with ops.kernel_config(isa=isa, lanes=True, lanes_tiles=tiles):
+            plain = ops.sparse_conv2d(x, v, rp, ci, w.shape, b, stride, pad, dil, groups)
+            fused = ops.sparse_conv2d(x, v, rp, ci, w.shape, b, stride, pad, dil, groups, residual=res, relu=True)
+        torch.testing.assert_close(plain, ref, **TOL[dtype])
+        torch.testing.assert_close(fused, torch.relu(ref + res), **TOL[dtype])

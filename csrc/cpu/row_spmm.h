@@ -134,6 +134,13 @@ struct LanesArgs {
   /// blocks are stored straight to NCHW through register transposes, and dst only holds partial
   /// sums between tap chunks.
   const LanesDirect<T>* direct = nullptr;
+  /// 4x3 pixel tiles (one unit of lanes, unit stride in width, out_w a multiple of 4; the caller
+  /// checks): output rows [0, tile_rows) (a multiple of 3) run as tiles of 3 rows x 4 pixels, 12
+  /// accumulator vectors, so that each weight broadcast feeds 12 FMAs and the 12 FMA chains leave
+  /// the FMA units slack over their latency (8 chains of 8-pixel blocks only just cover it); the
+  /// rows after tile_rows run as 8-pixel blocks.  0: no tiles.
+  int64_t tile_rows = 0;
+  int64_t out_w = 0;  ///< output row width (with tile_rows > 0).
 };
 
 /// Input transpose of the lanes layout: channels of images [0, m) of x (strides s0..s3) into a
@@ -224,6 +231,11 @@ int shifted_layout();
 /// setting.
 bool set_lanes(bool enable);
 bool lanes_enabled();
+
+/// Enable (default) or disable the 4x3 pixel tiles of the lanes kernel (LanesArgs::tile_rows);
+/// disabled, every block is 8 consecutive pixels.  Tests compare both; returns the previous setting.
+bool set_lanes_tiles(bool enable);
+bool lanes_tiles_enabled();
 
 /// Smallest work (multiply-adds plus elements copied) of one CPU op call that is split across
 /// threads; smaller calls run on the calling thread, since waking the thread pool costs tens of

@@ -99,5 +99,10 @@ static std::atomic<bool> g_lanes{true};
 bool set_lanes(bool enable) { return g_lanes.exchange(enable); }
 bool lanes_enabled() { return g_lanes.load(std::memory_order_relaxed); }
 
+static std::atomic<bool> g_lanes_tiles{true};
+
+bool set_lanes_tiles(bool enable) { return g_lanes_tiles.exchange(enable); }
+bool lanes_tiles_enabled() { return g_lanes_tiles.load(std::memory_order_relaxed); }
+
 }  // namespace kernel
 }  // namespace apb_sparse
