@@ -136,12 +136,18 @@ TILE_CASES = [
     (12, 12, 8, 8, 18, (3, 3), 1, 2, 2, 3, 0.6),     # dilation 2, groups 3
     (9, 4, 10, 10, 6, (3, 3), 1, 0, 1, 1, 0.3),      # no padding: 8x8 output
     (10, 8, 7, 20, 8, (3, 5), 1, (1, 2), 1, 1, 0.5),  # 3x5 kernel, 7x20: 6 tiled rows + 1 row of 20
+    # Strided: each channel plane split into its stride phases, output rows tiled as well
+    (8, 16, 16, 16, 24, (3, 3), 2, 1, 1, 1, 0.7),    # 16x16 -> 8x8, stride 2
+    (11, 8, 17, 15, 8, (3, 3), 2, 0, 1, 1, 0.5),     # odd input, no padding: 8x7 output (7 wide: no tiles)
+    (9, 6, 13, 24, 12, (3, 3), (1, 3), (2, 1), 2, 1, 0.2),  # stride (1, 3), dilation 2, padding (2, 1)
+    (12, 12, 16, 16, 12, (5, 5), 2, 2, 1, 3, 0.6),   # 5x5 stride 2, groups 3
+    (8, 16, 16, 16, 32, (1, 1), 2, 0, 1, 1, 0.8),    # 1x1 stride 2 (a ResNet shortcut): one phase read
 ]
 
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("case", TILE_CASES, ids=lambda c: "x".join(map(str, c[:5])) + f"d{c[8]}g{c[9]}")
+@pytest.mark.parametrize("case", TILE_CASES, ids=lambda c: "x".join(map(str, c[:5])) + f"s{c[6]}d{c[8]}g{c[9]}")
 def test_lanes_tiles_match_torch(isa, dtype, case):
     n, c, h, w_, o, k, stride, pad, dil, groups, sparsity = case
     n = n if dtype == torch.float32 else max(4, n // 2)

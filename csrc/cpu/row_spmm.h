@@ -152,6 +152,11 @@ struct LanesFill {
   int64_t m, H, W, ph, pw, Hp, Wp, L;
   const int64_t* pix;  ///< [H * W] offset of input pixel (i, j) in a channel plane: ((i + ph) * Wp + j + pw) * L
   T* dst;
+  int64_t plane = 0;  ///< elements per channel plane (0: Hp * Wp * L)
+  /// When set, the plane is not [Hp][Wp] (stride-phase planes): offsets of its npad padding
+  /// positions, zeroed instead of the padding rows and columns.
+  const int64_t* pad = nullptr;
+  int64_t npad = 0;
 };
 
 /// Output transpose of the lanes layout: [K][L] at src to y[n * image + k] for images [0, m),

@@ -727,22 +727,36 @@ Tensor conv_forward_lanes(const Tensor& input, const ConvGeom& g, const int32_t*
   Tensor out = empty_output({g.N, g.O, g.OH, g.OW}, input.options());
   if (out.numel() == 0) return out;
   const int64_t L = units * kernel::vector_width<T>();
-  const int64_t OHW = g.OH * g.OW, HWp = g.Hp * g.Wp, image_out = g.O * OHW;
+  // Strided convs split each channel plane into its sh * sw stride phases ([phase][Hq][Wq]): the
+  // output pixels of a row then read consecutive vectors of one phase for every tap (the
+  // unsplit plane has them sw vectors apart, so each tap's block reads sw times the cache lines).
+  const bool phased = g.sh > 1 || g.sw > 1;
+  const int64_t Hq = (g.Hp + g.sh - 1) / g.sh, Wq = (g.Wp + g.sw - 1) / g.sw;
+  const int64_t OHW = g.OH * g.OW, HWp = phased ? g.sh * g.sw * Hq * Wq : g.Hp * g.Wp, image_out = g.O * OHW;
+  // Offset of padded pixel (y, x) in a channel plane.
+  auto at = [&](int64_t y, int64_t x) {
+    return (phased ? (((y % g.sh) * g.sw + x % g.sw) * Hq + y / g.sh) * Wq + x / g.sw : y * g.Wp + x) * L;
+  };
   const int64_t in_size = g.C * HWp * L, out_size = image_out * L;
-  std::vector<int64_t> tap(g.taps()), pix(OHW), group_base;
+  std::vector<int64_t> tap(g.taps()), pix(OHW), group_base, pad;
   for (int64_t c = 0; c < g.Cg; ++c)
     for (int64_t kh = 0; kh < g.KH; ++kh)
-      for (int64_t kw = 0; kw < g.KW; ++kw)
-        tap[(c * g.KH + kh) * g.KW + kw] = ((c * g.Hp + kh * g.dh) * g.Wp + kw * g.dw) * L;
+      for (int64_t kw = 0; kw < g.KW; ++kw) tap[(c * g.KH + kh) * g.KW + kw] = c * HWp * L + at(kh * g.dh, kw * g.dw);
   for (int64_t i = 0; i < g.OH; ++i)
-    for (int64_t j = 0; j < g.OW; ++j) pix[i * g.OW + j] = (i * g.sh * g.Wp + j * g.sw) * L;
+    for (int64_t j = 0; j < g.OW; ++j)
+      pix[i * g.OW + j] = phased ? (i * Wq + j) * L : (i * g.sh * g.Wp + j * g.sw) * L;
   if (g.G > 1) {
     group_base.resize(g.O);
     for (int64_t o = 0; o < g.O; ++o) group_base[o] = (o / g.Og) * g.Cg * HWp * L;
   }
   std::vector<int64_t> in_pix(g.H * g.W);
   for (int64_t i = 0; i < g.H; ++i)
-    for (int64_t j = 0; j < g.W; ++j) in_pix[i * g.W + j] = ((i + g.ph) * g.Wp + j + g.pw) * L;
+    for (int64_t j = 0; j < g.W; ++j) in_pix[i * g.W + j] = at(i + g.ph, j + g.pw);
+  if (phased) {
+    for (int64_t y = 0; y < g.Hp; ++y)
+      for (int64_t x = 0; x < g.Wp; ++x)
+        if (y < g.ph || y >= g.ph + g.H || x < g.pw || x >= g.pw + g.W) pad.push_back(at(y, x));
+  }
   const Tensor b = bias.defined() ? bias.contiguous() : Tensor();
   const Tensor res = residual.defined() ? residual.contiguous() : Tensor();
   const T* x = input.const_data_ptr<T>();
@@ -754,8 +768,12 @@ Tensor conv_forward_lanes(const Tensor& input, const ConvGeom& g, const int32_t*
   // Channels [c0, c1) of images [n0, n0 + m) into the chunk (lanes m .. L zeroed), and output
   // positions [k0, k1) of the chunk's images back to NCHW (lanes_impl.h).
   auto fill = [&](T* buf, int64_t n0, int64_t m, int64_t c0, int64_t c1) {
-    const kernel::LanesFill<T> f{x + n0 * s0, s0, s1, s2, s3, m, g.H, g.W, g.ph, g.pw, g.Hp, g.Wp, L,
-                                 in_pix.data(), buf};
+    kernel::LanesFill<T> f{x + n0 * s0, s0, s1, s2, s3, m, g.H, g.W, g.ph, g.pw, g.Hp, g.Wp, L, in_pix.data(), buf};
+    if (phased) {
+      f.plane = HWp * L;
+      f.pad = pad.data();
+      f.npad = int64_t(pad.size());
+    }
     kernel::lanes_fill(f, c0, c1);
   };
   auto store = [&](const T* ob, int64_t n0, int64_t m, int64_t k0, int64_t k1) {
@@ -796,10 +814,10 @@ Tensor conv_forward_lanes(const Tensor& input, const ConvGeom& g, const int32_t*
   proto.off = off.data();
   proto.split = nk > 0 ? split.data() : nullptr;
   // 4x3 pixel tiles (kernel::LanesArgs::tile_rows) where rows split into whole 4-pixel segments
-  // at unit stride in width; 4-wide maps keep 8-pixel blocks (a tile would leave a 4-pixel rest).
+  // (consecutive vectors: unit stride, or a stride phase); 4-wide maps keep 8-pixel blocks (a tile would leave a 4-pixel rest).
   // Measured in-process against 8-pixel blocks (AVX2 Zen 3, 2 threads, batch 32, 90 % sparse 3x3,
   // interleaved, medians): 64->64 on 32x32 1.03x, 128->128 on 16x16 1.10x, 256->256 on 8x8 1.12x.
-  if (kernel::lanes_tiles_enabled() && units == 1 && g.sw == 1 && g.OW % 4 == 0 && g.OW >= 8 && g.OH >= 3) {
+  if (kernel::lanes_tiles_enabled() && units == 1 && g.OW % 4 == 0 && g.OW >= 8 && g.OH >= 3) {
     proto.tile_rows = g.OH / 3 * 3;
     proto.out_w = g.OW;
   }
