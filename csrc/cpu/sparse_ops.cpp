@@ -806,7 +806,11 @@ Tensor conv_forward_lanes(const Tensor& input, const ConvGeom& g, const int32_t*
       sp[nk] = je;
     }
   };
-  if (threads_for(nnz) > 1) {
+  // Split across threads whenever the call itself is (the threads are awake for it anyway): run
+  // on the calling thread alone this took 1.5 % of ResNet-18's batch-32 forward (perf, 90 %
+  // sparse), with the other thread spinning in the pool meanwhile.
+  const int64_t nthreads = threads_for(int64_t(row_ptr[g.O]) * OHW * L * nchunks + (in_size + out_size) * nchunks);
+  if (nthreads > 1 && nnz >= 4096) {
     at::parallel_for(0, g.O, 16, prepare);
   } else {
     prepare(0, g.O);
@@ -831,7 +835,6 @@ Tensor conv_forward_lanes(const Tensor& input, const ConvGeom& g, const int32_t*
   auto direct_for = [&](int64_t n0, int64_t m) {
     return kernel::LanesDirect<T>{y + n0 * image_out, rp ? rp + n0 * image_out : nullptr, image_out, m, relu};
   };
-  const int64_t nthreads = threads_for(int64_t(row_ptr[g.O]) * OHW * L * nchunks + (in_size + out_size) * nchunks);
   if (nchunks >= nthreads && nchunks > 1 && nthreads > 1) {
     at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
       // One buffer (Scratch keeps one per thread), 64-byte aligned: every vector of L images then
