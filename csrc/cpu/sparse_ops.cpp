@@ -787,7 +787,9 @@ Tensor conv_forward_lanes(const Tensor& input, const ConvGeom& g, const int32_t*
   // Source offset of every nonzero and (blocked) each row's chunk split points: once per call,
   // shared by every chunk of images and every thread.
   const int64_t nnz = row_ptr[g.O], nk = proto.tap_chunk > 0 ? proto.tap_chunks : 0;
-  std::vector<int64_t> off(std::max<int64_t>(nnz, 1));
+  // Kept per thread (not a fresh vector: zeroing and page-faulting up to 2 MB per call).
+  const Scratch<int64_t> off_buf(std::max<int64_t>(nnz, 1));
+  int64_t* const off = off_buf.get();
   std::vector<int32_t> split(nk > 0 ? g.O * (nk + 1) : 0);
   auto prepare = [&](int64_t o0, int64_t o1) {
     for (int64_t o = o0; o < o1; ++o) {
@@ -815,7 +817,7 @@ Tensor conv_forward_lanes(const Tensor& input, const ConvGeom& g, const int32_t*
   } else {
     prepare(0, g.O);
   }
-  proto.off = off.data();
+  proto.off = off;
   proto.split = nk > 0 ? split.data() : nullptr;
   // 4x3 pixel tiles (kernel::LanesArgs::tile_rows) where rows split into whole 4-pixel segments
   // (consecutive vectors: unit stride, or a stride phase); 4-wide maps keep 8-pixel blocks (a tile would leave a 4-pixel rest).
