@@ -715,6 +715,149 @@ void set_lanes_chunks(kernel::LanesArgs<T>& a, const ConvGeom& g, const std::vec
   a.tap_chunks = (g.Cg + ch - 1) / ch;
 }
 
+/// Everything a lanes-layout convolution needs besides its input and output (kernel::LanesArgs,
+/// lanes_impl.h): the tap, pixel and padding tables of one chunk of L = units * vector_width
+/// images, and the per-call nonzero offsets and chunk split points (shared by every chunk and
+/// thread).  off: the caller's buffer of at least max(nnz, 1) offsets; parallel: compute those on
+/// every thread (the call itself runs on several).
+template <typename T>
+struct LanesPlan {
+  const ConvGeom& g;
+  int64_t L, OHW, image_out, Hq, Wq, HWp, in_size, out_size;
+  // Strided convs split each channel plane into its sh * sw stride phases ([phase][Hq][Wq]): the
+  // output pixels of a row then read consecutive vectors of one phase for every tap (the
+  // unsplit plane has them sw vectors apart, so each tap's block reads sw times the cache lines).
+  bool phased;
+  std::vector<int64_t> tap, pix, group_base, in_pix, pad;
+  std::vector<int32_t> split;
+  kernel::LanesArgs<T> proto{};
+
+  /// Offset of padded pixel (y, x) in a channel plane.
+  int64_t at(int64_t y, int64_t x) const {
+    return (phased ? (((y % g.sh) * g.sw + x % g.sw) * Hq + y / g.sh) * Wq + x / g.sw : y * g.Wp + x) * L;
+  }
+
+  LanesPlan(const ConvGeom& geom, const int32_t* row_ptr, const int32_t* col, const T* val, const T* bias,
+            int64_t units, int64_t* off, bool parallel)
+      : g(geom), L(units * kernel::vector_width<T>()), OHW(geom.OH * geom.OW), image_out(geom.O * OHW),
+        Hq((geom.Hp + geom.sh - 1) / geom.sh), Wq((geom.Wp + geom.sw - 1) / geom.sw),
+        phased(geom.sh > 1 || geom.sw > 1) {
+    HWp = phased ? g.sh * g.sw * Hq * Wq : g.Hp * g.Wp;
+    in_size = g.C * HWp * L;
+    out_size = image_out * L;
+    tap.resize(g.taps());
+    for (int64_t c = 0; c < g.Cg; ++c)
+      for (int64_t kh = 0; kh < g.KH; ++kh)
+        for (int64_t kw = 0; kw < g.KW; ++kw)
+          tap[(c * g.KH + kh) * g.KW + kw] = c * HWp * L + at(kh * g.dh, kw * g.dw);
+    pix.resize(OHW);
+    for (int64_t i = 0; i < g.OH; ++i)
+      for (int64_t j = 0; j < g.OW; ++j)
+        pix[i * g.OW + j] = phased ? (i * Wq + j) * L : (i * g.sh * g.Wp + j * g.sw) * L;
+    if (g.G > 1) {
+      group_base.resize(g.O);
+      for (int64_t o = 0; o < g.O; ++o) group_base[o] = (o / g.Og) * g.Cg * HWp * L;
+    }
+    in_pix.resize(g.H * g.W);
+    for (int64_t i = 0; i < g.H; ++i)
+      for (int64_t j = 0; j < g.W; ++j) in_pix[i * g.W + j] = at(i + g.ph, j + g.pw);
+    for (int64_t y = 0; y < g.Hp; ++y)
+      for (int64_t x = 0; x < g.Wp; ++x)
+        if (y < g.ph || y >= g.ph + g.H || x < g.pw || x >= g.pw + g.W) pad.push_back(at(y, x));
+    proto = kernel::LanesArgs<T>{row_ptr, col, val, tap.data(), group_base.empty() ? nullptr : group_base.data(),
+                                 pix.data(), OHW, units, nullptr, bias, nullptr};
+    if (kernel::channel_blocking_enabled()) set_lanes_chunks<T>(proto, g, pix, L, int64_t(row_ptr[g.O]));
+    const int64_t nnz = row_ptr[g.O], nk = proto.tap_chunk > 0 ? proto.tap_chunks : 0;
+    split.resize(nk > 0 ? g.O * (nk + 1) : 0);
+    auto prepare = [&](int64_t o0, int64_t o1) {
+      for (int64_t o = o0; o < o1; ++o) {
+        const int32_t jb = row_ptr[o], je = row_ptr[o + 1];
+        for (int32_t j = jb; j < je; ++j) off[j] = tap[col[j]];
+        if (nk == 0) continue;
+        // Columns are validated in range but not necessarily sorted: the points are monotone (each
+        // starts where the previous stopped), so every nonzero still falls in exactly one chunk.
+        int32_t* sp = split.data() + o * (nk + 1);
+        int32_t j = jb;
+        for (int64_t k = 0; k < nk; ++k) {
+          sp[k] = j;
+          const int64_t end = (k + 1) * proto.tap_chunk;
+          while (j < je && col[j] < end) ++j;
+        }
+        sp[nk] = je;
+      }
+    };
+    // On every thread whenever the call runs on several (the threads are awake for it anyway): on
+    // the calling thread alone this took 1.5 % of ResNet-18's batch-32 forward (perf, 90 % sparse),
+    // with the other thread spinning in the pool meanwhile.
+    if (parallel && nnz >= 4096) {
+      at::parallel_for(0, g.O, 16, prepare);
+    } else {
+      prepare(0, g.O);
+    }
+    proto.off = off;
+    proto.split = nk > 0 ? split.data() : nullptr;
+    // 4x3 pixel tiles (kernel::LanesArgs::tile_rows) where rows split into whole 4-pixel segments
+    // (consecutive vectors: unit stride, or a stride phase); 4-wide maps keep 8-pixel blocks (a
+    // tile would leave a 4-pixel rest).  Measured in-process against 8-pixel blocks (AVX2 Zen 3,
+    // 2 threads, batch 32, 90 % sparse 3x3, interleaved, medians): 64->64 on 32x32 1.03x, 128->128
+    // on 16x16 1.10x, 256->256 on 8x8 1.12x.
+    if (kernel::lanes_tiles_enabled() && units == 1 && g.OW % 4 == 0 && g.OW >= 8 && g.OH >= 3) {
+      proto.tile_rows = g.OH / 3 * 3;
+      proto.out_w = g.OW;
+    }
+  }
+
+  /// Channels [c0, c1) of images [n0, n0 + m) of x (strides s) into the chunk at buf (lanes m .. L
+  /// and the padding zeroed).
+  void fill(const T* x, const int64_t (&s)[4], T* buf, int64_t n0, int64_t m, int64_t c0, int64_t c1) const {
+    kernel::LanesFill<T> f{x + n0 * s[0], s[0], s[1], s[2], s[3], m, g.H, g.W, g.ph, g.pw, g.Hp, g.Wp, L,
+                           in_pix.data(), buf};
+    if (phased) {
+      f.plane = HWp * L;
+      f.pad = pad.data();
+      f.npad = int64_t(pad.size());
+    }
+    kernel::lanes_fill(f, c0, c1);
+  }
+};
+
+/// The output side of a lanes-layout convolution: runs the kernel on one chunk of images and
+/// stores its output to NCHW (y, image stride image_out) with the residual (rp) and ReLU, straight
+/// from registers (direct) or through the chunk's output buffer and the transpose pass.
+template <typename T>
+struct LanesOutput {
+  T* y;
+  const T* rp;
+  int64_t image_out, L;
+  bool relu, direct;
+
+  LanesOutput(const LanesPlan<T>& plan, int64_t units, T* y_, const T* rp_, bool relu_)
+      : y(y_), rp(rp_), image_out(plan.image_out), L(plan.L), relu(relu_) {
+    // Float blocks of 8 pixels x 8 images go straight to NCHW from the kernel's registers
+    // (kernel::LanesArgs::direct): no output transpose pass.  Measured (AVX2 Zen 3, one thread, 90 %
+    // sparse, batch 32, against the transpose pass, 4 alternating process pairs): 512->512 on 4x4
+    // 1.05x, 256->256 on 8x8 1.07x, 128->128 on 16x16 1.03x faster, but 64->64 on 32x32 0.95x (its
+    // 8 stores per block land 256 KiB apart), so maps of up to 256 pixels only, without tiles.
+    direct = std::is_same_v<T, float> && units == 1 && plan.OHW % 8 == 0 && plan.OHW <= 256 &&
+             plan.proto.tile_rows == 0;
+  }
+  kernel::LanesDirect<T> direct_for(int64_t n0, int64_t m) const {
+    return kernel::LanesDirect<T>{y + n0 * image_out, rp ? rp + n0 * image_out : nullptr, image_out, m, relu};
+  }
+  /// Output positions [k0, k1) of the chunk's images [n0, n0 + m) from ob to NCHW.
+  void store(const T* ob, int64_t n0, int64_t m, int64_t k0, int64_t k1) const {
+    const kernel::LanesStore<T> st{ob, L, m, image_out, y + n0 * image_out, rp ? rp + n0 * image_out : nullptr, relu};
+    kernel::lanes_store(st, k0, k1);
+  }
+  /// The kernel over every row of a (src and dst set), then the store, on this thread.
+  void run(kernel::LanesArgs<T> a, int64_t rows, int64_t n0, int64_t m) const {
+    const kernel::LanesDirect<T> d = direct_for(n0, m);
+    a.direct = direct ? &d : nullptr;
+    kernel::lanes(a, 0, rows);
+    if (!direct) store(a.dst, n0, m, 0, image_out);
+  }
+};
+
 /// Forward convolution in the images-in-lanes layout (kernel::LanesArgs, lanes_impl.h) into a
 /// fresh NCHW output.  Per chunk of L = units * vector_width images: the input is transposed once
 /// into [C][Hp][Wp][L] with zero padding, the kernel writes [O][OH * OW][L], and one pass
@@ -726,117 +869,22 @@ Tensor conv_forward_lanes(const Tensor& input, const ConvGeom& g, const int32_t*
                           const T* val, const Tensor& bias, const Tensor& residual, bool relu, int64_t units) {
   Tensor out = empty_output({g.N, g.O, g.OH, g.OW}, input.options());
   if (out.numel() == 0) return out;
-  const int64_t L = units * kernel::vector_width<T>();
-  // Strided convs split each channel plane into its sh * sw stride phases ([phase][Hq][Wq]): the
-  // output pixels of a row then read consecutive vectors of one phase for every tap (the
-  // unsplit plane has them sw vectors apart, so each tap's block reads sw times the cache lines).
-  const bool phased = g.sh > 1 || g.sw > 1;
-  const int64_t Hq = (g.Hp + g.sh - 1) / g.sh, Wq = (g.Wp + g.sw - 1) / g.sw;
-  const int64_t OHW = g.OH * g.OW, HWp = phased ? g.sh * g.sw * Hq * Wq : g.Hp * g.Wp, image_out = g.O * OHW;
-  // Offset of padded pixel (y, x) in a channel plane.
-  auto at = [&](int64_t y, int64_t x) {
-    return (phased ? (((y % g.sh) * g.sw + x % g.sw) * Hq + y / g.sh) * Wq + x / g.sw : y * g.Wp + x) * L;
-  };
-  const int64_t in_size = g.C * HWp * L, out_size = image_out * L;
-  std::vector<int64_t> tap(g.taps()), pix(OHW), group_base, pad;
-  for (int64_t c = 0; c < g.Cg; ++c)
-    for (int64_t kh = 0; kh < g.KH; ++kh)
-      for (int64_t kw = 0; kw < g.KW; ++kw) tap[(c * g.KH + kh) * g.KW + kw] = c * HWp * L + at(kh * g.dh, kw * g.dw);
-  for (int64_t i = 0; i < g.OH; ++i)
-    for (int64_t j = 0; j < g.OW; ++j)
-      pix[i * g.OW + j] = phased ? (i * Wq + j) * L : (i * g.sh * g.Wp + j * g.sw) * L;
-  if (g.G > 1) {
-    group_base.resize(g.O);
-    for (int64_t o = 0; o < g.O; ++o) group_base[o] = (o / g.Og) * g.Cg * HWp * L;
-  }
-  std::vector<int64_t> in_pix(g.H * g.W);
-  for (int64_t i = 0; i < g.H; ++i)
-    for (int64_t j = 0; j < g.W; ++j) in_pix[i * g.W + j] = at(i + g.ph, j + g.pw);
-  if (phased) {
-    for (int64_t y = 0; y < g.Hp; ++y)
-      for (int64_t x = 0; x < g.Wp; ++x)
-        if (y < g.ph || y >= g.ph + g.H || x < g.pw || x >= g.pw + g.W) pad.push_back(at(y, x));
-  }
   const Tensor b = bias.defined() ? bias.contiguous() : Tensor();
   const Tensor res = residual.defined() ? residual.contiguous() : Tensor();
   const T* x = input.const_data_ptr<T>();
-  const int64_t s0 = input.stride(0), s1 = input.stride(1), s2 = input.stride(2), s3 = input.stride(3);
+  const int64_t s[4] = {input.stride(0), input.stride(1), input.stride(2), input.stride(3)};
   const T* rp = res.defined() ? res.const_data_ptr<T>() : nullptr;
   T* y = out.mutable_data_ptr<T>();
-  const int64_t nchunks = (g.N + L - 1) / L;
-
-  // Channels [c0, c1) of images [n0, n0 + m) into the chunk (lanes m .. L zeroed), and output
-  // positions [k0, k1) of the chunk's images back to NCHW (lanes_impl.h).
-  auto fill = [&](T* buf, int64_t n0, int64_t m, int64_t c0, int64_t c1) {
-    kernel::LanesFill<T> f{x + n0 * s0, s0, s1, s2, s3, m, g.H, g.W, g.ph, g.pw, g.Hp, g.Wp, L, in_pix.data(), buf};
-    if (phased) {
-      f.plane = HWp * L;
-      f.pad = pad.data();
-      f.npad = int64_t(pad.size());
-    }
-    kernel::lanes_fill(f, c0, c1);
-  };
-  auto store = [&](const T* ob, int64_t n0, int64_t m, int64_t k0, int64_t k1) {
-    const kernel::LanesStore<T> st{ob, L, m, image_out, y + n0 * image_out, rp ? rp + n0 * image_out : nullptr, relu};
-    kernel::lanes_store(st, k0, k1);
-  };
-  kernel::LanesArgs<T> proto{row_ptr, col, val, tap.data(), group_base.empty() ? nullptr : group_base.data(),
-                             pix.data(), OHW, units, nullptr, b.defined() ? b.const_data_ptr<T>() : nullptr,
-                             nullptr};
-  if (kernel::channel_blocking_enabled()) set_lanes_chunks<T>(proto, g, pix, L, int64_t(row_ptr[g.O]));
-  // Source offset of every nonzero and (blocked) each row's chunk split points: once per call,
-  // shared by every chunk of images and every thread.
-  const int64_t nnz = row_ptr[g.O], nk = proto.tap_chunk > 0 ? proto.tap_chunks : 0;
+  const int64_t L = units * kernel::vector_width<T>(), nchunks = (g.N + L - 1) / L;
   // Kept per thread (not a fresh vector: zeroing and page-faulting up to 2 MB per call).
-  const Scratch<int64_t> off_buf(std::max<int64_t>(nnz, 1));
-  int64_t* const off = off_buf.get();
-  std::vector<int32_t> split(nk > 0 ? g.O * (nk + 1) : 0);
-  auto prepare = [&](int64_t o0, int64_t o1) {
-    for (int64_t o = o0; o < o1; ++o) {
-      const int32_t jb = row_ptr[o], je = row_ptr[o + 1];
-      for (int32_t j = jb; j < je; ++j) off[j] = tap[col[j]];
-      if (nk == 0) continue;
-      // Columns are validated in range but not necessarily sorted: the points are monotone (each
-      // starts where the previous stopped), so every nonzero still falls in exactly one chunk.
-      int32_t* sp = split.data() + o * (nk + 1);
-      int32_t j = jb;
-      for (int64_t k = 0; k < nk; ++k) {
-        sp[k] = j;
-        const int64_t end = (k + 1) * proto.tap_chunk;
-        while (j < je && col[j] < end) ++j;
-      }
-      sp[nk] = je;
-    }
-  };
-  // Split across threads whenever the call itself is (the threads are awake for it anyway): run
-  // on the calling thread alone this took 1.5 % of ResNet-18's batch-32 forward (perf, 90 %
-  // sparse), with the other thread spinning in the pool meanwhile.
-  const int64_t nthreads = threads_for(int64_t(row_ptr[g.O]) * OHW * L * nchunks + (in_size + out_size) * nchunks);
-  if (nthreads > 1 && nnz >= 4096) {
-    at::parallel_for(0, g.O, 16, prepare);
-  } else {
-    prepare(0, g.O);
-  }
-  proto.off = off;
-  proto.split = nk > 0 ? split.data() : nullptr;
-  // 4x3 pixel tiles (kernel::LanesArgs::tile_rows) where rows split into whole 4-pixel segments
-  // (consecutive vectors: unit stride, or a stride phase); 4-wide maps keep 8-pixel blocks (a tile would leave a 4-pixel rest).
-  // Measured in-process against 8-pixel blocks (AVX2 Zen 3, 2 threads, batch 32, 90 % sparse 3x3,
-  // interleaved, medians): 64->64 on 32x32 1.03x, 128->128 on 16x16 1.10x, 256->256 on 8x8 1.12x.
-  if (kernel::lanes_tiles_enabled() && units == 1 && g.OW % 4 == 0 && g.OW >= 8 && g.OH >= 3) {
-    proto.tile_rows = g.OH / 3 * 3;
-    proto.out_w = g.OW;
-  }
-  // Float blocks of 8 pixels x 8 images go straight to NCHW from the kernel's registers
-  // (kernel::LanesArgs::direct): no output transpose pass.  Measured (AVX2 Zen 3, one thread, 90 %
-  // sparse, batch 32, against the transpose pass, 4 alternating process pairs): 512->512 on 4x4
-  // 1.05x, 256->256 on 8x8 1.07x, 128->128 on 16x16 1.03x faster, but 64->64 on 32x32 0.95x (its
-  // 8 stores per block land 256 KiB apart), so maps of up to 256 pixels only, without tiles.
-  const bool direct =
-      std::is_same_v<T, float> && units == 1 && OHW % 8 == 0 && OHW <= 256 && proto.tile_rows == 0;
-  auto direct_for = [&](int64_t n0, int64_t m) {
-    return kernel::LanesDirect<T>{y + n0 * image_out, rp ? rp + n0 * image_out : nullptr, image_out, m, relu};
-  };
+  const Scratch<int64_t> off_buf(std::max<int64_t>(row_ptr[g.O], 1));
+  const int64_t nnz_work = int64_t(row_ptr[g.O]) * g.OH * g.OW * L * nchunks;
+  const int64_t nthreads = threads_for(nnz_work + (g.C * g.Hp * g.Wp + g.O * g.OH * g.OW) * L * nchunks);
+  const LanesPlan<T> plan(g, row_ptr, col, val, b.defined() ? b.const_data_ptr<T>() : nullptr, units, off_buf.get(),
+                          nthreads > 1);
+  const int64_t in_size = plan.in_size, out_size = plan.out_size, image_out = plan.image_out;
+  const LanesOutput<T> output(plan, units, y, rp, relu);
+  const kernel::LanesArgs<T>& proto = plan.proto;
   if (nchunks >= nthreads && nchunks > 1 && nthreads > 1) {
     at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
       // One buffer (Scratch keeps one per thread), 64-byte aligned: every vector of L images then
@@ -849,11 +897,8 @@ Tensor conv_forward_lanes(const Tensor& input, const ConvGeom& g, const int32_t*
       a.dst = buf + in_size;
       for (int64_t c = c0; c < c1; ++c) {
         const int64_t n0 = c * L, m = std::min(L, g.N - n0);
-        fill(buf, n0, m, 0, g.C);
-        const kernel::LanesDirect<T> d = direct_for(n0, m);
-        a.direct = direct ? &d : nullptr;
-        kernel::lanes(a, 0, g.O);
-        if (!direct) store(a.dst, n0, m, 0, image_out);
+        plan.fill(x, s, buf, n0, m, 0, g.C);
+        output.run(a, g.O, n0, m);
       }
     });
     return out;
@@ -867,19 +912,20 @@ Tensor conv_forward_lanes(const Tensor& input, const ConvGeom& g, const int32_t*
   a.dst = buf + in_size;
   for (int64_t c = 0; c < nchunks; ++c) {
     const int64_t n0 = c * L, m = std::min(L, g.N - n0);
-    const kernel::LanesDirect<T> d = direct_for(n0, m);
-    a.direct = direct ? &d : nullptr;
     if (nthreads == 1) {
-      fill(buf, n0, m, 0, g.C);
-      kernel::lanes(a, 0, g.O);
-      if (!direct) store(a.dst, n0, m, 0, image_out);
+      plan.fill(x, s, buf, n0, m, 0, g.C);
+      output.run(a, g.O, n0, m);
       continue;
     }
-    at::parallel_for(0, g.C, 1, [&](int64_t c0, int64_t c1) { fill(buf, n0, m, c0, c1); });
+    const kernel::LanesDirect<T> d = output.direct_for(n0, m);
+    a.direct = output.direct ? &d : nullptr;
+    at::parallel_for(0, g.C, 1, [&](int64_t c0, int64_t c1) { plan.fill(x, s, buf, n0, m, c0, c1); });
     at::parallel_for(0, nthreads, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) kernel::lanes(a, bounds[t], bounds[t + 1]);
     });
-    if (!direct) at::parallel_for(0, image_out, 64, [&](int64_t k0, int64_t k1) { store(a.dst, n0, m, k0, k1); });
+    if (!output.direct) {
+      at::parallel_for(0, image_out, 64, [&](int64_t k0, int64_t k1) { output.store(a.dst, n0, m, k0, k1); });
+    }
   }
   return out;
 }
