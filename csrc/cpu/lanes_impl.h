@@ -91,6 +91,42 @@ inline void lanes_block(const int64_t* off, const T* val, int32_t nnz, const T* 
     }
 }
 
+/// Nonzeros [jb, jb + n) of row r in tap chunk k of nk (LanesArgs::split; the whole row when
+/// nk == 1), prefetching the offsets and values of row r + 2's share when that row is below r1.
+template <typename T>
+inline void chunk_nonzeros(const LanesArgs<T>& a, int64_t r, int64_t r1, int64_t k, int64_t nk, int32_t& jb,
+                           int32_t& n) {
+  if (nk <= 1) {
+    jb = a.row_ptr[r];
+    n = a.row_ptr[r + 1] - jb;
+    return;
+  }
+  const int32_t* sp = a.split + r * (nk + 1);
+  jb = sp[k];
+  n = sp[k + 1] - jb;
+  if (r + 2 < r1) {
+    const int32_t jn = sp[2 * (nk + 1) + k];
+    __builtin_prefetch(a.off + jn);
+    __builtin_prefetch(a.off + jn + 8);
+    __builtin_prefetch(a.off + jn + 16);
+    __builtin_prefetch(a.val + jn);
+  }
+}
+
+/// f(r, jb, n, src, init, first, last) for every tap chunk k < nk (outer) and row r in [r0, r1)
+/// (inner): the row's nonzeros [jb, jb + n) of the chunk (chunk_nonzeros), its input (its group's
+/// channels) and bias; first / last: k is the first / last chunk.
+template <typename T, typename F>
+inline void each_chunk_row(const LanesArgs<T>& a, int64_t r0, int64_t r1, int64_t nk, F&& f) {
+  for (int64_t k = 0; k < nk; ++k) {
+    for (int64_t r = r0; r < r1; ++r) {
+      int32_t jb, n;
+      chunk_nonzeros(a, r, r1, k, nk, jb, n);
+      f(r, jb, n, a.src + (a.src_base ? a.src_base[r] : 0), a.init ? a.init[r] : T(0), k == 0, k == nk - 1);
+    }
+  }
+}
+
 /// One 4x3 tile (LanesArgs::tile_rows) of one output channel, one unit of lanes: segment i holds 4
 /// consecutive output pixels whose windows start at src + seg[i] and whose partial sums sit at
 /// dst + out[i] * L (out[i]: the segment's first pixel index).  12 accumulator vectors.
@@ -148,30 +184,9 @@ void lanes_rows_tiles(const LanesArgs<T>& a, int64_t r0, int64_t r1) {
     for (int64_t j = 0; j < OW; j += 4) {
       const int64_t out[3] = {i * OW + j, (i + 1) * OW + j, (i + 2) * OW + j};
       const int64_t seg[3] = {a.pix[out[0]], a.pix[out[1]], a.pix[out[2]]};
-      for (int64_t k = 0; k < nk; ++k) {
-        const bool first = k == 0, last = k == nk - 1;
-        for (int64_t r = r0; r < r1; ++r) {
-          int32_t jb, n;
-          if (nk > 1) {
-            const int32_t* sp = a.split + r * (nk + 1);
-            jb = sp[k];
-            n = sp[k + 1] - jb;
-            if (r + 2 < r1) {
-              const int32_t jn = sp[2 * (nk + 1) + k];
-              __builtin_prefetch(a.off + jn);
-              __builtin_prefetch(a.off + jn + 8);
-              __builtin_prefetch(a.off + jn + 16);
-              __builtin_prefetch(a.val + jn);
-            }
-          } else {
-            jb = a.row_ptr[r];
-            n = a.row_ptr[r + 1] - jb;
-          }
-          const T* src = a.src + (a.src_base ? a.src_base[r] : 0);
-          const T init = a.init ? a.init[r] : T(0);
-          lanes_tile<T>(a.off + jb, a.val + jb, n, src, seg, out, init, a.dst + r * P * L, first, last);
-        }
-      }
+      each_chunk_row(a, r0, r1, nk, [&](int64_t r, int32_t jb, int32_t n, const T* src, T init, bool first, bool last) {
+        lanes_tile<T>(a.off + jb, a.val + jb, n, src, seg, out, init, a.dst + r * P * L, first, last);
+      });
     }
   }
 }
@@ -185,30 +200,16 @@ void lanes_rows_chunked(const LanesArgs<T>& a, int64_t r0, int64_t r1) {
   const int64_t P = a.pixels, nk = a.tap_chunks;
   for (int64_t q = a.tile_rows * a.out_w; q < P; q += PB) {
     const bool full = q + PB <= P;
-    for (int64_t k = 0; k < nk; ++k) {
-      const bool first = k == 0, last = k == nk - 1;
-      for (int64_t r = r0; r < r1; ++r) {
-        const int32_t* sp = a.split + r * (nk + 1);
-        const int32_t jb = sp[k], n = sp[k + 1] - jb;
-        if (r + 2 < r1) {
-          const int32_t jn = sp[2 * (nk + 1) + k];
-          __builtin_prefetch(a.off + jn);
-          __builtin_prefetch(a.off + jn + 8);
-          __builtin_prefetch(a.off + jn + 16);
-          __builtin_prefetch(a.val + jn);
-        }
-        const T* src = a.src + (a.src_base ? a.src_base[r] : 0);
-        const T init = a.init ? a.init[r] : T(0);
-        T* dst = a.dst + (r * P + q) * L;
-        if (full) {
-          lanes_block<T, NU, PB>(a.off + jb, a.val + jb, n, src, a.pix + q, init, dst, first, last, a.direct,
-                                 r * P + q);
-        } else {
-          for (int64_t u = q; u < P; ++u)
-            lanes_block<T, NU, 1>(a.off + jb, a.val + jb, n, src, a.pix + u, init, dst + (u - q) * L, first, last);
-        }
+    each_chunk_row(a, r0, r1, nk, [&](int64_t r, int32_t jb, int32_t n, const T* src, T init, bool first, bool last) {
+      T* dst = a.dst + (r * P + q) * L;
+      if (full) {
+        lanes_block<T, NU, PB>(a.off + jb, a.val + jb, n, src, a.pix + q, init, dst, first, last, a.direct,
+                               r * P + q);
+      } else {
+        for (int64_t u = q; u < P; ++u)
+          lanes_block<T, NU, 1>(a.off + jb, a.val + jb, n, src, a.pix + u, init, dst + (u - q) * L, first, last);
       }
-    }
+    });
   }
 }
 
