@@ -127,9 +127,10 @@ inline void each_chunk_row(const LanesArgs<T>& a, int64_t r0, int64_t r1, int64_
   }
 }
 
-/// One 4x3 tile (LanesArgs::tile_rows) of one output channel, one unit of lanes: segment i holds 4
-/// consecutive output pixels whose windows start at src + seg[i] and whose partial sums sit at
-/// dst + out[i] * L (out[i]: the segment's first pixel index).  12 accumulator vectors.
+/// One tile of 3 rows x 4 pixels (LanesArgs::tile_rows) of one output channel, one unit of lanes:
+/// segment i holds 4 consecutive output pixels whose windows start at src + seg[i] and whose
+/// partial sums sit at dst + out[i] * L (out[i]: the segment's first pixel index).  12 accumulator
+/// vectors.
 /// first / last as lanes_block.  No direct stores: measured, 4-pixel segments stored straight to
 /// NCHW (16-byte stores, 4x8 transposes) made 16x16 and 8x8 maps 5-13 % slower than the 8-pixel
 /// blocks, and tiles with the output transpose pass 10-12 % faster (AVX2 Zen 3, 2 threads, 90 %).

@@ -134,7 +134,7 @@ struct LanesArgs {
   /// blocks are stored straight to NCHW through register transposes, and dst only holds partial
   /// sums between tap chunks.
   const LanesDirect<T>* direct = nullptr;
-  /// 4x3 pixel tiles (one unit of lanes, unit stride in width, out_w a multiple of 4; the caller
+  /// Tiles of 3 rows x 4 pixels (one unit of lanes, unit stride in width, out_w a multiple of 4; the caller
   /// checks): output rows [0, tile_rows) (a multiple of 3) run as tiles of 3 rows x 4 pixels, 12
   /// accumulator vectors, so that each weight broadcast feeds 12 FMAs and the 12 FMA chains leave
   /// the FMA units slack over their latency (8 chains of 8-pixel blocks only just cover it); the
@@ -237,7 +237,7 @@ int shifted_layout();
 bool set_lanes(bool enable);
 bool lanes_enabled();
 
-/// Enable (default) or disable the 4x3 pixel tiles of the lanes kernel (LanesArgs::tile_rows);
+/// Enable (default) or disable the 3-row x 4-pixel tiles of the lanes kernel (LanesArgs::tile_rows);
 /// disabled, every block is 8 consecutive pixels.  Tests compare both; returns the previous setting.
 bool set_lanes_tiles(bool enable);
 bool lanes_tiles_enabled();

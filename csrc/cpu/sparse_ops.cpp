@@ -796,7 +796,7 @@ struct LanesPlan {
     }
     proto.off = off;
     proto.split = nk > 0 ? split.data() : nullptr;
-    // 4x3 pixel tiles (kernel::LanesArgs::tile_rows) where rows split into whole 4-pixel segments
+    // Tiles of 3 rows x 4 pixels (kernel::LanesArgs::tile_rows) where rows split into whole 4-pixel segments
     // (consecutive vectors: unit stride, or a stride phase); 4-wide maps keep 8-pixel blocks (a
     // tile would leave a 4-pixel rest).  Measured in-process against 8-pixel blocks (AVX2 Zen 3,
     // 2 threads, batch 32, 90 % sparse 3x3, interleaved, medians): 64->64 on 32x32 1.03x, 128->128
