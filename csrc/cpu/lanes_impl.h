@@ -255,16 +255,20 @@ void lanes_fill_run(const LanesFill<T>& f, int64_t c0, int64_t c1) {
   const int64_t plane = f.plane > 0 ? f.plane : Hp * Wp * L;
   for (int64_t c = c0; c < c1; ++c) {
     T* P = dst + c * plane;
-    for (int64_t k = 0; k < f.npad; ++k)
-      for (int64_t l = 0; l < L; ++l) P[f.pad[k] + l] = T(0);
-    // Padding rows and columns (the interior is overwritten below).
-    for (int64_t i = 0; i < (f.pad ? 0 : Hp); ++i) {
-      T* row = P + i * Wp * L;
-      if (i < ph || i >= ph + H) {
-        for (int64_t k = 0; k < Wp * L; ++k) row[k] = T(0);
-      } else {
-        for (int64_t k = 0; k < pw * L; ++k) row[k] = T(0);
-        for (int64_t k = (pw + W) * L; k < Wp * L; ++k) row[k] = T(0);
+    // The padding (the interior is overwritten below): listed positions of stride-phase planes,
+    // else the padding rows and columns of the [Hp][Wp] plane.
+    if (f.pad) {
+      for (int64_t k = 0; k < f.npad; ++k)
+        for (int64_t l = 0; l < L; ++l) P[f.pad[k] + l] = T(0);
+    } else {
+      for (int64_t i = 0; i < Hp; ++i) {
+        T* row = P + i * Wp * L;
+        if (i < ph || i >= ph + H) {
+          for (int64_t k = 0; k < Wp * L; ++k) row[k] = T(0);
+        } else {
+          for (int64_t k = 0; k < pw * L; ++k) row[k] = T(0);
+          for (int64_t k = (pw + W) * L; k < Wp * L; ++k) row[k] = T(0);
+        }
       }
     }
     int64_t n = 0;

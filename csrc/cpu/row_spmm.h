@@ -134,11 +134,11 @@ struct LanesArgs {
   /// blocks are stored straight to NCHW through register transposes, and dst only holds partial
   /// sums between tap chunks.
   const LanesDirect<T>* direct = nullptr;
-  /// Tiles of 3 rows x 4 pixels (one unit of lanes, unit stride in width, out_w a multiple of 4; the caller
-  /// checks): output rows [0, tile_rows) (a multiple of 3) run as tiles of 3 rows x 4 pixels, 12
-  /// accumulator vectors, so that each weight broadcast feeds 12 FMAs and the 12 FMA chains leave
-  /// the FMA units slack over their latency (8 chains of 8-pixel blocks only just cover it); the
-  /// rows after tile_rows run as 8-pixel blocks.  0: no tiles.
+  /// Tiles of 3 rows x 4 pixels (one unit of lanes, out_w a multiple of 4, the pixels of an output
+  /// row at consecutive vectors of pix; the caller checks): output rows [0, tile_rows) (a multiple
+  /// of 3) run as tiles, 12 accumulator vectors, so that each weight broadcast feeds 12 FMAs and
+  /// the 12 FMA chains leave the FMA units slack over their latency (8 chains of 8-pixel blocks
+  /// only just cover it); the rows after tile_rows run as 8-pixel blocks.  0: no tiles.
   int64_t tile_rows = 0;
   int64_t out_w = 0;  ///< output row width (with tile_rows > 0).
 };

@@ -761,9 +761,11 @@ struct LanesPlan {
     in_pix.resize(g.H * g.W);
     for (int64_t i = 0; i < g.H; ++i)
       for (int64_t j = 0; j < g.W; ++j) in_pix[i * g.W + j] = at(i + g.ph, j + g.pw);
-    for (int64_t y = 0; y < g.Hp; ++y)
-      for (int64_t x = 0; x < g.Wp; ++x)
-        if (y < g.ph || y >= g.ph + g.H || x < g.pw || x >= g.pw + g.W) pad.push_back(at(y, x));
+    if (phased) {  // unsplit planes zero their padding rows and columns directly (lanes_fill_run)
+      for (int64_t y = 0; y < g.Hp; ++y)
+        for (int64_t x = 0; x < g.Wp; ++x)
+          if (y < g.ph || y >= g.ph + g.H || x < g.pw || x >= g.pw + g.W) pad.push_back(at(y, x));
+    }
     proto = kernel::LanesArgs<T>{row_ptr, col, val, tap.data(), group_base.empty() ? nullptr : group_base.data(),
                                  pix.data(), OHW, units, nullptr, bias, nullptr};
     if (kernel::channel_blocking_enabled()) set_lanes_chunks<T>(proto, g, pix, L, int64_t(row_ptr[g.O]));
@@ -796,8 +798,8 @@ struct LanesPlan {
     }
     proto.off = off;
     proto.split = nk > 0 ? split.data() : nullptr;
-    // Tiles of 3 rows x 4 pixels (kernel::LanesArgs::tile_rows) where rows split into whole 4-pixel segments
-    // (consecutive vectors: unit stride, or a stride phase); 4-wide maps keep 8-pixel blocks (a
+    // Tiles of 3 rows x 4 pixels (kernel::LanesArgs::tile_rows) where rows split into whole
+    // 4-pixel segments (consecutive vectors: unit stride, or a stride phase); 4-wide maps keep 8-pixel blocks (a
     // tile would leave a 4-pixel rest).  Measured in-process against 8-pixel blocks (AVX2 Zen 3,
     // 2 threads, batch 32, 90 % sparse 3x3, interleaved, medians): 64->64 on 32x32 1.03x, 128->128
     // on 16x16 1.10x, 256->256 on 8x8 1.12x.
