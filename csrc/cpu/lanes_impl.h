@@ -67,28 +67,33 @@ inline void lanes_block(const int64_t* off, const T* val, int32_t nnz, const T* 
   constexpr int L = NU * Vec<T>::W;      // lanes (images) per pixel
   const T* s[PB];
   for (int p = 0; p < PB; ++p) s[p] = src + pix[p];
+  // The accumulator loops fully unrolled (GCC unroll pragmas), or acc lives on the stack.
   V acc[PB][N];
+#pragma GCC unroll 8
   for (int p = 0; p < PB; ++p)
+#pragma GCC unroll 4
     for (int v = 0; v < N; ++v) acc[p][v] = first ? V{} : loadu<V, T>(dst + p * L + v * W);
   for (int32_t j = 0; j < nnz; ++j) {
     const V w = broadcast<V, T>(val[j]);
     const int64_t o = off[j];
+#pragma GCC unroll 8
     for (int p = 0; p < PB; ++p)
+#pragma GCC unroll 4
       for (int v = 0; v < N; ++v) acc[p][v] += w * loadu<V, T>(s[p] + o + v * W);
   }
   const V b = broadcast<V, T>(last ? init : T(0));
   if constexpr (sizeof(T) == 4 && N == 1 && W == 8 && PB == 8) {
     if (last && direct) {
       typename Vec<float>::type blk[8];
+#pragma GCC unroll 8
       for (int p = 0; p < 8; ++p) blk[p] = acc[p][0] + b;
       return store_direct(blk, *direct, out_off);
     }
   }
+#pragma GCC unroll 8
   for (int p = 0; p < PB; ++p)
-    for (int v = 0; v < N; ++v) {
-      const V y = acc[p][v] + b;
-      std::memcpy(dst + p * L + v * W, &y, sizeof(V));
-    }
+#pragma GCC unroll 4
+    for (int v = 0; v < N; ++v) storeu(dst + p * L + v * W, acc[p][v] + b);
 }
 
 /// Nonzeros [jb, jb + n) of row r in tap chunk k of nk (LanesArgs::split; the whole row when
@@ -162,15 +167,11 @@ inline void lanes_tile(const int64_t* off, const T* val, int32_t nnz, const T* s
     }
   }
   const V b = broadcast<V, T>(last ? init : T(0));
+#pragma GCC unroll 4
   for (int p = 0; p < 4; ++p) {
-    a0[p] += b;
-    a1[p] += b;
-    a2[p] += b;
-  }
-  for (int p = 0; p < 4; ++p) {
-    std::memcpy(d[0] + p * L, &a0[p], sizeof(V));
-    std::memcpy(d[1] + p * L, &a1[p], sizeof(V));
-    std::memcpy(d[2] + p * L, &a2[p], sizeof(V));
+    storeu(d[0] + p * L, a0[p] + b);
+    storeu(d[1] + p * L, a1[p] + b);
+    storeu(d[2] + p * L, a2[p] + b);
   }
 }
 

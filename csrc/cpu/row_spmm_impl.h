@@ -41,6 +41,14 @@ inline V loadu(const T* p) {
   return v;
 }
 
+/// Stores v at p (unaligned).  By value, so that arrays of accumulators stored in a loop stay in
+/// registers (memcpy from an array element had GCC keep the array on the stack and copy it in
+/// 16-byte pieces).
+template <typename T, typename V>
+inline void storeu(T* p, V v) {
+  std::memcpy(p, &v, sizeof(V));
+}
+
 template <typename V, typename T>
 inline V broadcast(T x) {
   // vector + scalar splats the scalar (one vbroadcast); an element-wise loop does not vectorise.
