@@ -57,7 +57,7 @@ inline void store_direct(typename Vec<float>::type (&acc)[8], const LanesDirect<
 /// first: start from zero (else from the partial sums in dst); last: add init and finish.
 /// direct (float, one unit, 8 pixels only): finished blocks go straight to NCHW at out_off.
 template <typename T, int NU, int PB>
-inline void lanes_block(const int64_t* off, const T* val, int32_t nnz, const T* src, const int64_t* pix, T init,
+inline void lanes_block(const int32_t* off, const T* val, int32_t nnz, const T* src, const int64_t* pix, T init,
                         T* dst, bool first = true, bool last = true, const LanesDirect<T>* direct = nullptr,
                         int64_t out_off = 0) {
   using U = VecB<T, acc_bytes(NU)>;
@@ -112,7 +112,6 @@ inline void chunk_nonzeros(const LanesArgs<T>& a, int64_t r, int64_t r1, int64_t
   if (r + 2 < r1) {
     const int32_t jn = sp[2 * (nk + 1) + k];
     __builtin_prefetch(a.off + jn);
-    __builtin_prefetch(a.off + jn + 8);
     __builtin_prefetch(a.off + jn + 16);
     __builtin_prefetch(a.val + jn);
   }
@@ -140,7 +139,7 @@ inline void each_chunk_row(const LanesArgs<T>& a, int64_t r0, int64_t r1, int64_
 /// NCHW (16-byte stores, 4x8 transposes) made 16x16 and 8x8 maps 5-13 % slower than the 8-pixel
 /// blocks, and tiles with the output transpose pass 10-12 % faster (AVX2 Zen 3, 2 threads, 90 %).
 template <typename T>
-inline void lanes_tile(const int64_t* off, const T* val, int32_t nnz, const T* src, const int64_t (&seg)[3],
+inline void lanes_tile(const int32_t* off, const T* val, int32_t nnz, const T* src, const int64_t (&seg)[3],
                        const int64_t (&out)[3], T init, T* dst, bool first, bool last) {
   using V = typename Vec<T>::type;
   constexpr int L = Vec<T>::W;
@@ -230,7 +229,7 @@ void lanes_rows(const LanesArgs<T>& a, int64_t r0, int64_t r1) {
   for (int64_t r = r0; r < r1; ++r) {
     const int32_t jb = a.row_ptr[r], nnz = a.row_ptr[r + 1] - jb;
     const T* val = a.val + jb;
-    const int64_t* off = a.off + jb;
+    const int32_t* off = a.off + jb;
     const T* src = a.src + (a.src_base ? a.src_base[r] : 0);
     const T init = a.init ? a.init[r] : T(0);
     T* dst = a.dst + r * P * L;

@@ -126,7 +126,9 @@ struct LanesArgs {
   int64_t tap_chunk = 0;
   int64_t tap_chunks = 0;  ///< ceil(taps / tap_chunk)
   /// [nnz] source offset of every nonzero (tap[col[j]]), computed once per call by the caller.
-  const int64_t* off = nullptr;
+  /// 32-bit (the caller keeps a chunk's input under 2^31 elements): half the bytes that the
+  /// per-call preparation writes and every block streams, next to the 4-byte values.
+  const int32_t* off = nullptr;
   /// With tap_chunk > 0: [rows][tap_chunks + 1] first nonzero of each row in each chunk (the last
   /// entry is the row's end), computed once per call by the caller.
   const int32_t* split = nullptr;

@@ -680,6 +680,9 @@ int64_t lanes_units(const ConvGeom& g, int64_t nnz) {
   // (A stride-2 256->512 layer on 8x8 inputs took 6.4 ms in 8-image lanes against 5.5 ms.)
   const int64_t bytes = (g.C * g.Hp * g.Wp + g.O * g.OH * g.OW) * units * VW * int64_t(sizeof(T));
   if (small && bytes > (int64_t(4) << 20)) return 0;
+  // The kernel's source offsets are 32-bit (kernel::LanesArgs::off): a chunk's input, stride-phase
+  // planes rounded up included, must stay under 2^31 elements.
+  if (g.C * (g.Hp + g.sh) * (g.Wp + g.sw) * units * VW >= (int64_t(1) << 31)) return 0;
   return units;
 }
 
@@ -738,7 +741,7 @@ struct LanesPlan {
   }
 
   LanesPlan(const ConvGeom& geom, const int32_t* row_ptr, const int32_t* col, const T* val, const T* bias,
-            int64_t units, int64_t* off, bool parallel)
+            int64_t units, int32_t* off, bool parallel)
       : g(geom), L(units * kernel::vector_width<T>()), OHW(geom.OH * geom.OW), image_out(geom.O * OHW),
         Hq((geom.Hp + geom.sh - 1) / geom.sh), Wq((geom.Wp + geom.sw - 1) / geom.sw),
         phased(geom.sh > 1 || geom.sw > 1) {
@@ -774,7 +777,7 @@ struct LanesPlan {
     auto prepare = [&](int64_t o0, int64_t o1) {
       for (int64_t o = o0; o < o1; ++o) {
         const int32_t jb = row_ptr[o], je = row_ptr[o + 1];
-        for (int32_t j = jb; j < je; ++j) off[j] = tap[col[j]];
+        for (int32_t j = jb; j < je; ++j) off[j] = int32_t(tap[col[j]]);
         if (nk == 0) continue;
         // Columns are validated in range but not necessarily sorted: the points are monotone (each
         // starts where the previous stopped), so every nonzero still falls in exactly one chunk.
@@ -879,7 +882,7 @@ Tensor conv_forward_lanes(const Tensor& input, const ConvGeom& g, const int32_t*
   T* y = out.mutable_data_ptr<T>();
   const int64_t L = units * kernel::vector_width<T>(), nchunks = (g.N + L - 1) / L;
   // Kept per thread (not a fresh vector: zeroing and page-faulting up to 2 MB per call).
-  const Scratch<int64_t> off_buf(std::max<int64_t>(row_ptr[g.O], 1));
+  const Scratch<int32_t> off_buf(std::max<int64_t>(row_ptr[g.O], 1));
   const int64_t nnz_work = int64_t(row_ptr[g.O]) * g.OH * g.OW * L * nchunks;
   const int64_t nthreads = threads_for(nnz_work + (g.C * g.Hp * g.Wp + g.O * g.OH * g.OW) * L * nchunks);
   const LanesPlan<T> plan(g, row_ptr, col, val, b.defined() ? b.const_data_ptr<T>() : nullptr, units, off_buf.get(),
