@@ -142,6 +142,8 @@ TILE_CASES = [
     (9, 6, 13, 24, 12, (3, 3), (1, 3), (2, 1), 2, 1, 0.2),  # stride (1, 3), dilation 2, padding (2, 1)
     (12, 12, 16, 16, 12, (5, 5), 2, 2, 1, 3, 0.6),   # 5x5 stride 2, groups 3
     (8, 16, 16, 16, 32, (1, 1), 2, 0, 1, 1, 0.8),    # 1x1 stride 2 (a ResNet shortcut): one phase read
+    (8, 8, 17, 16, 16, (3, 3), 2, 2, 2, 1, 0.5),     # 3x3 stride 2 dilation 2: one phase of four read
+    (9, 8, 16, 18, 8, (1, 1), (2, 3), 0, 1, 1, 0.3),  # 1x1 stride (2, 3): one phase of six read
 ]
 
 

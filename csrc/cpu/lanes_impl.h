@@ -241,8 +241,9 @@ void lanes_rows(const LanesArgs<T>& a, int64_t r0, int64_t r1) {
 }
 
 /// Channels [c0, c1) of a chunk's input: images [0, m) of f.x (image stride f.s0, ...) into
-/// [C][Hp][Wp][L] with zero padding and zero lanes m .. L.  Contiguous float images go through
-/// 8x8 register transposes of 8 images x 8 consecutive pixels; the rest element by element.
+/// [C][Hp][Wp][L] with zero padding and zero lanes m .. L; pixels at f.pix -1 (read by no tap) are
+/// skipped.  Contiguous float images go through 8x8 register transposes of 8 images x 8
+/// consecutive pixels (groups of 8 skipped pixels not even loaded); the rest element by element.
 template <typename T>
 void lanes_fill_run(const LanesFill<T>& f, int64_t c0, int64_t c1) {
   // Locals: stores through T* could alias the argument struct, which would reload every field.
@@ -279,12 +280,17 @@ void lanes_fill_run(const LanesFill<T>& f, int64_t c0, int64_t c1) {
           const T* xs = x + n * s0 + c * s1;
           int64_t q = 0;
           for (; q + 8 <= HW; q += 8) {
+            int skipped = 0;
+            for (int j = 0; j < 8; ++j) skipped += at[q + j] < 0;
+            if (skipped == 8) continue;
             V v[8];
             for (int i = 0; i < 8; ++i) v[i] = loadu<V, T>(xs + i * s0 + q);
             transpose8(v);
-            for (int j = 0; j < 8; ++j) std::memcpy(P + at[q + j] + n, &v[j], sizeof(V));
+            for (int j = 0; j < 8; ++j)
+              if (at[q + j] >= 0) std::memcpy(P + at[q + j] + n, &v[j], sizeof(V));
           }
           for (; q < HW; ++q) {
+            if (at[q] < 0) continue;
             T* d = P + at[q] + n;
             for (int i = 0; i < 8; ++i) d[i] = xs[i * s0 + q];
           }
@@ -294,6 +300,7 @@ void lanes_fill_run(const LanesFill<T>& f, int64_t c0, int64_t c1) {
     if (n == L) continue;
     for (int64_t i = 0; i < H; ++i) {
       for (int64_t w = 0; w < W; ++w) {
+        if (at[i * W + w] < 0) continue;
         T* d = P + at[i * W + w];
         const T* xs = x + c * s1 + i * s2 + w * s3;
         for (int64_t k = n; k < m; ++k) d[k] = xs[k * s0];

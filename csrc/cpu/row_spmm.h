@@ -152,7 +152,9 @@ struct LanesFill {
   const T* x;
   int64_t s0, s1, s2, s3;
   int64_t m, H, W, ph, pw, Hp, Wp, L;
-  const int64_t* pix;  ///< [H * W] offset of input pixel (i, j) in a channel plane: ((i + ph) * Wp + j + pw) * L
+  /// [H * W] offset of input pixel (i, j) in a channel plane: ((i + ph) * Wp + j + pw) * L, or -1
+  /// for a pixel that no tap reads (a stride phase no tap falls on: skipped).
+  const int64_t* pix;
   T* dst;
   int64_t plane = 0;  ///< elements per channel plane (0: Hp * Wp * L)
   /// When set, the plane is not [Hp][Wp] (stride-phase planes): offsets of its npad padding
