@@ -665,12 +665,22 @@ T* aligned64(T* p) {
 ///    Measured (AVX2 Zen 3, one thread, batch 32, 3x3): 64->64 on 32x32 at 90 % 8.0 -> 7.0 ms,
 ///    95 % 5.5 -> 4.8 ms, 128->128 on 16x16 at 95 % 4.3 -> 3.8 ms; but 99 % 64->64 1.6 ->
 ///    2.1 ms and 1x1 stride-2 shortcuts 0.9 -> 1.2-1.5 ms, where the transposes dominate.
+///    Strided convs need only 4 multiply-adds per input value (their phase-split lanes layout beats
+///    the phase grid by more).  Measured (AVX2 Zen 3, 2 threads, batch 32, alternating processes,
+///    lanes against the grid): 3x3 stride 2 64->128 on 32x32 at 95 % (12.7 per input value) 0.72-0.81x
+///    the time, at 97 % (7.6) 0.82x; 128->256 on 32x32 at 97 % (15) 0.79x; 32->64 on 64x64 at 95 %
+///    (6.7, 14 nonzeros per output channel: kept on the grid by the 16-nonzero rule) 0.96x, at 97 %
+///    1.07x; 1x1 stride-2 shortcuts (1.6-3.2 per input value) stay on the grid (lanes 1.07-1.28x).
+///    Only where every thread takes whole chunks of images: at batch 8 on 2 threads (one chunk, its
+///    rows split) the lanes layout took 1.1-1.9x the grid's time on those strided convs.
 template <typename T>
 int64_t lanes_units(const ConvGeom& g, int64_t nnz) {
   const int64_t VW = kernel::vector_width<T>();
   if (!kernel::lanes_enabled() || g.N < VW) return 0;
   const bool small = g.OH * g.OW <= 64;
-  if (!small && (nnz * g.OH * g.OW < 16 * g.C * g.Hp * g.Wp || nnz < 16 * g.O)) return 0;
+  const bool whole_chunks = (g.N + VW - 1) / VW >= std::max<int64_t>(1, at::get_num_threads());
+  const int64_t per_input = g.sh * g.sw > 1 && whole_chunks ? 4 : 16;
+  if (!small && (nnz * g.OH * g.OW < per_input * g.C * g.Hp * g.Wp || nnz < 16 * g.O)) return 0;
   int64_t units = g.N >= 4 * VW ? 4 : g.N >= 2 * VW ? 2 : 1;
   // Fewer images per chunk where a chunk's input would outgrow a core's L2.  Measured (AVX2, one
   // thread, 90 % sparse 512->512 3x3 on 4x4 maps, batch 32, before the channel blocking): 8 images
