@@ -187,6 +187,13 @@ struct ConvGeom {
   int64_t taps() const { return Cg * KH * KW; }
   /// Stride phase read by tap (kh, kw).
   int64_t phase(int64_t kh, int64_t kw) const { return ((kh * dh) % sh) * sw + (kw * dw) % sw; }
+  /// [S] 1 for the stride phases that some tap reads (a 1x1 stride-2 conv reads one of four).
+  std::vector<uint8_t> phases_read() const {
+    std::vector<uint8_t> used(S, 0);
+    for (int64_t kh = 0; kh < KH; ++kh)
+      for (int64_t kw = 0; kw < KW; ++kw) used[phase(kh, kw)] = 1;
+    return used;
+  }
   /// Offset inside a phase plane of tap (kh, kw).
   int64_t tap_offset(int64_t kh, int64_t kw) const { return ((kh * dh) / sh) * Wq + (kw * dw) / sw; }
   int64_t max_tap_offset() const { return tap_offset(KH - 1, KW - 1); }
@@ -678,14 +685,14 @@ int64_t lanes_units(const ConvGeom& g, int64_t nnz) {
   const int64_t VW = kernel::vector_width<T>();
   if (!kernel::lanes_enabled() || g.N < VW) return 0;
   const bool small = g.OH * g.OW <= 64;
-  const bool whole_chunks = (g.N + VW - 1) / VW >= std::max<int64_t>(1, at::get_num_threads());
-  const int64_t per_input = g.sh * g.sw > 1 && whole_chunks ? 4 : 16;
-  if (!small && (nnz * g.OH * g.OW < per_input * g.C * g.Hp * g.Wp || nnz < 16 * g.O)) return 0;
   int64_t units = g.N >= 4 * VW ? 4 : g.N >= 2 * VW ? 2 : 1;
   // Fewer images per chunk where a chunk's input would outgrow a core's L2.  Measured (AVX2, one
   // thread, 90 % sparse 512->512 3x3 on 4x4 maps, batch 32, before the channel blocking): 8 images
   // per chunk 9.1 ms, 16: 9.4 ms, 32 (a 2.4 MB chunk input): 11.7 ms.
   while (units > 1 && g.C * g.Hp * g.Wp * units * VW * int64_t(sizeof(T)) > (int64_t(1) << 20)) units /= 2;
+  const int64_t chunks = (g.N + units * VW - 1) / (units * VW);
+  const int64_t per_input = g.sh * g.sw > 1 && chunks >= std::max<int64_t>(1, at::get_num_threads()) ? 4 : 16;
+  if (!small && (nnz * g.OH * g.OW < per_input * g.C * g.Hp * g.Wp || nnz < 16 * g.O)) return 0;
   // Small maps: a chunk's input and output must stay cache-sized (a few MiB), or the strips win.
   // (A stride-2 256->512 layer on 8x8 inputs took 6.4 ms in 8-image lanes against 5.5 ms.)
   const int64_t bytes = (g.C * g.Hp * g.Wp + g.O * g.OH * g.OW) * units * VW * int64_t(sizeof(T));
@@ -776,9 +783,7 @@ struct LanesPlan {
     // fill skips the input pixels of the others (-1 in in_pix) and their padding.  Measured (AVX2
     // Zen 3, 2 threads, batch 32, 90 %, alternating processes): 1x1 stride-2 128->256 on 16x16
     // 0.87x the time, 256->512 on 8x8 0.91x.
-    std::vector<uint8_t> used(g.sh * g.sw, phased ? 0 : 1);
-    for (int64_t kh = 0; kh < g.KH; ++kh)
-      for (int64_t kw = 0; kw < g.KW; ++kw) used[((kh * g.dh) % g.sh) * g.sw + (kw * g.dw) % g.sw] = 1;
+    const std::vector<uint8_t> used = g.phases_read();
     auto read = [&](int64_t y, int64_t x) { return used[(y % g.sh) * g.sw + x % g.sw] != 0; };
     in_pix.resize(g.H * g.W);
     for (int64_t i = 0; i < g.H; ++i)
@@ -1071,8 +1076,7 @@ Tensor conv_forward(const Tensor& input, const ConvGeom& g, const int32_t* row_p
   const int64_t xstride[4] = {input.stride(0), input.stride(1), input.stride(2), input.stride(3)};
   T* y = out.mutable_data_ptr<T>();
   const int64_t image_out = g.O * OHW;
-  std::vector<uint8_t> phase_used(g.S, 0);
-  for (int64_t k = 0; k < KK; ++k) phase_used[g.phase(k / g.KW, k % g.KW)] = 1;
+  const std::vector<uint8_t> phase_used = g.phases_read();
   const int64_t nused_phases = std::count(phase_used.begin(), phase_used.end(), uint8_t(1));
   auto args_for = [&](const T* grid, int64_t n0, int64_t m) {
     TORCH_INTERNAL_ASSERT(m == nb || m == last, "bad chunk size");
