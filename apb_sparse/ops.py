@@ -52,8 +52,9 @@ def kernel_options() -> Dict[str, Union[str, bool, int]]:
     """The CPU kernel's run-time options and their current values.
 
     ``isa`` (``"generic"``, ``"avx2"``, ``"avx512"``: the instruction set in use, capped by
-    :func:`kernel_config`), ``row_tiles``, ``channel_blocking``, ``lanes`` (layouts of the forward
-    convolution, see docs/ops.md), ``shifted_layout`` (0 off, 1 auto, 2 wherever possible) and
+    :func:`kernel_config`), ``row_tiles``, ``channel_blocking``, ``lanes``, ``lanes_tiles``,
+    ``lanes_blocks_inner`` (layouts and loop orders of the forward convolution, see docs/ops.md),
+    ``shifted_layout`` (0 off, 1 auto, 2 wherever possible) and
     ``min_parallel_work`` (smallest op call split across threads).  Every option only changes speed,
     never results: tests and benchmarks switch them to compare the paths.
     """

@@ -12,7 +12,7 @@ using namespace apb_sparse::kernel;
 
 /// Names of the kernel's run-time options, in the order `_kernel_option()` lists them.
 const char* const kOptions[] = {"isa", "row_tiles", "channel_blocking", "lanes", "lanes_tiles",
-                                "shifted_layout", "min_parallel_work", "output_cache_bytes"};
+                                "lanes_blocks_inner", "shifted_layout", "min_parallel_work", "output_cache_bytes"};
 
 PyObject* option_value(const char* name) {
   if (std::strcmp(name, "isa") == 0) return PyUnicode_FromString(isa_name(active_isa()));
@@ -20,6 +20,7 @@ PyObject* option_value(const char* name) {
   if (std::strcmp(name, "channel_blocking") == 0) return PyBool_FromLong(channel_blocking_enabled());
   if (std::strcmp(name, "lanes") == 0) return PyBool_FromLong(lanes_enabled());
   if (std::strcmp(name, "lanes_tiles") == 0) return PyBool_FromLong(lanes_tiles_enabled());
+  if (std::strcmp(name, "lanes_blocks_inner") == 0) return PyBool_FromLong(lanes_blocks_inner());
   if (std::strcmp(name, "shifted_layout") == 0) return PyLong_FromLong(shifted_layout());
   if (std::strcmp(name, "output_cache_bytes") == 0) return PyLong_FromLongLong(output_cache_bytes());
   return PyLong_FromLongLong(min_parallel_work());
@@ -84,6 +85,7 @@ PyObject* set_option(const char* name, PyObject* value) {
   if (std::strcmp(name, "row_tiles") == 0) return PyBool_FromLong(set_row_tiles(on));
   if (std::strcmp(name, "channel_blocking") == 0) return PyBool_FromLong(set_channel_blocking(on));
   if (std::strcmp(name, "lanes_tiles") == 0) return PyBool_FromLong(set_lanes_tiles(on));
+  if (std::strcmp(name, "lanes_blocks_inner") == 0) return PyBool_FromLong(set_lanes_blocks_inner(on));
   return PyBool_FromLong(set_lanes(on));
 }
 
@@ -112,7 +114,7 @@ PyObject* kernel_option(PyObject*, PyObject* args) {
   if (!known) {
     PyErr_Format(PyExc_ValueError,
                  "unknown kernel option '%s' (options: isa, row_tiles, channel_blocking, lanes, lanes_tiles, "
-                 "shifted_layout, min_parallel_work, output_cache_bytes)",
+                 "lanes_blocks_inner, shifted_layout, min_parallel_work, output_cache_bytes)",
                  name);
     return nullptr;
   }

@@ -85,7 +85,9 @@ def conv_cases(draw):
                 relu=layer == "SparseConv2d" and draw(st.booleans()),
                 residual=layer == "SparseConv2d" and draw(st.booleans()),
                 # kw-shifted input layout: auto (default), forced wherever the geometry allows, off
-                shifted=draw(st.sampled_from([1, 2, 0])), seed=draw(st.integers(0, 2**31 - 1)))
+                shifted=draw(st.sampled_from([1, 2, 0])),
+                # lanes kernel's 8-pixel blocks: back to back per row (default) or block by block
+                blocks_inner=draw(st.booleans()), seed=draw(st.integers(0, 2**31 - 1)))
 
 
 def _input(shape, layout, dtype, gen):
@@ -117,7 +119,7 @@ def _compare(layer_fn, ref_fn, x, dtype, extra=()):
 @given(conv_cases())
 def test_fuzz_conv_layers(case):
     COUNTS["conv"] += 1
-    with ops.kernel_config(shifted_layout=case["shifted"]):
+    with ops.kernel_config(shifted_layout=case["shifted"], lanes_blocks_inner=case["blocks_inner"]):
         _fuzz_conv_layer(case)
 
 

@@ -57,10 +57,11 @@ def test_isa_query_and_force():
 
 def test_kernel_options_list_and_restore():
     before = ops.kernel_options()
-    assert set(before) == {"isa", "row_tiles", "channel_blocking", "lanes", "lanes_tiles", "shifted_layout",
-                           "min_parallel_work", "output_cache_bytes"}
+    assert set(before) == {"isa", "row_tiles", "channel_blocking", "lanes", "lanes_tiles", "lanes_blocks_inner",
+                           "shifted_layout", "min_parallel_work", "output_cache_bytes"}
     flipped = dict(row_tiles=not before["row_tiles"], channel_blocking=not before["channel_blocking"],
-                   lanes=not before["lanes"], lanes_tiles=not before["lanes_tiles"], shifted_layout=(before["shifted_layout"] + 1) % 3,
+                   lanes=not before["lanes"], lanes_tiles=not before["lanes_tiles"],
+                   lanes_blocks_inner=not before["lanes_blocks_inner"], shifted_layout=(before["shifted_layout"] + 1) % 3,
                    min_parallel_work=before["min_parallel_work"] + 7, isa=ISAS[0],
                    output_cache_bytes=before["output_cache_bytes"] + 64)
     with ops.kernel_config(**flipped):

@@ -174,3 +174,41 @@ def test_lanes_tiles_match_torch(isa, dtype, case):
             torch.testing.assert_close(fused, torch.relu(ref + res), **TOL[dtype])
     finally:
         torch.set_num_threads(prev_threads)
+
+
+# Input-channel chunks with several 8-pixel blocks per output channel (wide inputs on small maps):
+# the blocks of a row run back to back per chunk of its nonzeros (lanes_blocks_inner, the default)
+# or block by block; both must match torch.
+BLOCK_ORDER_CASES = [
+    (8, 256, 4, 4, 32, (3, 3), 1, 1, 1, 1, 0.9),     # 4x4: 2 blocks per row, direct NCHW stores
+    (16, 128, 4, 4, 24, (3, 3), 1, 1, 1, 1, 0.9),    # two units of lanes per pixel
+    (11, 192, 5, 5, 16, (3, 3), 1, 1, 1, 1, 0.8),    # 5x5: 3 blocks + 1 pixel, partial last chunk
+    (8, 128, 8, 8, 40, (3, 3), 2, 1, 1, 1, 0.9),     # stride 2 into 4x4
+    (9, 192, 8, 8, 16, (3, 3), 1, 1, 1, 1, 0.9),     # 8x8: tiled rows, then 2 rows of blocks
+]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", BLOCK_ORDER_CASES, ids=lambda c: "x".join(map(str, c[:5])) + f"s{c[6]}")
+def test_lanes_block_orders_match_torch(isa, dtype, case):
+    n, c, h, w_, o, k, stride, pad, dil, groups, sparsity = case
+    torch.manual_seed(7)
+    x = torch.randn(n, c, h, w_, dtype=dtype)
+    w = _weight(o, c // groups, k[0], k[1], sparsity, dtype, seed=8)
+    b = torch.randn(o, dtype=dtype)
+    ref = F.conv2d(x, w, b, stride, pad, dil, groups)
+    res = torch.randn_like(ref)
+    v, rp, ci = ops.pack_csr(w)
+    prev_threads = torch.get_num_threads()
+    try:
+        for inner, threads in [(True, prev_threads), (False, prev_threads), (True, 1)]:
+            torch.set_num_threads(threads)
+            with ops.kernel_config(isa=isa, lanes=True, channel_blocking=True, lanes_blocks_inner=inner):
+                plain = ops.sparse_conv2d(x, v, rp, ci, w.shape, b, stride, pad, dil, groups)
+                fused = ops.sparse_conv2d(x, v, rp, ci, w.shape, b, stride, pad, dil, groups, residual=res,
+                                          relu=True)
+            torch.testing.assert_close(plain, ref, **TOL[dtype])
+            torch.testing.assert_close(fused, torch.relu(ref + res), **TOL[dtype])
+    finally:
+        torch.set_num_threads(prev_threads)

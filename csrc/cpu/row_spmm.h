@@ -143,6 +143,10 @@ struct LanesArgs {
   /// only just cover it); the rows after tile_rows run as 8-pixel blocks.  0: no tiles.
   int64_t tile_rows = 0;
   int64_t out_w = 0;  ///< output row width (with tile_rows > 0).
+  /// With tap_chunk > 0: the 8-pixel blocks of a row run back to back for each chunk of its
+  /// nonzeros (the row's nonzeros and the chunk's input channels reused from L1), instead of every
+  /// row and chunk for one block, then the next block.
+  bool blocks_inner = false;
 };
 
 /// Input transpose of the lanes layout: channels of images [0, m) of x (strides s0..s3) into a
@@ -245,6 +249,11 @@ bool lanes_enabled();
 /// disabled, every block is 8 consecutive pixels.  Tests compare both; returns the previous setting.
 bool set_lanes_tiles(bool enable);
 bool lanes_tiles_enabled();
+
+/// Order of the lanes kernel's 8-pixel blocks with input-channel blocking (LanesArgs::blocks_inner):
+/// true: every block of a row back to back for each chunk of its nonzeros; false: block by block.
+bool set_lanes_blocks_inner(bool enable);
+bool lanes_blocks_inner();
 
 /// Smallest work (multiply-adds plus elements copied) of one CPU op call that is split across
 /// threads; smaller calls run on the calling thread, since waking the thread pool costs tens of

@@ -104,5 +104,10 @@ static std::atomic<bool> g_lanes_tiles{true};
 bool set_lanes_tiles(bool enable) { return g_lanes_tiles.exchange(enable); }
 bool lanes_tiles_enabled() { return g_lanes_tiles.load(std::memory_order_relaxed); }
 
+static std::atomic<bool> g_lanes_blocks_inner{true};
+
+bool set_lanes_blocks_inner(bool enable) { return g_lanes_blocks_inner.exchange(enable); }
+bool lanes_blocks_inner() { return g_lanes_blocks_inner.load(std::memory_order_relaxed); }
+
 }  // namespace kernel
 }  // namespace apb_sparse

@@ -797,6 +797,7 @@ struct LanesPlan {
     proto = kernel::LanesArgs<T>{row_ptr, col, val, tap.data(), group_base.empty() ? nullptr : group_base.data(),
                                  pix.data(), OHW, units, nullptr, bias, nullptr};
     if (kernel::channel_blocking_enabled()) set_lanes_chunks<T>(proto, g, pix, L, int64_t(row_ptr[g.O]));
+    proto.blocks_inner = kernel::lanes_blocks_inner();
     const int64_t nnz = row_ptr[g.O], nk = proto.tap_chunk > 0 ? proto.tap_chunks : 0;
     split.resize(nk > 0 ? g.O * (nk + 1) : 0);
     auto prepare = [&](int64_t o0, int64_t o1) {
