@@ -147,26 +147,22 @@ TILE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("case", TILE_CASES, ids=lambda c: "x".join(map(str, c[:5])) + f"s{c[6]}d{c[8]}g{c[9]}")
-def test_lanes_tiles_match_torch(isa, dtype, case):
+def _check_lanes_configs(isa, dtype, case, configs, seed):
+    """Plain and fused (residual + ReLU) sparse conv against torch under each
+    (kernel options, threads) of ``configs``, the lanes layout on."""
     n, c, h, w_, o, k, stride, pad, dil, groups, sparsity = case
-    n = n if dtype == torch.float32 else max(4, n // 2)
-    torch.manual_seed(5)
+    torch.manual_seed(seed)
     x = torch.randn(n, c, h, w_, dtype=dtype)
-    w = _weight(o, c // groups, k[0], k[1], sparsity, dtype, seed=6)
+    w = _weight(o, c // groups, k[0], k[1], sparsity, dtype, seed=seed + 1)
     b = torch.randn(o, dtype=dtype)
     ref = F.conv2d(x, w, b, stride, pad, dil, groups)
     res = torch.randn_like(ref)
     v, rp, ci = ops.pack_csr(w)
     prev_threads = torch.get_num_threads()
-    # One thread too: strided convs on larger maps take the lanes layout at 4 multiply-adds per input
-    # value only where every thread has a whole chunk of images (the dilated stride-2 case).
     try:
-        for tiles, threads in [(True, prev_threads), (False, prev_threads), (True, 1)]:
-            torch.set_num_threads(threads)
-            with ops.kernel_config(isa=isa, lanes=True, lanes_tiles=tiles):
+        for options, threads in configs:
+            torch.set_num_threads(threads or prev_threads)
+            with ops.kernel_config(isa=isa, lanes=True, **options):
                 plain = ops.sparse_conv2d(x, v, rp, ci, w.shape, b, stride, pad, dil, groups)
                 fused = ops.sparse_conv2d(x, v, rp, ci, w.shape, b, stride, pad, dil, groups, residual=res,
                                           relu=True)
@@ -174,6 +170,17 @@ def test_lanes_tiles_match_torch(isa, dtype, case):
             torch.testing.assert_close(fused, torch.relu(ref + res), **TOL[dtype])
     finally:
         torch.set_num_threads(prev_threads)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", TILE_CASES, ids=lambda c: "x".join(map(str, c[:5])) + f"s{c[6]}d{c[8]}g{c[9]}")
+def test_lanes_tiles_match_torch(isa, dtype, case):
+    n = case[0] if dtype == torch.float32 else max(4, case[0] // 2)
+    # One thread too: strided convs on larger maps take the lanes layout at 4 multiply-adds per input
+    # value only where every thread has a whole chunk of images (the dilated stride-2 case).
+    _check_lanes_configs(isa, dtype, (n, *case[1:]), [(dict(lanes_tiles=True), None), (dict(lanes_tiles=False), None),
+                                                      (dict(lanes_tiles=True), 1)], seed=5)
 
 
 # Input-channel chunks with several 8-pixel blocks per output channel (wide inputs on small maps):
@@ -192,23 +199,7 @@ BLOCK_ORDER_CASES = [
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("case", BLOCK_ORDER_CASES, ids=lambda c: "x".join(map(str, c[:5])) + f"s{c[6]}")
 def test_lanes_block_orders_match_torch(isa, dtype, case):
-    n, c, h, w_, o, k, stride, pad, dil, groups, sparsity = case
-    torch.manual_seed(7)
-    x = torch.randn(n, c, h, w_, dtype=dtype)
-    w = _weight(o, c // groups, k[0], k[1], sparsity, dtype, seed=8)
-    b = torch.randn(o, dtype=dtype)
-    ref = F.conv2d(x, w, b, stride, pad, dil, groups)
-    res = torch.randn_like(ref)
-    v, rp, ci = ops.pack_csr(w)
-    prev_threads = torch.get_num_threads()
-    try:
-        for inner, threads in [(True, prev_threads), (False, prev_threads), (True, 1)]:
-            torch.set_num_threads(threads)
-            with ops.kernel_config(isa=isa, lanes=True, channel_blocking=True, lanes_blocks_inner=inner):
-                plain = ops.sparse_conv2d(x, v, rp, ci, w.shape, b, stride, pad, dil, groups)
-                fused = ops.sparse_conv2d(x, v, rp, ci, w.shape, b, stride, pad, dil, groups, residual=res,
-                                          relu=True)
-            torch.testing.assert_close(plain, ref, **TOL[dtype])
-            torch.testing.assert_close(fused, torch.relu(ref + res), **TOL[dtype])
-    finally:
-        torch.set_num_threads(prev_threads)
+    blocking = dict(channel_blocking=True)
+    _check_lanes_configs(isa, dtype, case, [(dict(blocking, lanes_blocks_inner=True), None),
+                                            (dict(blocking, lanes_blocks_inner=False), None),
+                                            (dict(blocking, lanes_blocks_inner=True), 1)], seed=7)
