@@ -36,6 +36,7 @@ CASES = [
     (20, 16, 2, 2, 16, (1, 1), 1, 0, 1, 1, 0.99),   # 1x1, nearly empty rows
     (32, 1, 8, 8, 16, (3, 3), 1, 1, 1, 1, 0.6),     # one input channel, 64 output pixels
     (40, 288, 4, 4, 8, (3, 3), 1, 1, 1, 1, 0.9),    # wide input: fewer images per chunk (L2-sized), partial chunk
+    (32, 64, 2, 2, 48, (3, 3), 1, 1, 1, 1, 0.9),    # 2x2 maps: 2 units so that 2 threads each take a chunk
 ]
 
 
