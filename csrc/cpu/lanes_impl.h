@@ -209,6 +209,9 @@ void lanes_rows_chunked(const LanesArgs<T>& a, int64_t r0, int64_t r1) {
   constexpr int L = NU * Vec<T>::W;
   const int64_t P = a.pixels, nk = a.tap_chunks;
   if (a.blocks_inner) {
+    // The block calls are written out in both orders on purpose: one lambda shared by the two
+    // loops made this order lose its gain (512->512 on 4x4 at 95 / 90 %: 1.00 / 0.98x the time of
+    // block by block instead of 0.81 / 0.73x, same process, GCC 12).
     const int64_t qb = a.tile_rows * a.out_w;
     each_chunk_row(a, r0, r1, nk, [&](int64_t r, int32_t jb, int32_t n, const T* src, T init, bool first, bool last) {
       for (int64_t q = qb; q < P; q += PB) {
