@@ -696,10 +696,10 @@ int64_t lanes_units(const ConvGeom& g, int64_t nnz) {
   // Measured (AVX2 Zen 3, 2 threads, batch 32): 512->512 3x3 on 2x2 0.86x the time at 95 % and
   // 0.85x at 90 % with 2 units; VGG-16 deployed 0.99 / 0.96 / 0.99x at 90 / 95 / 99 % (one process,
   // the two rules alternating, 11 rounds).
-  while (units > 1 && (g.N + units * VW - 1) / (units * VW) < at::get_num_threads() && 16 / units <= g.OH * g.OW)
-    units /= 2;
-  const int64_t chunks = (g.N + units * VW - 1) / (units * VW);
-  const int64_t per_input = g.sh * g.sw > 1 && chunks >= std::max<int64_t>(1, at::get_num_threads()) ? 4 : 16;
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  auto chunks = [&](int64_t u) { return (g.N + u * VW - 1) / (u * VW); };
+  while (units > 1 && chunks(units) < threads && 16 / units <= g.OH * g.OW) units /= 2;
+  const int64_t per_input = g.sh * g.sw > 1 && chunks(units) >= threads ? 4 : 16;
   if (!small && (nnz * g.OH * g.OW < per_input * g.C * g.Hp * g.Wp || nnz < 16 * g.O)) return 0;
   // Small maps: a chunk's input and output must stay cache-sized (a few MiB), or the strips win.
   // (A stride-2 256->512 layer on 8x8 inputs took 6.4 ms in 8-image lanes against 5.5 ms.)
