@@ -278,12 +278,13 @@ def call_op(op, *args):
 def sparse_conv2d(input: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor,
                   weight_size: Sequence[int], bias: Optional[Tensor] = None, stride: IntPair = 1,
                   padding: IntPair = 0, dilation: IntPair = 1, groups: int = 1,
-                  residual: Optional[Tensor] = None, relu: bool = False) -> Tensor:
+                  residual: Optional[Tensor] = None, relu: bool = False, max_pool: bool = False) -> Tensor:
     """Convolution with a CSR-packed weight (see :func:`pack_csr`), optionally fused with a
-    residual add and a ReLU: ``relu(conv(input) + bias + residual)``.
+    residual add, a ReLU and a 2x2 max pool: ``max_pool2d(relu(conv(input) + bias + residual), 2, 2)``.
 
     Differentiable with respect to ``input`` (white-box attacks on deployed models), ``values``,
-    ``bias`` and ``residual``.
+    ``bias`` and ``residual``, except with ``max_pool=True`` (inference only: for gradients call
+    it without, then ``F.max_pool2d``).
 
     Args:
         input: ``(N, C, H, W)``, any strides.
@@ -291,9 +292,15 @@ def sparse_conv2d(input: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tenso
         weight_size: the dense weight shape ``(O, C / groups, kH, kW)``.
         residual: optional tensor of the output's shape added before the activation.
         relu: apply ReLU to the result.
+        max_pool: then ``nn.MaxPool2d(2, 2)`` (floor mode: an odd last row or column is dropped;
+            NaN propagates).  On the CPU the images-in-lanes layout pools in its store pass, so
+            the unpooled output is never written; other layouts run :func:`max_pool2x2` after.
 
     Returns:
-        ``(N, O, OH, OW)`` contiguous tensor.
+        ``(N, O, OH, OW)`` contiguous tensor (``(N, O, OH // 2, OW // 2)`` with ``max_pool``).
+
+    Raises:
+        RuntimeError: ``max_pool=True`` while autograd records (an input requires gradients).
     """
     _require()
     _check_input("input", input, 4)
@@ -307,7 +314,7 @@ def sparse_conv2d(input: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tenso
     out = call_op(
         torch.ops.apb_sparse.sparse_conv2d, input, t["values"], row_ptr, col_idx, [int(s) for s in weight_size], t["bias"],
         _pair("stride", stride, 1), _pair("padding", padding, 0), _pair("dilation", dilation, 1), groups,
-        t["residual"], bool(relu))
+        t["residual"], bool(relu), bool(max_pool))
     return out.to(dtype)
 
 
@@ -364,8 +371,9 @@ if _C is not None:
 
     @torch.library.register_fake("apb_sparse::sparse_conv2d")
     def _(input, values, row_ptr, col_idx, weight_size, bias, stride, padding, dilation, groups, residual=None,
-          relu=False):
-        return _conv_out(input, weight_size, stride, padding, dilation)
+          relu=False, max_pool=False):
+        out = _conv_out(input, weight_size, stride, padding, dilation)
+        return out.new_empty((*out.shape[:2], out.shape[2] // 2, out.shape[3] // 2)) if max_pool else out
 
     @torch.library.register_fake("apb_sparse::sparse_conv2d_backward_input")
     def _(grad_output, values, row_ptr, col_idx, weight_size, input_size, stride, padding, dilation, groups):
@@ -425,6 +433,9 @@ if _C is not None:
     def _sparse_conv2d_setup(ctx, inputs, output):
         input, values, row_ptr, col_idx, weight_size, bias, stride, padding, dilation, groups = inputs[:10]
         relu = inputs[11] if len(inputs) > 11 else False
+        if len(inputs) > 12 and inputs[12]:
+            raise RuntimeError("sparse_conv2d: max_pool=True has no backward (inference only); for gradients call "
+                               "it with max_pool=False, then F.max_pool2d(out, 2, 2)")
         ctx.save_for_backward(input, values, row_ptr, col_idx, output if relu else None)
         ctx.conv = (list(weight_size), stride, padding, dilation, groups)
         ctx.has_bias = bias is not None
@@ -453,7 +464,7 @@ if _C is not None:
             gb = grad.sum((0, 2, 3))
         if len(ctx.needs_input_grad) > 10 and ctx.needs_input_grad[10]:
             gr = grad
-        return gx, gv, None, None, None, gb, None, None, None, None, gr, None
+        return gx, gv, None, None, None, gb, None, None, None, None, gr, None, None
 
     torch.library.register_autograd("apb_sparse::sparse_conv2d", _sparse_conv2d_backward,
                                     setup_context=_sparse_conv2d_setup)

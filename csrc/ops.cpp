@@ -2,7 +2,8 @@
 //
 // max_pool2x2: nn.MaxPool2d(2, 2)'s values for inference (CPU; cpu/pool_ops.cpp).
 //
-// sparse_conv2d optionally fuses a residual add and a ReLU: relu(conv(input) + bias + residual).
+// sparse_conv2d optionally fuses a residual add and a ReLU: relu(conv(input) + bias + residual),
+// then a 2x2 stride-2 max pool (max_pool: nn.MaxPool2d(2, 2)'s values).
 //
 // Sparse weights are CSR over output channels (or output features): row_ptr int32 [O + 1],
 // col_idx int32 [nnz] with the tap index (c_in_group * kH + kh) * kW + kw, values [nnz].
@@ -18,7 +19,7 @@ TORCH_LIBRARY(apb_sparse, m) {
   m.def(
       "sparse_conv2d(Tensor input, Tensor values, Tensor row_ptr, Tensor col_idx, int[] weight_size, "
       "Tensor? bias, int[2] stride, int[2] padding, int[2] dilation, int groups, Tensor? residual=None, "
-      "bool relu=False) -> Tensor");
+      "bool relu=False, bool max_pool=False) -> Tensor");
   m.def(
       "sparse_conv2d_backward_input(Tensor grad_output, Tensor values, Tensor row_ptr, Tensor col_idx, "
       "int[] weight_size, int[] input_size, int[2] stride, int[2] padding, int[2] dilation, int groups) "

@@ -482,6 +482,56 @@ def test_deploy_swaps_2x2_max_pools_for_the_fast_form_with_the_same_values():
     assert sum(type(mod) is nn.MaxPool2d for mod in back.modules()) == 3
 
 
+class PoolNet(nn.Module):
+    """2x2 max pools after sparse convs: a module after conv + ReLU, F.max_pool2d after a conv
+    without ReLU, one after a conv whose output is also read elsewhere, and a 3x3 pool."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 24, 3, padding=1)
+        self.c3, self.c4 = nn.Conv2d(24, 24, 3, padding=1), nn.Conv2d(24, 32, 3, padding=1)
+        self.pool, self.pool3 = nn.MaxPool2d(2, 2), nn.MaxPool2d(3, 2, padding=1)
+        self.fc = nn.Linear(32, 5)
+
+    def forward(self, x):
+        x = self.pool(torch.relu(self.c1(x)))
+        x = nn.functional.max_pool2d(self.c2(x), 2)
+        y = self.c3(x)
+        x = nn.functional.max_pool2d(y, 2, 2) + y[..., 1::2, 1::2]  # c3's output has two users
+        return self.fc(self.pool3(self.c4(x)).mean((2, 3)))
+
+
+def test_deploy_fuses_2x2_max_pools_into_the_sparse_conv_before_them(tmp_path):
+    """A 2x2 max pool that is a sparse conv's only user runs in the conv's kernel (fused_pool):
+    same values as the source, gradients through the snapshot as the source's, densify and
+    torch.export give the same model back; other pools stay separate."""
+    torch.manual_seed(4)
+    m = PoolNet().eval()
+    m = apply_masks(m, magnitude_masks(m, 0.8))
+    for n, h in ((16, 16), (1, 16), (9, 22)):
+        x = torch.randn(n, 3, h, h)
+        d = deploy(m, x)
+        assert d.apb_deploy_info["fused_pools"] == ["pool", "max_pool2d"]
+        pooled = {name for name, mod in d.module.named_modules() if getattr(mod, "fused_pool", False)}
+        assert pooled == {"c1", "c2"}
+        with torch.no_grad():
+            _same(d(x), m(x), 1e-4)
+        x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+        m(x1).sum().backward()
+        d(x2).sum().backward()
+        _same(x2.grad, x1.grad, 1e-4)
+    with torch.no_grad():
+        _same(torch.export.export(d, (x,)).module()(x), m(x), 1e-4)
+        back = densify(d)
+        assert not any(getattr(mod, "fused_pool", False) for mod in back.modules())
+        _same(back(x), m(x), 1e-4)
+    assert "fused_pool=True" in repr(d.module.c1)
+    with pytest.raises(RuntimeError, match="max_pool=True has no backward"):
+        c1 = d.module.c1
+        apb_sparse.ops.sparse_conv2d(x.requires_grad_(), c1.values, c1.row_ptr, c1.col_idx, c1.weight_shape, None, 1, 1,
+                                     max_pool=True)
+
+
 def _tune_model():
     torch.manual_seed(5)
     m = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),

@@ -5,7 +5,8 @@ random mask, converts it (SparseConv2d, MaskedConv2d, ChannelSparseConv2d, Spars
 ``sparsify``) and compares output and input gradient with the dense layer holding
 ``weight * mask``: random shapes, stride, padding (ints, "same", "valid", every padding_mode),
 dilation, groups, sparsity 0..1, batch 0-4, 8, 9, 33 (the last ones take the images-in-lanes
-layout), unbatched inputs, channels_last / strided inputs, the fused ReLU and residual.
+layout), unbatched inputs, channels_last / strided inputs, the fused ReLU, residual and 2x2 max
+pool.
 
 The default run is a few hundred deterministic cases (``derandomize``).  Long mode:
 ``APB_FUZZ_LONG=N python -m pytest tests/test_fuzz.py -s`` draws about N cases in all (split over
@@ -15,6 +16,7 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 hypothesis = pytest.importorskip("hypothesis")
@@ -84,6 +86,8 @@ def conv_cases(draw):
                 bias=draw(st.booleans()), dtype=draw(st.sampled_from([torch.float32, torch.float64])),
                 relu=layer == "SparseConv2d" and draw(st.booleans()),
                 residual=layer == "SparseConv2d" and draw(st.booleans()),
+                # a 2x2 max pool after the epilogue (deploy's fused_pool), where the output is 2x2 or more
+                pool=layer == "SparseConv2d" and draw(st.booleans()),
                 # kw-shifted input layout: auto (default), forced wherever the geometry allows, off
                 shifted=draw(st.sampled_from([1, 2, 0])),
                 # lanes kernel's 8-pixel blocks: back to back per row (default) or block by block
@@ -143,16 +147,22 @@ def _fuzz_conv_layer(case):
              "ChannelSparseConv2d": ChannelSparseConv2d}[case["layer"]].from_dense(conv, mask)
     shape = (case["cin"], *case["size"]) if case["unbatched"] else (case["batch"], case["cin"], *case["size"])
     x = _input(shape, case["layout"], dtype, gen)
-    if case["relu"] or case["residual"]:
+    if case["relu"] or case["residual"] or case["pool"]:
         layer.fused_relu = case["relu"]
         out_shape = ref(x).shape
+        pool = case["pool"] and min(out_shape[-2:]) >= 2
+        layer.fused_pool = pool
         extra = (torch.randn(out_shape, dtype=dtype, generator=gen),) if case["residual"] else ()
 
         def ref_fn(t, *r):
             y = ref(t) + r[0] if r else ref(t)
-            return torch.relu(y) if case["relu"] else y
+            y = torch.relu(y) if case["relu"] else y
+            return F.max_pool2d(y, 2, 2) if pool else y
 
         _compare(layer, ref_fn, x, dtype, extra)
+        if pool:  # without gradients the kernel pools in its store (with them, F.max_pool2d after it)
+            with torch.no_grad():
+                torch.testing.assert_close(layer(x, *extra), ref_fn(x, *extra), **TOL[dtype])
     else:
         _compare(layer, ref, x, dtype)
 

@@ -204,3 +204,55 @@ def test_lanes_block_orders_match_torch(isa, dtype, case):
     _check_lanes_configs(isa, dtype, case, [(dict(blocking, lanes_blocks_inner=True), None),
                                             (dict(blocking, lanes_blocks_inner=False), None),
                                             (dict(blocking, lanes_blocks_inner=True), 1)], seed=7)
+
+
+# (batch, in channels, H, W, out channels, kernel, stride, padding, sparsity): maps the 2x2 max
+# pool meets after a conv, odd ones included (floor mode drops the last row / column).
+POOL_CASES = [
+    (32, 16, 32, 32, 16, 3, 1, 1, 0.9),   # tiles, 16x16 pooled
+    (16, 24, 8, 8, 40, 3, 1, 1, 0.8),     # 8-pixel blocks
+    (32, 64, 4, 4, 32, 3, 1, 1, 0.95),    # 4x4 maps (direct stores when unpooled)
+    (32, 64, 2, 2, 48, 3, 1, 1, 0.9),     # 2x2 -> 1x1, two units
+    (20, 12, 11, 13, 20, 3, 1, 1, 0.6),   # odd map, partial last chunk
+    (9, 8, 10, 10, 12, 3, 2, 1, 0.5),     # stride 2 into 5x5 (odd pooled input)
+    (24, 8, 1, 1, 8, 1, 1, 0, 0.5),       # 1x1 map: pools to an empty one
+]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", POOL_CASES, ids=lambda c: "x".join(map(str, c[:5])) + f"s{c[6]}")
+def test_max_pool_in_the_store_matches_conv_then_pool(isa, dtype, case):
+    """max_pool=True (pooled in the lanes layout's store pass, or the pool op after another layout)
+    gives exactly F.max_pool2d of the unpooled op's output: plain, with the ReLU, with a residual
+    (pooled after the epilogue), NaN propagated, on 2 threads and 1."""
+    n, c, h, w_, o, k, stride, pad, sparsity = case
+    torch.manual_seed(3)
+    x = torch.randn(n, c, h, w_, dtype=dtype)
+    x[1, 0, h // 2, w_ // 2] = float("nan")
+    w = _weight(o, c, k, k, sparsity, dtype)
+    b = torch.randn(o, dtype=dtype)
+    v, rp, ci = ops.pack_csr(w)
+    prev = torch.get_num_threads()
+    try:
+        for threads in (2, 1):
+            torch.set_num_threads(threads)
+            for enable in (True, False):
+                with lanes(isa, enable):
+                    for relu in (False, True):
+                        full = ops.sparse_conv2d(x, v, rp, ci, w.shape, b, stride, pad, relu=relu)
+                        res = torch.randn_like(full)
+                        got = ops.sparse_conv2d(x, v, rp, ci, w.shape, b, stride, pad, relu=relu, max_pool=True)
+                        got_res = ops.sparse_conv2d(x, v, rp, ci, w.shape, b, stride, pad, residual=res, relu=relu,
+                                                    max_pool=True)
+                        with_res = ops.sparse_conv2d(x, v, rp, ci, w.shape, b, stride, pad, residual=res, relu=relu)
+                        for pooled, unpooled in ((got, full), (got_res, with_res)):
+                            want = F.max_pool2d(unpooled, 2, 2) if min(unpooled.shape[-2:]) >= 2 else \
+                                unpooled[..., : unpooled.shape[-2] // 2, : unpooled.shape[-1] // 2]
+                            assert pooled.shape == want.shape, (threads, enable, relu)
+                            assert torch.equal(pooled.isnan(), want.isnan()), (threads, enable, relu)
+                            assert torch.equal(pooled.nan_to_num(0.25), want.nan_to_num(0.25)), (threads, enable, relu)
+    finally:
+        torch.set_num_threads(prev)
+    if h // stride >= 4:  # NaN reached some pooled output (its taps read it)
+        assert got.isnan().any()

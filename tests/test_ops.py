@@ -209,6 +209,9 @@ def test_opcheck(device):
         (torch.ops.apb_sparse.masked_conv2d, (x, w, m, b, [2, 1], [1, 2], [1, 1], 2)),
         (torch.ops.apb_sparse.sparse_conv2d, (x, v, rp, ci, list(w.shape), b, [2, 1], [1, 2], [1, 1], 2)),
         (torch.ops.apb_sparse.sparse_linear, (xl, vl, rl, cl, 5, bl)),
+        # the 2x2 max pool in the store: inference only (no tensor requires grad)
+        (torch.ops.apb_sparse.sparse_conv2d, (x.detach(), v.detach(), rp, ci, list(w.shape), b.detach(), [1, 1],
+                                              [1, 1], [1, 1], 2, None, True, True)),
         (torch.ops.apb_sparse.masked_conv2d_backward_input,
          (go, w.detach(), m.detach(), list(x.shape), [2, 1], [1, 2], [1, 1], 2)),
         (torch.ops.apb_sparse.sparse_conv2d_backward_input,

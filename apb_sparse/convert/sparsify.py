@@ -500,8 +500,9 @@ def densify(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     become dense layers holding their effective weights).
 
     Fusions are undone first (:func:`apb_sparse.fuse.unfuse`): in a fused ``fx.GraphModule`` the
-    ReLU and residual add go back into the graph.  A sparse conv with ``fused_relu`` set outside
-    such a graph becomes ``nn.Sequential(conv, nn.ReLU())``.  A :class:`~apb_sparse.DeployedModel`
+    ReLU, residual add and max pool go back into the graph.  A sparse conv with ``fused_relu`` (or
+    ``fused_pool``) set outside such a graph becomes ``nn.Sequential(conv, nn.ReLU())`` (followed by
+    ``nn.MaxPool2d(2, 2)``).  A :class:`~apb_sparse.DeployedModel`
     gives its converted model, densified (BatchNorms stay folded).
     """
     if not isinstance(model, nn.Module):
@@ -522,6 +523,8 @@ def densify(model: nn.Module, *, inplace: bool = False) -> nn.Module:
             dense.train(layer.training)
             if getattr(layer, "fused_relu", False):
                 dense = nn.Sequential(dense, nn.ReLU())
+            if getattr(layer, "fused_pool", False):
+                dense = nn.Sequential(dense, nn.MaxPool2d(2, 2))
             model = _replace(model, name, dense)
     if hasattr(model, "apb_sparse_choices"):
         del model.apb_sparse_choices

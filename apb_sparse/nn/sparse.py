@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from . import _conv
+from .pool import MaxPool2x2
 
 __all__ = ["SparseConv2d", "SparseLinear", "ChannelSparseConv2d"]
 
@@ -105,6 +106,9 @@ class SparseConv2d(_CsrMixin, nn.Module):
 
     layout = "unstructured"
     path = layout  # the name of version 0.2
+    #: Set by :func:`apb_sparse.deploy` (:func:`apb_sparse.fuse.fuse_pools`): an ``nn.MaxPool2d(2, 2)``
+    #: after this conv, computed in the kernel's store pass.
+    fused_pool = False
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: Tuple[int, int],
                  stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups: int = 1, bias: bool = True,
@@ -167,12 +171,27 @@ class SparseConv2d(_CsrMixin, nn.Module):
     def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         """``conv(input)`` (then ReLU if ``fused_relu``), or with ``residual``
         ``conv(input) + residual`` (then ReLU), the add in the kernel's epilogue when the sum
-        keeps the conv output's shape, dtype and device (the fusions of apb_sparse.fuse).
+        keeps the conv output's shape, dtype and device (the fusions of apb_sparse.fuse); then
+        ``F.max_pool2d(out, 2, 2)`` if ``fused_pool`` (in the kernel's store where nothing needs
+        gradients).
 
         ``input``: ``(N, C, H, W)`` or unbatched ``(C, H, W)``; float16 / bfloat16 inputs are
         computed in float32.  Only the stored nonzeros are computed: a non-finite input value
         reaches only the outputs whose nonzero taps read it.
         """
+        if self.fused_pool:
+            return self._pooled(input, residual)
+        return self._epilogue(input, residual)
+
+    def _pooled(self, input: Tensor, residual) -> Tensor:
+        if residual is None and isinstance(input, Tensor) and input.dtype in ops.KERNEL_DTYPES and not (
+                torch.is_grad_enabled() and (input.requires_grad or self.values.requires_grad
+                                             or (self.bias is not None and self.bias.requires_grad))):
+            return self._run(input, self.values, self.bias, None, self.fused_relu, max_pool=True)
+        out = self._epilogue(input, residual)
+        return MaxPool2x2.pool(out)  # F.max_pool2d's values (and gradients)
+
+    def _epilogue(self, input: Tensor, residual) -> Tensor:
         if residual is None:
             return self._run(input, self.values, self.bias, None, self.fused_relu)
         kernel_residual = self._kernel_residual(input, residual)
@@ -210,7 +229,7 @@ class SparseConv2d(_CsrMixin, nn.Module):
         return residual.to(input.dtype).expand(shape).contiguous() if broadcast == shape else None
 
     def _run(self, input: Tensor, values: Tensor, bias: Optional[Tensor], residual: Optional[Tensor],
-             relu: bool) -> Tensor:
+             relu: bool, max_pool: bool = False) -> Tensor:
         """The layer's computation with ``values`` / ``bias`` in place of the stored ones (the
         layer's CSR structure); :mod:`apb_sparse.fuse` passes BatchNorm-folded ones."""
         x, unbatched = _conv.batched(input, "SparseConv2d")
@@ -222,17 +241,19 @@ class SparseConv2d(_CsrMixin, nn.Module):
             # The op itself validates every argument; calling it directly keeps per-layer Python
             # overhead low, which matters at batch 1 where a sparse layer takes tens of microseconds.
             out = ops.call_op(torch.ops.apb_sparse.sparse_conv2d, x, values, self.row_ptr, self.col_idx,
-                              weight_shape, bias, stride, padding, dilation, self.groups, residual, relu)
+                              weight_shape, bias, stride, padding, dilation, self.groups, residual, relu,
+                              max_pool)
         else:
             out = ops.sparse_conv2d(x, values, self.row_ptr, self.col_idx, weight_shape, bias, stride,
-                                    padding, dilation, self.groups, residual, relu)
+                                    padding, dilation, self.groups, residual, relu, max_pool)
         return out.squeeze(0) if unbatched else out
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
                 f"padding={self.padding}, groups={self.groups}, nnz={self.nnz}, sparsity={self.sparsity:.3f}"
                 + (f", padding_mode={self.padding_mode!r}" if self.padding_mode != "zeros" else "")
-                + (", fused_relu=True" if self.fused_relu else ""))
+                + (", fused_relu=True" if self.fused_relu else "")
+                + (", fused_pool=True" if self.fused_pool else ""))
 
 
 class SparseLinear(_CsrMixin, nn.Module):

@@ -9,6 +9,8 @@
 // weight broadcast feeds PB * L / W FMAs.
 #pragma once
 
+#include <vector>
+
 #include "row_spmm_impl.h"
 
 namespace apb_sparse {
@@ -341,8 +343,70 @@ void lanes_fill_run(const LanesFill<T>& f, int64_t c0, int64_t c1) {
 /// Output positions k in [k0, k1) (k = o * OHW + q) of images [0, m) from the chunk's output
 /// [K][L] to NCHW rows (image stride s.image), adding the residual and applying the ReLU.
 /// Float blocks of 8 positions x 8 images go through register transposes.
+/// lanes_store_run with the 2x2 max pool (LanesStore::OW > 0): pooled positions [k0, k1).  Each
+/// pooled value is the maximum of four vectors of L images (rows 2i and 2i + 1, columns 2j and
+/// 2j + 1 of the chunk's output), so the unpooled map is never written to NCHW.  The ReLU comes
+/// after the maximum (the same values: the ReLU is monotone and keeps NaN).
+template <typename T>
+void lanes_store_pooled(const LanesStore<T>& s, int64_t k0, int64_t k1) {
+  const T* const src = s.src;
+  T* const y = s.y;
+  const int64_t L = s.L, m = s.m, image = s.image, OW = s.OW, PW = s.OW / 2, PHW = (s.OH / 2) * PW;
+  const int64_t OHW = s.OH * OW;
+  const bool relu = s.relu;
+  if (PHW == 0 || k0 >= k1) return;
+  // Source position (of the top-left pixel) of every pooled position in [k0, k1): one division
+  // per call, then counters.
+  const int64_t len = k1 - k0;
+  std::vector<int64_t> at(static_cast<size_t>(len));
+  {
+    int64_t o = k0 / PHW, r = k0 - o * PHW, i = r / PW, j = r - i * PW;
+    for (int64_t t = 0; t < len; ++t) {
+      at[t] = o * OHW + 2 * i * OW + 2 * j;
+      if (++j == PW) {
+        j = 0;
+        if (++i * PW == PHW) i = 0, ++o;
+      }
+    }
+  }
+  auto pooled = [&](int64_t q, int64_t n) {
+    const T* p = src + q * L + n;
+    T a = p[0], b = p[L], c = p[OW * L], d = p[(OW + 1) * L];
+    a = (a > b || a != a) ? a : b;  // a NaN in either operand wins, as max_pool2d
+    c = (c > d || c != c) ? c : d;
+    a = (a > c || a != a) ? a : c;
+    return (relu && a < T(0)) ? T(0) : a;  // NaN stays NaN, as torch.relu
+  };
+  int64_t n = 0;
+  if constexpr (sizeof(T) == 4) {
+    using V = typename Vec<float>::type;
+    auto vmax = [](V a, V b) { return ((a > b) | (a != a)) ? a : b; };
+    for (; n + 8 <= m; n += 8) {
+      int64_t t = 0;
+      for (; t + 8 <= len; t += 8) {
+        V v[8];
+        for (int u = 0; u < 8; ++u) {
+          const T* p = src + at[t + u] * L + n;
+          v[u] = vmax(vmax(loadu<V, T>(p), loadu<V, T>(p + L)), vmax(loadu<V, T>(p + OW * L), loadu<V, T>(p + (OW + 1) * L)));
+        }
+        transpose8(v);
+        for (int j = 0; j < 8; ++j) {
+          V o = v[j];
+          if (relu) o = o < V{} ? V{} : o;
+          std::memcpy(y + (n + j) * image + k0 + t, &o, sizeof(V));
+        }
+      }
+      for (; t < len; ++t)
+        for (int j = 0; j < 8; ++j) y[(n + j) * image + k0 + t] = pooled(at[t], n + j);
+    }
+  }
+  for (; n < m; ++n)
+    for (int64_t t = 0; t < len; ++t) y[n * image + k0 + t] = pooled(at[t], n);
+}
+
 template <typename T>
 void lanes_store_run(const LanesStore<T>& s, int64_t k0, int64_t k1) {
+  if (s.OW > 0) return lanes_store_pooled(s, k0, k1);
   const T* const src = s.src;
   const T* const res = s.res;
   T* const y = s.y;

@@ -62,6 +62,8 @@ Tensor max_pool2x2_cpu(const Tensor& input) {
 
 }  // namespace
 
+Tensor max_pool2x2_forward(const Tensor& input) { return max_pool2x2_cpu(input); }
+
 TORCH_LIBRARY_IMPL(apb_sparse, CPU, m) { m.impl("max_pool2x2", &max_pool2x2_cpu); }
 
 }  // namespace apb_sparse

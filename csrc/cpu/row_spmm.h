@@ -169,6 +169,10 @@ struct LanesFill {
 
 /// Output transpose of the lanes layout: [K][L] at src to y[n * image + k] for images [0, m),
 /// plus res[n * image + k] when res is set, then the ReLU when relu is set.
+///
+/// With OW > 0, a 2x2 stride-2 max pool (nn.MaxPool2d(2, 2): floor mode, NaN propagates) comes
+/// before the store: src holds OH x OW maps (k = (o * OH + i) * OW + j), and y, image and the
+/// positions [k0, k1) of lanes_store are those of the pooled OH / 2 x OW / 2 maps.  No residual.
 template <typename T>
 struct LanesStore {
   const T* src;
@@ -176,6 +180,7 @@ struct LanesStore {
   T* y;
   const T* res;
   bool relu;
+  int64_t OH = 0, OW = 0;
 };
 
 void lanes_avx512(const LanesArgs<float>& a, int64_t r0, int64_t r1);

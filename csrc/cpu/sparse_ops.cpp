@@ -31,6 +31,11 @@
 #include "row_spmm.h"
 
 namespace apb_sparse {
+
+/// nn.MaxPool2d(2, 2)'s values (cpu/pool_ops.cpp): sparse_conv2d's max_pool where the lanes
+/// layout's store cannot take it.
+at::Tensor max_pool2x2_forward(const at::Tensor& input);
+
 namespace {
 
 using at::Tensor;
@@ -869,23 +874,31 @@ struct LanesOutput {
   const T* rp;
   int64_t image_out, L;
   bool relu, direct;
+  /// 2x2 max pool in the store (no residual): y's images hold image_y = O * (OH / 2) * (OW / 2)
+  /// values, and the chunk's output goes through the store pass (no direct stores).
+  bool pool;
+  int64_t image_y, OH, OW;
 
-  LanesOutput(const LanesPlan<T>& plan, int64_t units, T* y_, const T* rp_, bool relu_)
-      : y(y_), rp(rp_), image_out(plan.image_out), L(plan.L), relu(relu_) {
+  LanesOutput(const LanesPlan<T>& plan, int64_t units, T* y_, const T* rp_, bool relu_, bool pool_)
+      : y(y_), rp(rp_), image_out(plan.image_out), L(plan.L), relu(relu_), pool(pool_),
+        image_y(pool_ ? plan.g.O * (plan.g.OH / 2) * (plan.g.OW / 2) : plan.image_out), OH(plan.g.OH),
+        OW(plan.g.OW) {
     // Float blocks of 8 pixels x 8 images go straight to NCHW from the kernel's registers
     // (kernel::LanesArgs::direct): no output transpose pass.  Measured (AVX2 Zen 3, one thread, 90 %
     // sparse, batch 32, against the transpose pass, 4 alternating process pairs): 512->512 on 4x4
     // 1.05x, 256->256 on 8x8 1.07x, 128->128 on 16x16 1.03x faster, but 64->64 on 32x32 0.95x (its
     // 8 stores per block land 256 KiB apart), so maps of up to 256 pixels only, without tiles.
     direct = std::is_same_v<T, float> && units == 1 && plan.OHW % 8 == 0 && plan.OHW <= 256 &&
-             plan.proto.tile_rows == 0;
+             plan.proto.tile_rows == 0 && !pool;
   }
   kernel::LanesDirect<T> direct_for(int64_t n0, int64_t m) const {
     return kernel::LanesDirect<T>{y + n0 * image_out, rp ? rp + n0 * image_out : nullptr, image_out, m, relu};
   }
-  /// Output positions [k0, k1) of the chunk's images [n0, n0 + m) from ob to NCHW.
+  /// Output positions [k0, k1) (of y's images: pooled ones with pool) of the chunk's images
+  /// [n0, n0 + m) from ob to NCHW.
   void store(const T* ob, int64_t n0, int64_t m, int64_t k0, int64_t k1) const {
-    const kernel::LanesStore<T> st{ob, L, m, image_out, y + n0 * image_out, rp ? rp + n0 * image_out : nullptr, relu};
+    kernel::LanesStore<T> st{ob, L, m, image_y, y + n0 * image_y, rp ? rp + n0 * image_out : nullptr, relu};
+    if (pool) st.OH = OH, st.OW = OW;
     kernel::lanes_store(st, k0, k1);
   }
   /// The kernel over every row of a (src and dst set), then the store, on this thread.
@@ -893,7 +906,7 @@ struct LanesOutput {
     const kernel::LanesDirect<T> d = direct_for(n0, m);
     a.direct = direct ? &d : nullptr;
     kernel::lanes(a, 0, rows);
-    if (!direct) store(a.dst, n0, m, 0, image_out);
+    if (!direct) store(a.dst, n0, m, 0, image_y);
   }
 };
 
@@ -905,8 +918,11 @@ struct LanesOutput {
 /// after another with their output channels split across threads by nonzeros.
 template <typename T>
 Tensor conv_forward_lanes(const Tensor& input, const ConvGeom& g, const int32_t* row_ptr, const int32_t* col,
-                          const T* val, const Tensor& bias, const Tensor& residual, bool relu, int64_t units) {
-  Tensor out = empty_output({g.N, g.O, g.OH, g.OW}, input.options());
+                          const T* val, const Tensor& bias, const Tensor& residual, bool relu, int64_t units,
+                          bool pool) {
+  TORCH_INTERNAL_ASSERT(!(pool && residual.defined()), "the pooled store takes no residual");
+  Tensor out = pool ? empty_output({g.N, g.O, g.OH / 2, g.OW / 2}, input.options())
+                    : empty_output({g.N, g.O, g.OH, g.OW}, input.options());
   if (out.numel() == 0) return out;
   const Tensor b = bias.defined() ? bias.contiguous() : Tensor();
   const Tensor res = residual.defined() ? residual.contiguous() : Tensor();
@@ -921,8 +937,8 @@ Tensor conv_forward_lanes(const Tensor& input, const ConvGeom& g, const int32_t*
   const int64_t nthreads = threads_for(nnz_work + (g.C * g.Hp * g.Wp + g.O * g.OH * g.OW) * L * nchunks);
   const LanesPlan<T> plan(g, row_ptr, col, val, b.defined() ? b.const_data_ptr<T>() : nullptr, units, off_buf.get(),
                           nthreads > 1);
-  const int64_t in_size = plan.in_size, out_size = plan.out_size, image_out = plan.image_out;
-  const LanesOutput<T> output(plan, units, y, rp, relu);
+  const int64_t in_size = plan.in_size, out_size = plan.out_size;
+  const LanesOutput<T> output(plan, units, y, rp, relu, pool);
   const kernel::LanesArgs<T>& proto = plan.proto;
   if (nchunks >= nthreads && nchunks > 1 && nthreads > 1) {
     at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
@@ -963,7 +979,7 @@ Tensor conv_forward_lanes(const Tensor& input, const ConvGeom& g, const int32_t*
       for (int64_t t = t0; t < t1; ++t) kernel::lanes(a, bounds[t], bounds[t + 1]);
     });
     if (!output.direct) {
-      at::parallel_for(0, image_out, 64, [&](int64_t k0, int64_t k1) { output.store(a.dst, n0, m, k0, k1); });
+      at::parallel_for(0, output.image_y, 64, [&](int64_t k0, int64_t k1) { output.store(a.dst, n0, m, k0, k1); });
     }
   }
   return out;
@@ -986,7 +1002,7 @@ template <typename T>
 Tensor conv_forward(const Tensor& input, const ConvGeom& g, const int32_t* row_ptr, const int32_t* col,
                     const T* val, const Tensor& bias, const Tensor& residual = Tensor(), bool relu = false) {
   if (const int64_t units = lanes_units<T>(g, int64_t(row_ptr[g.O]))) {
-    return conv_forward_lanes<T>(input, g, row_ptr, col, val, bias, residual, relu, units);
+    return conv_forward_lanes<T>(input, g, row_ptr, col, val, bias, residual, relu, units, false);
   }
   Tensor out = empty_output({g.N, g.O, g.OH, g.OW}, input.options());
   if (out.numel() == 0) return out;
@@ -1305,7 +1321,7 @@ Tensor no_tap_output(const Tensor& input, const ConvGeom& g, const Tensor& bias,
 Tensor sparse_conv2d_cpu(const Tensor& input, const Tensor& values, const Tensor& row_ptr,
                          const Tensor& col_idx, at::IntArrayRef weight_size, const std::optional<Tensor>& bias,
                          at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-                         const std::optional<Tensor>& residual, bool relu) {
+                         const std::optional<Tensor>& residual, bool relu, bool max_pool) {
   check_conv_input(input, "input");
   const ConvGeom g(input.sizes(), weight_size, stride, padding, dilation, groups);
   check_csr(values, row_ptr, col_idx, g.O, g.taps(), input);
@@ -1321,17 +1337,29 @@ Tensor sparse_conv2d_cpu(const Tensor& input, const Tensor& values, const Tensor
   }
   const Tensor v = values.contiguous(), rp = row_ptr.contiguous(), ci = col_idx.contiguous();
   Tensor out;
+  bool pooled = false;
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "sparse_conv2d", [&] {
     if (g.Cg == 0) {
       out = no_tap_output<scalar_t>(input, g, bias.has_value() ? *bias : Tensor(),
                                     residual.has_value() ? *residual : Tensor(), relu);
       return;
     }
-    out = conv_forward<scalar_t>(input, g, rp.const_data_ptr<int32_t>(), ci.const_data_ptr<int32_t>(),
-                                 v.const_data_ptr<scalar_t>(), bias.has_value() ? *bias : Tensor(),
+    const int32_t* r = rp.const_data_ptr<int32_t>();
+    const Tensor b = bias.has_value() ? *bias : Tensor();
+    // The 2x2 max pool goes into the lanes layout's store pass (the unpooled output is never
+    // written); other layouts and a residual run the pool op after the convolution.
+    if (max_pool && !residual.has_value()) {
+      if (const int64_t units = lanes_units<scalar_t>(g, int64_t(r[g.O]))) {
+        out = conv_forward_lanes<scalar_t>(input, g, r, ci.const_data_ptr<int32_t>(), v.const_data_ptr<scalar_t>(),
+                                           b, Tensor(), relu, units, true);
+        pooled = true;
+        return;
+      }
+    }
+    out = conv_forward<scalar_t>(input, g, r, ci.const_data_ptr<int32_t>(), v.const_data_ptr<scalar_t>(), b,
                                  residual.has_value() ? *residual : Tensor(), relu);
   });
-  return out;
+  return (max_pool && !pooled) ? max_pool2x2_forward(out) : out;
 }
 
 Tensor sparse_conv2d_backward_input_cpu(const Tensor& grad_output, const Tensor& values, const Tensor& row_ptr,

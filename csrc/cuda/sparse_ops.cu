@@ -857,7 +857,7 @@ int64_t leading_numel(at::IntArrayRef sizes) {
 Tensor sparse_conv2d_cuda(const Tensor& input, const Tensor& values, const Tensor& row_ptr, const Tensor& col_idx,
                           at::IntArrayRef weight_size, const std::optional<Tensor>& bias, at::IntArrayRef stride,
                           at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-                          const std::optional<Tensor>& residual, bool relu) {
+                          const std::optional<Tensor>& residual, bool relu, bool max_pool) {
   check_conv_input(input, "input");
   const ConvGeom g(input.sizes(), weight_size, stride, padding, dilation, groups);
   check_csr(values, row_ptr, col_idx, g.O, input);
@@ -875,8 +875,11 @@ Tensor sparse_conv2d_cuda(const Tensor& input, const Tensor& values, const Tenso
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const Tensor rp = row_ptr.contiguous(), ci = col_idx.contiguous();
   check_csr_contents(rp, ci, g.O, g.taps(), stream);
+  // max_pool: nn.MaxPool2d(2, 2) after the epilogue (ATen's kernel; floor mode, so a map under
+  // 2 x 2 pools to an empty one, as the CPU op).
+  if (max_pool && (g.OH < 2 || g.OW < 2)) return at::empty({g.N, g.O, g.OH / 2, g.OW / 2}, input.options());
   Tensor out = at::empty({g.N, g.O, g.OH, g.OW}, input.options());
-  if (out.numel() == 0) return out;
+  if (out.numel() == 0) return max_pool ? at::empty({g.N, g.O, g.OH / 2, g.OW / 2}, input.options()) : out;
   const Tensor x = input.contiguous(), v = values.contiguous();
   const Tensor b = bias.has_value() ? bias->contiguous() : Tensor();
   // The residual is read in the output's layout (contiguous NCHW).
@@ -889,7 +892,7 @@ Tensor sparse_conv2d_cuda(const Tensor& input, const Tensor& values, const Tenso
                                   r.defined() ? r.const_data_ptr<scalar_t>() : nullptr, relu,
                                   out.mutable_data_ptr<scalar_t>(), stream);
   });
-  return out;
+  return max_pool ? at::max_pool2d(out, {2, 2}, {2, 2}) : out;
 }
 
 Tensor masked_conv2d_cuda(const Tensor& input, const Tensor& weight, const Tensor& mask,
