@@ -375,6 +375,14 @@ if _C is not None:
         out = _conv_out(input, weight_size, stride, padding, dilation)
         return out.new_empty((*out.shape[:2], out.shape[2] // 2, out.shape[3] // 2)) if max_pool else out
 
+    @torch.library.register_fake("apb_sparse::sparse_conv2d_pair")
+    def _(input, values1, row_ptr1, col_idx1, weight_size1, bias1, stride1, padding1, dilation1, groups1, relu1,
+          values2, row_ptr2, col_idx2, weight_size2, bias2, stride2, padding2, dilation2, groups2, residual=None,
+          relu=False, max_pool=False):
+        mid = _conv_out(input, weight_size1, stride1, padding1, dilation1)
+        out = _conv_out(mid, weight_size2, stride2, padding2, dilation2)
+        return out.new_empty((*out.shape[:2], out.shape[2] // 2, out.shape[3] // 2)) if max_pool else out
+
     @torch.library.register_fake("apb_sparse::sparse_conv2d_backward_input")
     def _(grad_output, values, row_ptr, col_idx, weight_size, input_size, stride, padding, dilation, groups):
         return grad_output.new_empty(tuple(input_size))
@@ -429,6 +437,15 @@ if _C is not None:
 
     torch.library.register_autograd("apb_sparse::masked_conv2d", _masked_conv2d_backward,
                                     setup_context=_masked_conv2d_setup)
+
+    def _pair_setup(ctx, inputs, output):
+        raise RuntimeError("sparse_conv2d_pair has no backward (inference only: deployed models call it only "
+                           "where no gradient is recorded); for gradients call sparse_conv2d twice")
+
+    def _pair_backward(ctx, grad):  # never reached: _pair_setup raises
+        raise RuntimeError("sparse_conv2d_pair has no backward")
+
+    torch.library.register_autograd("apb_sparse::sparse_conv2d_pair", _pair_backward, setup_context=_pair_setup)
 
     def _sparse_conv2d_setup(ctx, inputs, output):
         input, values, row_ptr, col_idx, weight_size, bias, stride, padding, dilation, groups = inputs[:10]

@@ -2,6 +2,10 @@
 //
 // max_pool2x2: nn.MaxPool2d(2, 2)'s values for inference (CPU; cpu/pool_ops.cpp).
 //
+// sparse_conv2d_pair: sparse_conv2d(sparse_conv2d(input, conv 1, relu=relu1), conv 2, residual, relu,
+// max_pool) in one call, for inference (CPU; the intermediate activation stays in the kernel's
+// layout, chunk by chunk, where both layers take the images-in-lanes layout).
+//
 // sparse_conv2d optionally fuses a residual add and a ReLU: relu(conv(input) + bias + residual),
 // then a 2x2 stride-2 max pool (max_pool: nn.MaxPool2d(2, 2)'s values).
 //
@@ -27,6 +31,11 @@ TORCH_LIBRARY(apb_sparse, m) {
   m.def(
       "sparse_linear(Tensor input, Tensor values, Tensor row_ptr, Tensor col_idx, int in_features, "
       "Tensor? bias) -> Tensor");
+  m.def(
+      "sparse_conv2d_pair(Tensor input, Tensor values1, Tensor row_ptr1, Tensor col_idx1, int[] weight_size1, "
+      "Tensor? bias1, int[2] stride1, int[2] padding1, int[2] dilation1, int groups1, bool relu1, Tensor values2, "
+      "Tensor row_ptr2, Tensor col_idx2, int[] weight_size2, Tensor? bias2, int[2] stride2, int[2] padding2, "
+      "int[2] dilation2, int groups2, Tensor? residual=None, bool relu=False, bool max_pool=False) -> Tensor");
   m.def("max_pool2x2(Tensor input) -> Tensor");
   m.def(
       "sparse_linear_backward_input(Tensor grad_output, Tensor values, Tensor row_ptr, Tensor col_idx, "

@@ -532,6 +532,44 @@ def test_deploy_fuses_2x2_max_pools_into_the_sparse_conv_before_them(tmp_path):
                                      max_pool=True)
 
 
+def test_deploy_runs_two_sparse_convs_in_a_row_as_one_pair(tmp_path):
+    """A sparse conv whose output only feeds the next one runs with it (fused_prev): the same values
+    at batch 32 (the lanes pair path) and batch 3 (two calls), gradients as the source's, state_dict
+    keys unchanged, copies and saved snapshots keep the pair; densify puts the calls back."""
+    torch.manual_seed(6)
+    m = get_model("resnet18", width=8).eval()
+    m = apply_masks(m, magnitude_masks(m, 0.8))
+    x = torch.rand(32, 3, 32, 32)
+    d = deploy(m, x)
+    pairs = d.apb_deploy_info["fused_pairs"]
+    assert len(pairs) == 8 and ("layer1.0.conv1", "layer1.0.conv2") in pairs
+    conv1, conv2 = d.module.get_submodule("layer1.0.conv1"), d.module.get_submodule("layer1.0.conv2")
+    assert conv2.fused_prev is conv1 and "fused_prev='layer1.0.conv1'" in repr(conv2)
+    assert set(d.state_dict()) == set(deploy(m, x, script=False).state_dict())
+    with torch.no_grad():
+        want = m(x)
+        _same(d(x), want, 1e-4)
+        _same(d(x[:3]), want[:3], 1e-4)
+        buf = io.BytesIO()
+        torch.save(d, buf)
+        loaded = torch.load(io.BytesIO(buf.getvalue()), weights_only=False)
+        for copy_ in (copy.deepcopy(d), loaded):
+            got = copy_.module.get_submodule("layer1.0.conv2").fused_prev
+            assert got is copy_.module.get_submodule("layer1.0.conv1") and got is not conv1  # the copy's own
+            _same(copy_(x), want, 1e-4)
+        _same(torch.export.export(d, (x,)).module()(x), want, 1e-4)
+    x1, x2 = x[:4].clone().requires_grad_(), x[:4].clone().requires_grad_()
+    m(x1).sum().backward()
+    d(x2).sum().backward()
+    _same(x2.grad, x1.grad, 1e-4)
+    back = densify(d)
+    assert conv2.fused_prev is conv1  # densify works on a copy
+    assert not any(isinstance(mod, apb_sparse.nn.SparseConv2d) for mod in back.modules())
+    assert sum(isinstance(mod, nn.Conv2d) for mod in back.modules()) == 20
+    with torch.no_grad():
+        _same(back(x), want, 1e-4)
+
+
 def _tune_model():
     torch.manual_seed(5)
     m = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),

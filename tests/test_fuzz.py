@@ -206,7 +206,9 @@ class _Block(nn.Module):
 
 @st.composite
 def model_cases(draw):
-    return dict(c=draw(st.integers(1, 6)), size=draw(st.integers(3, 9)), batch=draw(st.integers(1, 3)),
+    # batches of 5 and 9 take the images-in-lanes layout in float64 (4 images per vector), where
+    # deploy's conv pairs run chunk by chunk
+    return dict(c=draw(st.integers(1, 6)), size=draw(st.integers(3, 9)), batch=draw(st.sampled_from([1, 2, 3, 5, 9])),
                 mode=draw(st.sampled_from(MODES)), sparsity=draw(st.sampled_from([0.0, 0.5, 0.8, 0.95, 1.0])),
                 layout=draw(st.sampled_from(["auto", "unstructured", "filter"])),
                 form=draw(st.sampled_from(["sparsify", "deploy"])), pool=draw(st.booleans()),

@@ -256,3 +256,64 @@ def test_max_pool_in_the_store_matches_conv_then_pool(isa, dtype, case):
         torch.set_num_threads(prev)
     if h // stride >= 4:  # NaN reached some pooled output (its taps read it)
         assert got.isnan().any()
+
+
+# (batch, in channels, mid channels, out channels, H, W, conv1 (k, stride, pad), conv2 (k, stride, pad),
+#  sparsity): two convs in a row, as deploy pairs them
+PAIR_CASES = [
+    (32, 16, 16, 16, 32, 32, (3, 1, 1), (3, 1, 1), 0.9),   # tiles on 32x32, whole chunks per thread
+    (20, 8, 16, 12, 8, 8, (3, 2, 1), (3, 1, 1), 0.7),     # strided conv1, partial last chunk
+    (32, 3, 16, 16, 16, 16, (3, 1, 1), (3, 1, 1), 0.0),   # a dense 3-channel stem: fewer images per chunk
+    (32, 32, 48, 32, 4, 4, (3, 1, 1), (3, 1, 1), 0.9),    # 4x4 maps
+    (32, 32, 32, 24, 2, 2, (3, 1, 1), (1, 1, 0), 0.8),    # 2x2 maps, a 1x1 conv2
+    (24, 8, 12, 8, 7, 5, (3, 1, 1), (3, 1, 1), 0.5),      # odd map (the pool drops a row and a column)
+    (16, 8, 8, 8, 8, 8, (3, 1, 1), (3, 2, 1), 0.5),       # strided conv2: two calls
+    (8, 8, 8, 8, 8, 8, (3, 1, 1), (3, 1, 1), 0.5),        # one chunk for two threads: two calls
+]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", PAIR_CASES, ids=lambda c: "x".join(map(str, c[:6])))
+def test_conv_pair_matches_two_calls(isa, dtype, case):
+    """sparse_conv2d_pair (the intermediate activation kept in the lanes layout, chunk by chunk)
+    gives exactly sparse_conv2d twice: with and without the first ReLU, the residual, the second
+    ReLU and the max pool, NaN propagated, on 2 threads and 1, lanes on and off."""
+    n, c, cm, co, h, w_, (k1, s1, p1), (k2, s2, p2), sparsity = case
+    torch.manual_seed(4)
+    x = torch.randn(n, c, h, w_, dtype=dtype)
+    x[1, 0, h // 2, w_ // 2] = float("nan")
+    w1, w2 = _weight(cm, c, k1, k1, sparsity, dtype, 1), _weight(co, cm, k2, k2, sparsity, dtype, 2)
+    b1, b2 = torch.randn(cm, dtype=dtype), torch.randn(co, dtype=dtype)
+    v1, r1, c1 = ops.pack_csr(w1)
+    v2, r2, c2 = ops.pack_csr(w2)
+    pair = torch.ops.apb_sparse.sparse_conv2d_pair
+    prev = torch.get_num_threads()
+    try:
+        for threads in (2, 1):
+            torch.set_num_threads(threads)
+            for enable in (True, False):
+                with lanes(isa, enable):
+                    for relu1, relu, pool, with_res in ((True, True, False, True), (False, False, False, False),
+                                                        (True, True, True, False), (True, False, True, True)):
+                        mid = ops.sparse_conv2d(x, v1, r1, c1, w1.shape, b1, s1, p1, relu=relu1)
+                        full = ops.sparse_conv2d(mid, v2, r2, c2, w2.shape, b2, s2, p2)
+                        res = torch.randn_like(full) if with_res else None
+                        want = ops.sparse_conv2d(mid, v2, r2, c2, w2.shape, b2, s2, p2, residual=res, relu=relu,
+                                                 max_pool=pool)
+                        got = pair(x, v1, r1, c1, list(w1.shape), b1, [s1] * 2, [p1] * 2, [1, 1], 1, relu1, v2, r2, c2,
+                                   list(w2.shape), b2, [s2] * 2, [p2] * 2, [1, 1], 1, res, relu, pool)
+                        where = (threads, enable, relu1, relu, pool, with_res)
+                        assert got.shape == want.shape, where
+                        assert torch.equal(got.isnan(), want.isnan()), where
+                        assert torch.equal(got.nan_to_num(0.25), want.nan_to_num(0.25)), where
+    finally:
+        torch.set_num_threads(prev)
+    assert want.isnan().any()  # the NaN reached the output through both convs
+    x.requires_grad_()
+    with pytest.raises(RuntimeError, match="sparse_conv2d_pair has no backward"):
+        pair(x, v1, r1, c1, list(w1.shape), b1, [s1] * 2, [p1] * 2, [1, 1], 1, True, v2, r2, c2, list(w2.shape), b2,
+             [s2] * 2, [p2] * 2, [1, 1], 1)
+    with pytest.raises(RuntimeError, match="residual has shape"):
+        pair(x.detach(), v1, r1, c1, list(w1.shape), b1, [s1] * 2, [p1] * 2, [1, 1], 1, True, v2, r2, c2,
+             list(w2.shape), b2, [s2] * 2, [p2] * 2, [1, 1], 1, torch.zeros(1, dtype=dtype))

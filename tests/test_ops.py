@@ -212,6 +212,9 @@ def test_opcheck(device):
         # the 2x2 max pool in the store: inference only (no tensor requires grad)
         (torch.ops.apb_sparse.sparse_conv2d, (x.detach(), v.detach(), rp, ci, list(w.shape), b.detach(), [1, 1],
                                               [1, 1], [1, 1], 2, None, True, True)),
+        (torch.ops.apb_sparse.sparse_conv2d_pair, (x.detach(), v.detach(), rp, ci, list(w.shape), b.detach(), [1, 1],
+                                                   [1, 1], [1, 1], 2, True, v.detach()[:0], rp[:1].clone(),
+                                                   ci[:0], [0, 3, 1, 1], None, [2, 1], [0, 0], [1, 1], 2)),
         (torch.ops.apb_sparse.masked_conv2d_backward_input,
          (go, w.detach(), m.detach(), list(x.shape), [2, 1], [1, 2], [1, 1], 2)),
         (torch.ops.apb_sparse.sparse_conv2d_backward_input,

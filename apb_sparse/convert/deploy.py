@@ -10,8 +10,9 @@ the model and returns a :class:`DeployedModel` with
 * sparse layers chosen per layer by :func:`~apb_sparse.sparsify`'s cost model (or kept from an
   already sparsified model),
 * ReLUs and residual adds after a sparse conv moved into the kernel's epilogue
-  (:func:`apb_sparse.fuse.fuse_activations`), and 2x2 max pools after one into its store pass
-  (:func:`apb_sparse.fuse.fuse_pools`),
+  (:func:`apb_sparse.fuse.fuse_activations`), 2x2 max pools after one into its store pass
+  (:func:`apb_sparse.fuse.fuse_pools`), and two sparse convs in a row run as one call, chunk by
+  chunk (:func:`apb_sparse.fuse.fuse_pairs`),
 * under ``torch.no_grad()`` / ``inference_mode``, a TorchScript graph of the whole forward
   (``torch.jit.trace``) per input signature, made once and checked against the Python graph:
   the same op calls, dispatched from C++ instead of Python.
@@ -36,7 +37,7 @@ from torch.nn.utils import prune
 
 from ..nn.pool import MaxPool2x2
 from .deployed import MAX_TRACES, DeployedModel
-from .fuse import fold_batchnorm, fuse_activations, fuse_pools
+from .fuse import fold_batchnorm, fuse_activations, fuse_pairs, fuse_pools
 from .sparsify import SPARSE_LAYERS, _replace, bake_torch_prune, densify, sparsify
 from .tune import measure_layouts
 
@@ -135,12 +136,13 @@ def deploy(model: nn.Module, example_input: Union[Tensor, Tuple[Tensor, ...]], *
     work = fuse_activations(work)
     fused_skipped = dict(getattr(work, "apb_fuse_skipped", {}))
     fused_pools = fuse_pools(work)
+    fused_pairs = fuse_pairs(work)
     pools = _fast_pools(work)
     work.apb_sparse_choices = choices
     deployed = DeployedModel(work, script=script)
     deployed.apb_deploy_info = {"fx_graph": isinstance(work, torch.fx.GraphModule),
                                 "not_folded": folded_skipped, "not_fused": fused_skipped, "fused_pools": fused_pools,
-                                "fast_pools": pools}
+                                "fused_pairs": fused_pairs, "fast_pools": pools}
     with torch.no_grad():
         got = deployed(*(a.clone() for a in args))
     if check:

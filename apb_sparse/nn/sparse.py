@@ -109,6 +109,11 @@ class SparseConv2d(_CsrMixin, nn.Module):
     #: Set by :func:`apb_sparse.deploy` (:func:`apb_sparse.fuse.fuse_pools`): an ``nn.MaxPool2d(2, 2)``
     #: after this conv, computed in the kernel's store pass.
     fused_pool = False
+    #: Set by :func:`apb_sparse.deploy` (:func:`apb_sparse.fuse.fuse_pairs`): the conv whose output
+    #: this conv reads, run together with it (``self(x)`` is then ``self(fused_prev(x))``); a plain
+    #: attribute (not a submodule: the model holds it under ``fused_prev_name``).
+    fused_prev: Optional["SparseConv2d"] = None
+    fused_prev_name: Optional[str] = None
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: Tuple[int, int],
                  stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups: int = 1, bias: bool = True,
@@ -179,9 +184,47 @@ class SparseConv2d(_CsrMixin, nn.Module):
         computed in float32.  Only the stored nonzeros are computed: a non-finite input value
         reaches only the outputs whose nonzero taps read it.
         """
+        prev = self.fused_prev
+        if prev is not None:
+            out = self._pair(prev, input, residual)
+            if out is not None:
+                return out
+            input = prev(input)
         if self.fused_pool:
             return self._pooled(input, residual)
         return self._epilogue(input, residual)
+
+    def _pair(self, prev: "SparseConv2d", input, residual) -> Optional[Tensor]:
+        """``self(prev(input), residual)`` in one ``apb_sparse::sparse_conv2d_pair`` call (the
+        intermediate activation stays in the kernel's layout), or None where that does not apply:
+        a call that records gradients, an input that is not a batched float32 / float64 CPU tensor,
+        explicit padding, a residual the epilogue cannot take as it is."""
+        if not (isinstance(input, Tensor) and input.dim() == 4 and input.dtype in ops.KERNEL_DTYPES
+                and input.device.type == "cpu" and prev._plan.pre is None and self._plan.pre is None
+                and not prev.fused_pool and prev.fused_prev is None):
+            return None
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (
+                input, prev.values, prev.bias, self.values, self.bias, residual)):
+            return None
+        if residual is not None:
+            n, _, h, w = input.shape
+            h, w = prev._out_hw(h, w)
+            shape = (n, self.out_channels, *self._out_hw(h, w))
+            if not (isinstance(residual, Tensor) and tuple(residual.shape) == shape and residual.dtype == input.dtype
+                    and residual.device == input.device):
+                return None
+        w1, s1, p1, d1 = prev._args
+        w2, s2, p2, d2 = self._args
+        return ops.call_op(torch.ops.apb_sparse.sparse_conv2d_pair, input, prev.values, prev.row_ptr, prev.col_idx,
+                           w1, prev.bias, s1, p1, d1, prev.groups, prev.fused_relu, self.values, self.row_ptr,
+                           self.col_idx, w2, self.bias, s2, p2, d2, self.groups, residual, self.fused_relu,
+                           self.fused_pool)
+
+    def _out_hw(self, h: int, w: int) -> Tuple[int, int]:
+        """Output height and width for an input of h x w (zero padding in the kernel only)."""
+        (kh, kw), (sh, sw) = self.kernel_size, self.stride
+        (ph, pw), (dh, dw) = self._plan.kernel, self.dilation
+        return (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
 
     def _pooled(self, input: Tensor, residual) -> Tensor:
         if residual is None and isinstance(input, Tensor) and input.dtype in ops.KERNEL_DTYPES and not (
@@ -253,7 +296,8 @@ class SparseConv2d(_CsrMixin, nn.Module):
                 f"padding={self.padding}, groups={self.groups}, nnz={self.nnz}, sparsity={self.sparsity:.3f}"
                 + (f", padding_mode={self.padding_mode!r}" if self.padding_mode != "zeros" else "")
                 + (", fused_relu=True" if self.fused_relu else "")
-                + (", fused_pool=True" if self.fused_pool else ""))
+                + (", fused_pool=True" if self.fused_pool else "")
+                + (f", fused_prev={self.fused_prev_name!r}" if self.fused_prev is not None else ""))
 
 
 class SparseLinear(_CsrMixin, nn.Module):

@@ -985,6 +985,98 @@ Tensor conv_forward_lanes(const Tensor& input, const ConvGeom& g, const int32_t*
   return out;
 }
 
+/// A chunk's output of the first conv of a pair ([C][OH * OW][L], bias added by the kernel) as the
+/// second conv's zero-padded input chunk ([C][Hp][Wp][L], unit stride), with the first conv's ReLU:
+/// row copies inside the cache instead of a transpose to NCHW and back.
+template <typename T>
+void lanes_repad(const T* src, T* dst, int64_t C, int64_t H, int64_t W, int64_t ph, int64_t pw, int64_t Hp,
+                 int64_t Wp, int64_t L, bool relu) {
+  const int64_t row = W * L;
+  for (int64_t c = 0; c < C; ++c) {
+    T* plane = dst + c * Hp * Wp * L;
+    std::fill(plane, plane + ph * Wp * L, T(0));
+    for (int64_t i = 0; i < H; ++i) {
+      T* d = plane + (i + ph) * Wp * L;
+      const T* r = src + (c * H + i) * row;
+      std::fill(d, d + pw * L, T(0));
+      T* __restrict o = d + pw * L;
+      if (relu) {
+        for (int64_t k = 0; k < row; ++k) o[k] = r[k] < T(0) ? T(0) : r[k];  // NaN stays NaN, as torch.relu
+      } else {
+        std::memcpy(o, r, size_t(row) * sizeof(T));
+      }
+      std::fill(o + row, d + Wp * L, T(0));
+    }
+    std::fill(plane + (ph + H) * Wp * L, plane + Hp * Wp * L, T(0));
+  }
+}
+
+/// Two convolutions in a row, conv2(relu1?(conv1(x))) with conv2's residual, ReLU and max pool,
+/// chunk by chunk in the images-in-lanes layout: each thread runs conv1 on a chunk of images,
+/// turns its output into conv2's input chunk in cache (lanes_repad), and runs conv2 on it, so the
+/// intermediate activation never goes to NCHW memory (no output transpose of conv1, no input
+/// transpose of conv2).  Returns an undefined tensor where this does not apply (the caller then
+/// runs the two convolutions): both layers must take the lanes layout (with the smaller of their
+/// two chunk sizes), conv2 at unit stride, and every thread a whole chunk.
+template <typename T>
+Tensor conv_pair_lanes(const Tensor& input, const ConvGeom& g1, const int32_t* rp1, const int32_t* col1,
+                       const T* val1, const Tensor& bias1, bool relu1, const ConvGeom& g2, const int32_t* rp2,
+                       const int32_t* col2, const T* val2, const Tensor& bias2, const Tensor& residual, bool relu,
+                       bool pool) {
+  if (pool && residual.defined()) return Tensor();  // the pooled store takes no residual
+  // Both layers at the smaller of their chunk sizes (fewer images per chunk is always valid).
+  const int64_t units = std::min(lanes_units<T>(g1, int64_t(rp1[g1.O])), lanes_units<T>(g2, int64_t(rp2[g2.O])));
+  if (units == 0 || g2.sh != 1 || g2.sw != 1 || g2.N == 0) return Tensor();
+  const int64_t L = units * kernel::vector_width<T>(), nchunks = (g1.N + L - 1) / L;
+  const int64_t nnz1 = rp1[g1.O], nnz2 = rp2[g2.O];
+  const int64_t work = (nnz1 * g1.OH * g1.OW + nnz2 * g2.OH * g2.OW + g1.C * g1.Hp * g1.Wp +
+                        g2.O * g2.OH * g2.OW) * L * nchunks;
+  const int64_t nthreads = threads_for(work);
+  if (nchunks < nthreads) return Tensor();
+  Tensor out = pool ? empty_output({g2.N, g2.O, g2.OH / 2, g2.OW / 2}, input.options())
+                    : empty_output({g2.N, g2.O, g2.OH, g2.OW}, input.options());
+  if (out.numel() == 0) return out;
+  const Tensor b1 = bias1.defined() ? bias1.contiguous() : Tensor();
+  const Tensor b2 = bias2.defined() ? bias2.contiguous() : Tensor();
+  // One buffer for both offset tables (Scratch keeps one per element type and thread).
+  const Scratch<int32_t> off_buf(std::max<int64_t>(nnz1 + nnz2, 1));
+  const LanesPlan<T> plan1(g1, rp1, col1, val1, b1.defined() ? b1.const_data_ptr<T>() : nullptr, units, off_buf.get(),
+                           nthreads > 1);
+  const LanesPlan<T> plan2(g2, rp2, col2, val2, b2.defined() ? b2.const_data_ptr<T>() : nullptr, units,
+                           off_buf.get() + nnz1, nthreads > 1);
+  const T* x = input.const_data_ptr<T>();
+  const int64_t s[4] = {input.stride(0), input.stride(1), input.stride(2), input.stride(3)};
+  const Tensor res = residual.defined() ? residual.contiguous() : Tensor();
+  const LanesOutput<T> output(plan2, units, out.mutable_data_ptr<T>(), res.defined() ? res.const_data_ptr<T>() : nullptr,
+                              relu, pool);
+  // Per thread: buffer A holds conv1's input chunk, then conv2's; buffer B conv1's output, then
+  // conv2's (each 64-byte aligned).
+  const int64_t size_a = round_up(std::max(plan1.in_size, plan2.in_size), kAlignPad<T>);
+  const int64_t size_b = std::max(plan1.out_size, plan2.out_size);
+  auto run = [&](int64_t c0, int64_t c1) {
+    const Scratch<T> scratch(size_a + size_b + kAlignPad<T>);
+    T* a_buf = aligned64(scratch.get());
+    T* b_buf = a_buf + size_a;
+    kernel::LanesArgs<T> a1 = plan1.proto, a2 = plan2.proto;
+    a1.src = a2.src = a_buf;
+    a1.dst = a2.dst = b_buf;
+    a1.direct = nullptr;
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t n0 = c * L, m = std::min(L, g1.N - n0);
+      plan1.fill(x, s, a_buf, n0, m, 0, g1.C);
+      kernel::lanes(a1, 0, g1.O);
+      lanes_repad(b_buf, a_buf, g2.C, g2.H, g2.W, g2.ph, g2.pw, g2.Hp, g2.Wp, L, relu1);
+      output.run(a2, g2.O, n0, m);
+    }
+  };
+  if (nthreads > 1) {
+    at::parallel_for(0, nchunks, 1, run);
+  } else {
+    run(0, nchunks);
+  }
+  return out;
+}
+
 /// Forward convolution from CSR (tap-index columns) into a fresh NCHW output.
 ///
 /// Two input layouts (both computed per call from the input, in chunks of `nb` images that stay
@@ -1318,23 +1410,21 @@ Tensor no_tap_output(const Tensor& input, const ConvGeom& g, const Tensor& bias,
   return out;
 }
 
-Tensor sparse_conv2d_cpu(const Tensor& input, const Tensor& values, const Tensor& row_ptr,
-                         const Tensor& col_idx, at::IntArrayRef weight_size, const std::optional<Tensor>& bias,
-                         at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-                         const std::optional<Tensor>& residual, bool relu, bool max_pool) {
-  check_conv_input(input, "input");
-  const ConvGeom g(input.sizes(), weight_size, stride, padding, dilation, groups);
-  check_csr(values, row_ptr, col_idx, g.O, g.taps(), input);
-  check_bias(bias, input, g.O);
-  if (residual.has_value()) {
-    TORCH_CHECK(residual->dim() == 4 && residual->size(0) == g.N && residual->size(1) == g.O &&
-                    residual->size(2) == g.OH && residual->size(3) == g.OW,
-                "residual has shape ", residual->sizes(), ", expected the output shape (", g.N, ", ", g.O, ", ",
-                g.OH, ", ", g.OW, ")");
-    TORCH_CHECK(residual->scalar_type() == input.scalar_type(), "residual dtype ", residual->scalar_type(),
-                " does not match the input dtype ", input.scalar_type());
-    TORCH_CHECK(residual->device() == input.device(), "residual must be on the input's device ", input.device());
-  }
+void check_residual(const std::optional<Tensor>& residual, const ConvGeom& g, const Tensor& input) {
+  if (!residual.has_value()) return;
+  TORCH_CHECK(residual->dim() == 4 && residual->size(0) == g.N && residual->size(1) == g.O &&
+                  residual->size(2) == g.OH && residual->size(3) == g.OW,
+              "residual has shape ", residual->sizes(), ", expected the output shape (", g.N, ", ", g.O, ", ", g.OH,
+              ", ", g.OW, ")");
+  TORCH_CHECK(residual->scalar_type() == input.scalar_type(), "residual dtype ", residual->scalar_type(),
+              " does not match the input dtype ", input.scalar_type());
+  TORCH_CHECK(residual->device() == input.device(), "residual must be on the input's device ", input.device());
+}
+
+/// sparse_conv2d once its arguments are checked (geometry g, CSR contents, bias, residual).
+Tensor sparse_conv2d_checked(const Tensor& input, const ConvGeom& g, const Tensor& values, const Tensor& row_ptr,
+                             const Tensor& col_idx, const std::optional<Tensor>& bias,
+                             const std::optional<Tensor>& residual, bool relu, bool max_pool) {
   const Tensor v = values.contiguous(), rp = row_ptr.contiguous(), ci = col_idx.contiguous();
   Tensor out;
   bool pooled = false;
@@ -1360,6 +1450,52 @@ Tensor sparse_conv2d_cpu(const Tensor& input, const Tensor& values, const Tensor
                                  residual.has_value() ? *residual : Tensor(), relu);
   });
   return (max_pool && !pooled) ? max_pool2x2_forward(out) : out;
+}
+
+Tensor sparse_conv2d_cpu(const Tensor& input, const Tensor& values, const Tensor& row_ptr,
+                         const Tensor& col_idx, at::IntArrayRef weight_size, const std::optional<Tensor>& bias,
+                         at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                         const std::optional<Tensor>& residual, bool relu, bool max_pool) {
+  check_conv_input(input, "input");
+  const ConvGeom g(input.sizes(), weight_size, stride, padding, dilation, groups);
+  check_csr(values, row_ptr, col_idx, g.O, g.taps(), input);
+  check_bias(bias, input, g.O);
+  check_residual(residual, g, input);
+  return sparse_conv2d_checked(input, g, values, row_ptr, col_idx, bias, residual, relu, max_pool);
+}
+
+Tensor sparse_conv2d_pair_cpu(const Tensor& input, const Tensor& values1, const Tensor& row_ptr1,
+                              const Tensor& col_idx1, at::IntArrayRef weight_size1, const std::optional<Tensor>& bias1,
+                              at::IntArrayRef stride1, at::IntArrayRef padding1, at::IntArrayRef dilation1,
+                              int64_t groups1, bool relu1, const Tensor& values2, const Tensor& row_ptr2,
+                              const Tensor& col_idx2, at::IntArrayRef weight_size2, const std::optional<Tensor>& bias2,
+                              at::IntArrayRef stride2, at::IntArrayRef padding2, at::IntArrayRef dilation2,
+                              int64_t groups2, const std::optional<Tensor>& residual, bool relu, bool max_pool) {
+  check_conv_input(input, "input");
+  const ConvGeom g1(input.sizes(), weight_size1, stride1, padding1, dilation1, groups1);
+  check_csr(values1, row_ptr1, col_idx1, g1.O, g1.taps(), input);
+  check_bias(bias1, input, g1.O);
+  const int64_t mid[4] = {g1.N, g1.O, g1.OH, g1.OW};
+  const ConvGeom g2(mid, weight_size2, stride2, padding2, dilation2, groups2);
+  check_csr(values2, row_ptr2, col_idx2, g2.O, g2.taps(), input);
+  check_bias(bias2, input, g2.O);
+  check_residual(residual, g2, input);
+  Tensor out;
+  if (g1.Cg > 0 && g2.Cg > 0) {
+    const Tensor v1 = values1.contiguous(), r1 = row_ptr1.contiguous(), c1 = col_idx1.contiguous();
+    const Tensor v2 = values2.contiguous(), r2 = row_ptr2.contiguous(), c2 = col_idx2.contiguous();
+    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "sparse_conv2d_pair", [&] {
+      out = conv_pair_lanes<scalar_t>(
+          input, g1, r1.const_data_ptr<int32_t>(), c1.const_data_ptr<int32_t>(), v1.const_data_ptr<scalar_t>(),
+          bias1.has_value() ? *bias1 : Tensor(), relu1, g2, r2.const_data_ptr<int32_t>(), c2.const_data_ptr<int32_t>(),
+          v2.const_data_ptr<scalar_t>(), bias2.has_value() ? *bias2 : Tensor(),
+          residual.has_value() ? *residual : Tensor(), relu, max_pool);
+    });
+  }
+  if (out.defined()) return out;
+  // Elsewhere the two convolutions one after the other (the same values; arguments checked above).
+  const Tensor mid_out = sparse_conv2d_checked(input, g1, values1, row_ptr1, col_idx1, bias1, std::nullopt, relu1, false);
+  return sparse_conv2d_checked(mid_out, g2, values2, row_ptr2, col_idx2, bias2, residual, relu, max_pool);
 }
 
 Tensor sparse_conv2d_backward_input_cpu(const Tensor& grad_output, const Tensor& values, const Tensor& row_ptr,
@@ -1549,6 +1685,7 @@ Tensor sparse_linear_backward_input_cpu(const Tensor& grad_output, const Tensor&
 
 TORCH_LIBRARY_IMPL(apb_sparse, CPU, m) {
   m.impl("sparse_conv2d", &sparse_conv2d_cpu);
+  m.impl("sparse_conv2d_pair", &sparse_conv2d_pair_cpu);
   m.impl("sparse_conv2d_backward_input", &sparse_conv2d_backward_input_cpu);
   m.impl("masked_conv2d", &masked_conv2d_cpu);
   m.impl("masked_conv2d_backward_input", &masked_conv2d_backward_input_cpu);
