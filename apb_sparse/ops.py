@@ -378,7 +378,8 @@ if _C is not None:
     @torch.library.register_fake("apb_sparse::sparse_conv2d_pair")
     def _(input, values1, row_ptr1, col_idx1, weight_size1, bias1, stride1, padding1, dilation1, groups1, relu1,
           values2, row_ptr2, col_idx2, weight_size2, bias2, stride2, padding2, dilation2, groups2, residual=None,
-          relu=False, max_pool=False):
+          relu=False, max_pool=False, shortcut_values=None, shortcut_row_ptr=None, shortcut_col_idx=None,
+          shortcut_bias=None):
         mid = _conv_out(input, weight_size1, stride1, padding1, dilation1)
         out = _conv_out(mid, weight_size2, stride2, padding2, dilation2)
         return out.new_empty((*out.shape[:2], out.shape[2] // 2, out.shape[3] // 2)) if max_pool else out

@@ -543,6 +543,9 @@ def test_deploy_runs_two_sparse_convs_in_a_row_as_one_pair(tmp_path):
     d = deploy(m, x)
     pairs = d.apb_deploy_info["fused_pairs"]
     assert len(pairs) == 8 and ("layer1.0.conv1", "layer1.0.conv2") in pairs
+    # the downsampling blocks' 1x1 shortcut convs run in their pair's call
+    assert [p[2] for p in pairs if len(p) == 3] == [f"layer{i}.0.shortcut.0" for i in (2, 3, 4)]
+    assert d.module.get_submodule("layer2.0.conv2").fused_shortcut is d.module.get_submodule("layer2.0.shortcut.0")
     conv1, conv2 = d.module.get_submodule("layer1.0.conv1"), d.module.get_submodule("layer1.0.conv2")
     assert conv2.fused_prev is conv1 and "fused_prev='layer1.0.conv1'" in repr(conv2)
     assert set(d.state_dict()) == set(deploy(m, x, script=False).state_dict())

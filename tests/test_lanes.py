@@ -310,6 +310,27 @@ def test_conv_pair_matches_two_calls(isa, dtype, case):
     finally:
         torch.set_num_threads(prev)
     assert want.isnan().any()  # the NaN reached the output through both convs
+    if k1 == 3 and p1 == 1 and s2 == 1:  # ResNet's downsampling shortcut: 1x1 with conv1's stride, as the residual
+        ws = _weight(co, c, 1, 1, sparsity, dtype, 3)
+        vs, rs, cs = ops.pack_csr(ws)
+        bs = torch.randn(co, dtype=dtype)
+        for threads in (2, 1):
+            torch.set_num_threads(threads)
+            try:
+                with lanes(isa, True):
+                    sc = ops.sparse_conv2d(x, vs, rs, cs, ws.shape, bs, s1, 0)
+                    mid = ops.sparse_conv2d(x, v1, r1, c1, w1.shape, b1, s1, p1, relu=True)
+                    want = ops.sparse_conv2d(mid, v2, r2, c2, w2.shape, b2, s2, p2, residual=sc, relu=True)
+                    got = pair(x, v1, r1, c1, list(w1.shape), b1, [s1] * 2, [p1] * 2, [1, 1], 1, True, v2, r2, c2,
+                               list(w2.shape), b2, [s2] * 2, [p2] * 2, [1, 1], 1, None, True, False, vs, rs, cs, bs)
+            finally:
+                torch.set_num_threads(prev)
+            # the shortcut alone may take another layout than in the pair: equal up to rounding
+            assert torch.equal(got.isnan(), want.isnan())
+            torch.testing.assert_close(got.nan_to_num(0.25), want.nan_to_num(0.25), **TOL[dtype])
+        with pytest.raises(RuntimeError, match="exclude each other"):
+            pair(x, v1, r1, c1, list(w1.shape), b1, [s1] * 2, [p1] * 2, [1, 1], 1, True, v2, r2, c2, list(w2.shape), b2,
+                 [s2] * 2, [p2] * 2, [1, 1], 1, sc, True, False, vs, rs, cs, bs)
     x.requires_grad_()
     with pytest.raises(RuntimeError, match="sparse_conv2d_pair has no backward"):
         pair(x, v1, r1, c1, list(w1.shape), b1, [s1] * 2, [p1] * 2, [1, 1], 1, True, v2, r2, c2, list(w2.shape), b2,

@@ -332,6 +332,22 @@ def fuse_pools(model: nn.Module) -> list:
     return fused
 
 
+def _shortcut_of(user: fx.Node, x, first: SparseConv2d, mods, calls) -> Optional[fx.Node]:
+    """The residual node of a pair's second conv when it is a shortcut the pair can run itself: a
+    SparseConv2d called once, only by this add, on the pair's input x, 1x1 with the first conv's
+    stride, no padding, dilation or groups, no fused epilogue."""
+    node = user.args[1] if len(user.args) == 2 else None
+    sc = mods.get(node.target) if isinstance(node, fx.Node) and node.op == "call_module" else None
+    if not isinstance(sc, SparseConv2d) or node.args != (x,) or node.kwargs or len(node.users) != 1 \
+            or calls[node.target] > 1 or first.groups != 1:
+        return None
+    if sc.kernel_size != (1, 1) or sc.stride != first.stride or sc.padding_mode != "zeros" or sc._plan.pre is not None \
+            or sc._plan.kernel != (0, 0) or sc.dilation != (1, 1) or sc.groups != 1 or sc.fused_relu or sc.fused_pool \
+            or sc.fused_prev is not None:
+        return None
+    return node
+
+
 @torch.no_grad()
 def fuse_pairs(model: nn.Module) -> list:
     """Run every :class:`SparseConv2d` whose output only feeds the next SparseConv2d together with it
@@ -340,8 +356,10 @@ def fuse_pairs(model: nn.Module) -> list:
     ``fx.GraphModule`` after :func:`fuse_activations` and :func:`fuse_pools`; other models are left
     alone.  The second conv's node then takes the first conv's input, and the second conv holds the
     first in ``fused_prev`` (a plain attribute: state_dict keys are unchanged).  Pairs do not chain:
-    in a run of convs, the first two pair, then the next two.  Returns ``[(first, second)]`` module
-    names.  :func:`unfuse` undoes it.
+    in a run of convs, the first two pair, then the next two.  When the second conv's residual is a
+    1x1 conv of the pair's input (ResNet's downsampling shortcut), that conv runs in the same call
+    too (``fused_shortcut``).  Returns ``[(first, second)]`` or ``[(first, second, shortcut)]``
+    module names.  :func:`unfuse` undoes it.
 
     Measured (AMD EPYC Zen 3, 2 threads, batch 32, ResNet-18 shapes, 95 % sparse, one process
     alternating, bit-identical outputs): a pair of 64-channel 3x3 convs on 32x32 maps with the
@@ -365,9 +383,17 @@ def fuse_pairs(model: nn.Module) -> list:
             continue
         second.__dict__["fused_prev"] = first  # not a submodule (setattr would register it)
         second.__dict__["fused_prev_name"] = node.target
-        user.args = (node.args[0],) + tuple(user.args[1:])
+        x = node.args[0]
+        shortcut = _shortcut_of(user, x, first, mods, calls)
+        if shortcut is not None:  # the residual is a 1x1 conv of the same input: run in the same call
+            second.__dict__["fused_shortcut"] = mods[shortcut.target]
+            second.__dict__["fused_shortcut_name"] = shortcut.target
+            user.args = (x,)
+            model.graph.erase_node(shortcut)
+        else:
+            user.args = (x,) + tuple(user.args[1:])
         model.graph.erase_node(node)
-        pairs.append((node.target, user.target))
+        pairs.append((node.target, user.target) + ((shortcut.target,) if shortcut is not None else ()))
     if pairs:
         model.graph.lint()
         model.recompile()
@@ -389,9 +415,14 @@ def unfuse(model: nn.Module) -> nn.Module:
     for node in list(g.nodes):  # pairs first: the second conv's node then reads the first's output
         second = mods.get(node.target) if node.op == "call_module" else None
         if isinstance(second, SparseConv2d) and second.fused_prev is not None:
+            x = node.args[0]
             with g.inserting_before(node):
-                first = g.call_module(second.fused_prev_name, (node.args[0],))
-            node.args = (first,) + tuple(node.args[1:])
+                first = g.call_module(second.fused_prev_name, (x,))
+                if second.fused_shortcut is not None:
+                    node.args = (first, g.call_module(second.fused_shortcut_name, (x,)))
+                    del second.__dict__["fused_shortcut"], second.__dict__["fused_shortcut_name"]
+                else:
+                    node.args = (first,) + tuple(node.args[1:])
             del second.__dict__["fused_prev"], second.__dict__["fused_prev_name"]
     for node in list(g.nodes):
         if node.op == "call_function" and node.target is fused_conv_add:  # graphs made before 0.2

@@ -114,6 +114,11 @@ class SparseConv2d(_CsrMixin, nn.Module):
     #: attribute (not a submodule: the model holds it under ``fused_prev_name``).
     fused_prev: Optional["SparseConv2d"] = None
     fused_prev_name: Optional[str] = None
+    #: Set with ``fused_prev`` (:func:`apb_sparse.fuse.fuse_pairs`): a 1x1 conv of ``fused_prev``'s
+    #: input whose output is this conv's residual (ResNet's downsampling shortcut), run in the same
+    #: call on the same input chunk.
+    fused_shortcut: Optional["SparseConv2d"] = None
+    fused_shortcut_name: Optional[str] = None
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: Tuple[int, int],
                  stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups: int = 1, bias: bool = True,
@@ -186,9 +191,14 @@ class SparseConv2d(_CsrMixin, nn.Module):
         """
         prev = self.fused_prev
         if prev is not None:
+            shortcut = self.fused_shortcut
+            if shortcut is not None and residual is not None:
+                raise ValueError("this conv's residual is its fused shortcut conv: call it without residual")
             out = self._pair(prev, input, residual)
             if out is not None:
                 return out
+            if shortcut is not None:
+                residual = shortcut(input)
             input = prev(input)
         if self.fused_pool:
             return self._pooled(input, residual)
@@ -199,12 +209,14 @@ class SparseConv2d(_CsrMixin, nn.Module):
         intermediate activation stays in the kernel's layout), or None where that does not apply:
         a call that records gradients, an input that is not a batched float32 / float64 CPU tensor,
         explicit padding, a residual the epilogue cannot take as it is."""
+        sc = self.fused_shortcut
         if not (isinstance(input, Tensor) and input.dim() == 4 and input.dtype in ops.KERNEL_DTYPES
                 and input.device.type == "cpu" and prev._plan.pre is None and self._plan.pre is None
-                and not prev.fused_pool and prev.fused_prev is None):
+                and not prev.fused_pool and prev.fused_prev is None and (sc is None or sc._plan.pre is None)):
             return None
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (
-                input, prev.values, prev.bias, self.values, self.bias, residual)):
+                input, prev.values, prev.bias, self.values, self.bias, residual,
+                *((sc.values, sc.bias) if sc is not None else ()))):
             return None
         if residual is not None:
             n, _, h, w = input.shape
@@ -218,7 +230,7 @@ class SparseConv2d(_CsrMixin, nn.Module):
         return ops.call_op(torch.ops.apb_sparse.sparse_conv2d_pair, input, prev.values, prev.row_ptr, prev.col_idx,
                            w1, prev.bias, s1, p1, d1, prev.groups, prev.fused_relu, self.values, self.row_ptr,
                            self.col_idx, w2, self.bias, s2, p2, d2, self.groups, residual, self.fused_relu,
-                           self.fused_pool)
+                           self.fused_pool, *((sc.values, sc.row_ptr, sc.col_idx, sc.bias) if sc is not None else ()))
 
     def _out_hw(self, h: int, w: int) -> Tuple[int, int]:
         """Output height and width for an input of h x w (zero padding in the kernel only)."""
@@ -297,7 +309,8 @@ class SparseConv2d(_CsrMixin, nn.Module):
                 + (f", padding_mode={self.padding_mode!r}" if self.padding_mode != "zeros" else "")
                 + (", fused_relu=True" if self.fused_relu else "")
                 + (", fused_pool=True" if self.fused_pool else "")
-                + (f", fused_prev={self.fused_prev_name!r}" if self.fused_prev is not None else ""))
+                + (f", fused_prev={self.fused_prev_name!r}" if self.fused_prev is not None else "")
+                + (f", fused_shortcut={self.fused_shortcut_name!r}" if self.fused_shortcut is not None else ""))
 
 
 class SparseLinear(_CsrMixin, nn.Module):

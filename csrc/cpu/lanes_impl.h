@@ -409,10 +409,12 @@ void lanes_store_run(const LanesStore<T>& s, int64_t k0, int64_t k1) {
   if (s.OW > 0) return lanes_store_pooled(s, k0, k1);
   const T* const src = s.src;
   const T* const res = s.res;
+  const T* const rl = s.res_lanes;
   T* const y = s.y;
   const int64_t L = s.L, m = s.m, image = s.image;
   const bool relu = s.relu;
   auto finish = [&](T v, int64_t n, int64_t k) {
+    if (rl) v += rl[k * L + n];
     if (res) v += res[n * image + k];
     if (relu && v < T(0)) v = T(0);  // NaN stays NaN, as torch.relu
     y[n * image + k] = v;
@@ -428,6 +430,8 @@ void lanes_store_run(const LanesStore<T>& s, int64_t k0, int64_t k1) {
       for (; k + 8 <= k1; k += 8) {
         V v[8];
         for (int i = 0; i < 8; ++i) v[i] = loadu<V, T>(src + (k + i) * L + n);
+        if (rl)
+          for (int i = 0; i < 8; ++i) v[i] += loadu<V, T>(rl + (k + i) * L + n);
         transpose8(v);
         for (int j = 0; j < 8; ++j) {
           V o = v[j];

@@ -181,6 +181,8 @@ struct LanesStore {
   const T* res;
   bool relu;
   int64_t OH = 0, OW = 0;
+  /// Residual in src's own layout ([K][L], added before the transpose), instead of res.
+  const T* res_lanes = nullptr;
 };
 
 void lanes_avx512(const LanesArgs<float>& a, int64_t r0, int64_t r1);

@@ -879,7 +879,8 @@ struct LanesOutput {
   bool pool;
   int64_t image_y, OH, OW;
 
-  LanesOutput(const LanesPlan<T>& plan, int64_t units, T* y_, const T* rp_, bool relu_, bool pool_)
+  LanesOutput(const LanesPlan<T>& plan, int64_t units, T* y_, const T* rp_, bool relu_, bool pool_,
+              bool allow_direct = true)
       : y(y_), rp(rp_), image_out(plan.image_out), L(plan.L), relu(relu_), pool(pool_),
         image_y(pool_ ? plan.g.O * (plan.g.OH / 2) * (plan.g.OW / 2) : plan.image_out), OH(plan.g.OH),
         OW(plan.g.OW) {
@@ -889,24 +890,25 @@ struct LanesOutput {
     // 1.05x, 256->256 on 8x8 1.07x, 128->128 on 16x16 1.03x faster, but 64->64 on 32x32 0.95x (its
     // 8 stores per block land 256 KiB apart), so maps of up to 256 pixels only, without tiles.
     direct = std::is_same_v<T, float> && units == 1 && plan.OHW % 8 == 0 && plan.OHW <= 256 &&
-             plan.proto.tile_rows == 0 && !pool;
+             plan.proto.tile_rows == 0 && !pool && allow_direct;
   }
   kernel::LanesDirect<T> direct_for(int64_t n0, int64_t m) const {
     return kernel::LanesDirect<T>{y + n0 * image_out, rp ? rp + n0 * image_out : nullptr, image_out, m, relu};
   }
   /// Output positions [k0, k1) (of y's images: pooled ones with pool) of the chunk's images
-  /// [n0, n0 + m) from ob to NCHW.
-  void store(const T* ob, int64_t n0, int64_t m, int64_t k0, int64_t k1) const {
+  /// [n0, n0 + m) from ob to NCHW; rl: a residual in ob's layout (no direct stores then).
+  void store(const T* ob, int64_t n0, int64_t m, int64_t k0, int64_t k1, const T* rl = nullptr) const {
     kernel::LanesStore<T> st{ob, L, m, image_y, y + n0 * image_y, rp ? rp + n0 * image_out : nullptr, relu};
     if (pool) st.OH = OH, st.OW = OW;
+    st.res_lanes = rl;
     kernel::lanes_store(st, k0, k1);
   }
   /// The kernel over every row of a (src and dst set), then the store, on this thread.
-  void run(kernel::LanesArgs<T> a, int64_t rows, int64_t n0, int64_t m) const {
+  void run(kernel::LanesArgs<T> a, int64_t rows, int64_t n0, int64_t m, const T* rl = nullptr) const {
     const kernel::LanesDirect<T> d = direct_for(n0, m);
     a.direct = direct ? &d : nullptr;
     kernel::lanes(a, 0, rows);
-    if (!direct) store(a.dst, n0, m, 0, image_y);
+    if (!direct) store(a.dst, n0, m, 0, image_y, rl);
   }
 };
 
@@ -1022,13 +1024,20 @@ template <typename T>
 Tensor conv_pair_lanes(const Tensor& input, const ConvGeom& g1, const int32_t* rp1, const int32_t* col1,
                        const T* val1, const Tensor& bias1, bool relu1, const ConvGeom& g2, const int32_t* rp2,
                        const int32_t* col2, const T* val2, const Tensor& bias2, const Tensor& residual, bool relu,
-                       bool pool) {
-  if (pool && residual.defined()) return Tensor();  // the pooled store takes no residual
+                       bool pool, const int32_t* rps = nullptr, const int32_t* cols = nullptr, const T* vals = nullptr,
+                       const Tensor& biass = Tensor()) {
+  const bool shortcut = rps != nullptr;
+  if (pool && (residual.defined() || shortcut)) return Tensor();  // the pooled store takes no residual
+  // The shortcut (1x1, conv1's stride, no padding) reads what conv1's tap (ph / dh, pw / dw) reads
+  // for the same output pixel: it runs on conv1's input chunk as that tap.
+  const int64_t kch = g1.dh > 0 ? g1.ph / g1.dh : 0, kcw = g1.dw > 0 ? g1.pw / g1.dw : 0;
+  if (shortcut && (g1.G != 1 || g1.ph % g1.dh != 0 || g1.pw % g1.dw != 0 || kch >= g1.KH || kcw >= g1.KW))
+    return Tensor();
   // Both layers at the smaller of their chunk sizes (fewer images per chunk is always valid).
   const int64_t units = std::min(lanes_units<T>(g1, int64_t(rp1[g1.O])), lanes_units<T>(g2, int64_t(rp2[g2.O])));
   if (units == 0 || g2.sh != 1 || g2.sw != 1 || g2.N == 0) return Tensor();
   const int64_t L = units * kernel::vector_width<T>(), nchunks = (g1.N + L - 1) / L;
-  const int64_t nnz1 = rp1[g1.O], nnz2 = rp2[g2.O];
+  const int64_t nnz1 = rp1[g1.O], nnz2 = rp2[g2.O], nnzs = shortcut ? rps[g2.O] : 0;
   const int64_t work = (nnz1 * g1.OH * g1.OW + nnz2 * g2.OH * g2.OW + g1.C * g1.Hp * g1.Wp +
                         g2.O * g2.OH * g2.OW) * L * nchunks;
   const int64_t nthreads = threads_for(work);
@@ -1038,35 +1047,52 @@ Tensor conv_pair_lanes(const Tensor& input, const ConvGeom& g1, const int32_t* r
   if (out.numel() == 0) return out;
   const Tensor b1 = bias1.defined() ? bias1.contiguous() : Tensor();
   const Tensor b2 = bias2.defined() ? bias2.contiguous() : Tensor();
-  // One buffer for both offset tables (Scratch keeps one per element type and thread).
-  const Scratch<int32_t> off_buf(std::max<int64_t>(nnz1 + nnz2, 1));
+  // One buffer for all offset tables (Scratch keeps one per element type and thread).
+  const Scratch<int32_t> off_buf(std::max<int64_t>(nnz1 + nnz2 + nnzs, 1));
   const LanesPlan<T> plan1(g1, rp1, col1, val1, b1.defined() ? b1.const_data_ptr<T>() : nullptr, units, off_buf.get(),
                            nthreads > 1);
   const LanesPlan<T> plan2(g2, rp2, col2, val2, b2.defined() ? b2.const_data_ptr<T>() : nullptr, units,
                            off_buf.get() + nnz1, nthreads > 1);
+  // The shortcut as a conv of conv1's geometry whose nonzeros all sit on the tap (kch, kcw).
+  std::vector<int32_t> col_s(static_cast<size_t>(nnzs));
+  for (int64_t j = 0; j < nnzs; ++j) col_s[j] = int32_t((cols[j] * g1.KH + kch) * g1.KW + kcw);
+  const int64_t wsz[4] = {g2.O, g1.C, g1.KH, g1.KW}, st1[2] = {g1.sh, g1.sw}, pd1[2] = {g1.ph, g1.pw},
+                dl1[2] = {g1.dh, g1.dw};
+  const int64_t shape1[4] = {g1.N, g1.C, g1.H, g1.W};
+  const ConvGeom gs(shape1, wsz, st1, pd1, dl1, 1);
+  const Tensor bs = biass.defined() ? biass.contiguous() : Tensor();
+  std::unique_ptr<LanesPlan<T>> plans;
+  if (shortcut) {
+    plans.reset(new LanesPlan<T>(gs, rps, col_s.data(), vals, bs.defined() ? bs.const_data_ptr<T>() : nullptr, units,
+                                 off_buf.get() + nnz1 + nnz2, nthreads > 1));
+  }
   const T* x = input.const_data_ptr<T>();
   const int64_t s[4] = {input.stride(0), input.stride(1), input.stride(2), input.stride(3)};
   const Tensor res = residual.defined() ? residual.contiguous() : Tensor();
   const LanesOutput<T> output(plan2, units, out.mutable_data_ptr<T>(), res.defined() ? res.const_data_ptr<T>() : nullptr,
-                              relu, pool);
+                              relu, pool, !shortcut);
   // Per thread: buffer A holds conv1's input chunk, then conv2's; buffer B conv1's output, then
-  // conv2's (each 64-byte aligned).
+  // conv2's; buffer S the shortcut's output (each 64-byte aligned).
   const int64_t size_a = round_up(std::max(plan1.in_size, plan2.in_size), kAlignPad<T>);
-  const int64_t size_b = std::max(plan1.out_size, plan2.out_size);
+  const int64_t size_b = round_up(std::max(plan1.out_size, plan2.out_size), kAlignPad<T>);
+  const int64_t size_s = shortcut ? plans->out_size : 0;
   auto run = [&](int64_t c0, int64_t c1) {
-    const Scratch<T> scratch(size_a + size_b + kAlignPad<T>);
+    const Scratch<T> scratch(size_a + size_b + size_s + kAlignPad<T>);
     T* a_buf = aligned64(scratch.get());
     T* b_buf = a_buf + size_a;
-    kernel::LanesArgs<T> a1 = plan1.proto, a2 = plan2.proto;
-    a1.src = a2.src = a_buf;
+    T* s_buf = shortcut ? b_buf + size_b : nullptr;
+    kernel::LanesArgs<T> a1 = plan1.proto, a2 = plan2.proto, as = shortcut ? plans->proto : plan1.proto;
+    a1.src = a2.src = as.src = a_buf;
     a1.dst = a2.dst = b_buf;
-    a1.direct = nullptr;
+    as.dst = s_buf;
+    a1.direct = as.direct = nullptr;
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t n0 = c * L, m = std::min(L, g1.N - n0);
       plan1.fill(x, s, a_buf, n0, m, 0, g1.C);
       kernel::lanes(a1, 0, g1.O);
+      if (shortcut) kernel::lanes(as, 0, g2.O);
       lanes_repad(b_buf, a_buf, g2.C, g2.H, g2.W, g2.ph, g2.pw, g2.Hp, g2.Wp, L, relu1);
-      output.run(a2, g2.O, n0, m);
+      output.run(a2, g2.O, n0, m, s_buf);
     }
   };
   if (nthreads > 1) {
@@ -1470,7 +1496,11 @@ Tensor sparse_conv2d_pair_cpu(const Tensor& input, const Tensor& values1, const 
                               int64_t groups1, bool relu1, const Tensor& values2, const Tensor& row_ptr2,
                               const Tensor& col_idx2, at::IntArrayRef weight_size2, const std::optional<Tensor>& bias2,
                               at::IntArrayRef stride2, at::IntArrayRef padding2, at::IntArrayRef dilation2,
-                              int64_t groups2, const std::optional<Tensor>& residual, bool relu, bool max_pool) {
+                              int64_t groups2, const std::optional<Tensor>& residual, bool relu, bool max_pool,
+                              const std::optional<Tensor>& shortcut_values,
+                              const std::optional<Tensor>& shortcut_row_ptr,
+                              const std::optional<Tensor>& shortcut_col_idx,
+                              const std::optional<Tensor>& shortcut_bias) {
   check_conv_input(input, "input");
   const ConvGeom g1(input.sizes(), weight_size1, stride1, padding1, dilation1, groups1);
   check_csr(values1, row_ptr1, col_idx1, g1.O, g1.taps(), input);
@@ -1480,22 +1510,47 @@ Tensor sparse_conv2d_pair_cpu(const Tensor& input, const Tensor& values1, const 
   check_csr(values2, row_ptr2, col_idx2, g2.O, g2.taps(), input);
   check_bias(bias2, input, g2.O);
   check_residual(residual, g2, input);
+  // The shortcut: a 1x1 conv with conv1's stride and no padding on the input, as the residual.
+  const bool shortcut = shortcut_values.has_value();
+  TORCH_CHECK(shortcut == shortcut_row_ptr.has_value() && shortcut == shortcut_col_idx.has_value(),
+              "shortcut_values, shortcut_row_ptr and shortcut_col_idx go together");
+  TORCH_CHECK(!(shortcut && residual.has_value()), "residual and a shortcut conv exclude each other");
+  const int64_t wsc[4] = {g2.O, g1.C, 1, 1}, pad0[2] = {0, 0}, dil1[2] = {1, 1};
+  const ConvGeom gs(input.sizes(), wsc, stride1, pad0, dil1, 1);
+  if (shortcut) {
+    TORCH_CHECK(gs.OH == g2.OH && gs.OW == g2.OW, "the shortcut's output (", gs.OH, "x", gs.OW,
+                ") must have the second conv's output size (", g2.OH, "x", g2.OW, ")");
+    check_csr(*shortcut_values, *shortcut_row_ptr, *shortcut_col_idx, gs.O, gs.taps(), input);
+    check_bias(shortcut_bias, input, gs.O);
+  } else {
+    TORCH_CHECK(!shortcut_bias.has_value(), "shortcut_bias without a shortcut conv");
+  }
   Tensor out;
-  if (g1.Cg > 0 && g2.Cg > 0) {
+  if (g1.Cg > 0 && g2.Cg > 0 && gs.Cg > 0) {
     const Tensor v1 = values1.contiguous(), r1 = row_ptr1.contiguous(), c1 = col_idx1.contiguous();
     const Tensor v2 = values2.contiguous(), r2 = row_ptr2.contiguous(), c2 = col_idx2.contiguous();
+    const Tensor vs = shortcut ? shortcut_values->contiguous() : Tensor();
+    const Tensor rs = shortcut ? shortcut_row_ptr->contiguous() : Tensor();
+    const Tensor cs = shortcut ? shortcut_col_idx->contiguous() : Tensor();
     AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "sparse_conv2d_pair", [&] {
       out = conv_pair_lanes<scalar_t>(
           input, g1, r1.const_data_ptr<int32_t>(), c1.const_data_ptr<int32_t>(), v1.const_data_ptr<scalar_t>(),
           bias1.has_value() ? *bias1 : Tensor(), relu1, g2, r2.const_data_ptr<int32_t>(), c2.const_data_ptr<int32_t>(),
           v2.const_data_ptr<scalar_t>(), bias2.has_value() ? *bias2 : Tensor(),
-          residual.has_value() ? *residual : Tensor(), relu, max_pool);
+          residual.has_value() ? *residual : Tensor(), relu, max_pool,
+          shortcut ? rs.const_data_ptr<int32_t>() : nullptr, shortcut ? cs.const_data_ptr<int32_t>() : nullptr,
+          shortcut ? vs.const_data_ptr<scalar_t>() : nullptr, shortcut_bias.has_value() ? *shortcut_bias : Tensor());
     });
   }
   if (out.defined()) return out;
-  // Elsewhere the two convolutions one after the other (the same values; arguments checked above).
+  // Elsewhere the convolutions one after the other (the same values; arguments checked above).
+  std::optional<Tensor> res = residual;
+  if (shortcut) {
+    res = sparse_conv2d_checked(input, gs, *shortcut_values, *shortcut_row_ptr, *shortcut_col_idx, shortcut_bias,
+                                std::nullopt, false, false);
+  }
   const Tensor mid_out = sparse_conv2d_checked(input, g1, values1, row_ptr1, col_idx1, bias1, std::nullopt, relu1, false);
-  return sparse_conv2d_checked(mid_out, g2, values2, row_ptr2, col_idx2, bias2, residual, relu, max_pool);
+  return sparse_conv2d_checked(mid_out, g2, values2, row_ptr2, col_idx2, bias2, res, relu, max_pool);
 }
 
 Tensor sparse_conv2d_backward_input_cpu(const Tensor& grad_output, const Tensor& values, const Tensor& row_ptr,
