@@ -204,7 +204,8 @@ def _ds_layer(li: dict, subs: list) -> dict:
             "teraflops": li.get("average_teraflops_per_second"), "sub_layers": subs}
 
 
-LAYER_OPS = ("apb_sparse::sparse_conv2d", "apb_sparse::sparse_linear", "apb_sparse::masked_conv2d", "aten::conv2d",
+LAYER_OPS = ("apb_sparse::sparse_conv2d", "apb_sparse::sparse_conv2d_pair", "apb_sparse::sparse_linear",
+             "apb_sparse::masked_conv2d", "aten::conv2d",
              "aten::linear")
 
 
