@@ -522,6 +522,8 @@ def test_deploy_fuses_2x2_max_pools_into_the_sparse_conv_before_them(tmp_path):
         _same(x2.grad, x1.grad, 1e-4)
     with torch.no_grad():
         _same(torch.export.export(d, (x,)).module()(x), m(x), 1e-4)
+        report = apb_sparse.sparsity_report(d, tuple(x.shape))  # pooled convs count their unpooled output
+        assert report.dense_macs == apb_sparse.sparsity_report(sparsify(m), tuple(x.shape)).dense_macs
         back = densify(d)
         assert not any(getattr(mod, "fused_pool", False) for mod in back.modules())
         _same(back(x), m(x), 1e-4)
@@ -549,6 +551,10 @@ def test_deploy_runs_two_sparse_convs_in_a_row_as_one_pair(tmp_path):
     conv1, conv2 = d.module.get_submodule("layer1.0.conv1"), d.module.get_submodule("layer1.0.conv2")
     assert conv2.fused_prev is conv1 and "fused_prev='layer1.0.conv1'" in repr(conv2)
     assert set(d.state_dict()) == set(deploy(m, x, script=False).state_dict())
+    # the report counts the multiply-adds of the convs that run inside a pair's call
+    fused, plain = (apb_sparse.sparsity_report(model, (32, 3, 32, 32)) for model in (d, sparsify(m)))
+    assert [(l.name, l.dense_macs, l.sparse_macs) for l in fused.layers] == \
+        [(l.name, l.dense_macs, l.sparse_macs) for l in plain.layers]
     with torch.no_grad():
         want = m(x)
         _same(d(x), want, 1e-4)

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from ..nn.masked import MaskedLayer
+from ..nn.sparse import SparseConv2d
 from .layouts import layout_of
 from .deployed import DeployedModel
 from .sparsify import SPARSE_LAYERS, _converter_for, _effective_weight, _standard_forward
@@ -128,7 +129,19 @@ def sparsity_report(model: nn.Module, input_size: Optional[Sequence[int]] = None
             if isinstance(layer, _REPORTED):
                 def hook(mod, inp, out, name=name):
                     # Multiply-adds per weight: output positions (batch x spatial) sharing it.
-                    if out.dim() == 4:
+                    if isinstance(mod, SparseConv2d) and (mod.fused_prev is not None or mod.fused_pool) \
+                            and inp[0].dim() == 4:
+                        # deploy's fusions: a pair's first conv (and shortcut) ran in this call, or
+                        # the output is pooled; sizes from the input
+                        n, _, h, w = inp[0].shape
+                        if mod.fused_prev is not None:
+                            h, w = mod.fused_prev._out_hw(h, w)
+                            outputs[mod.fused_prev_name] = n * h * w
+                        h, w = mod._out_hw(h, w)
+                        outputs[name] = n * h * w
+                        if mod.fused_shortcut is not None:
+                            outputs[mod.fused_shortcut_name] = n * h * w
+                    elif out.dim() == 4:
                         outputs[name] = out.shape[0] * out.shape[2] * out.shape[3]
                     else:
                         outputs[name] = out[..., :1].numel()  # out.numel() / features, also for 0 features

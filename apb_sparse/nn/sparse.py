@@ -233,7 +233,10 @@ class SparseConv2d(_CsrMixin, nn.Module):
                            self.fused_pool, *((sc.values, sc.row_ptr, sc.col_idx, sc.bias) if sc is not None else ()))
 
     def _out_hw(self, h: int, w: int) -> Tuple[int, int]:
-        """Output height and width for an input of h x w (zero padding in the kernel only)."""
+        """Output height and width for an input of h x w."""
+        if self._plan.pre is not None:  # explicit F.pad first
+            left, right, top, bottom = self._plan.pre
+            h, w = h + top + bottom, w + left + right
         (kh, kw), (sh, sw) = self.kernel_size, self.stride
         (ph, pw), (dh, dw) = self._plan.kernel, self.dilation
         return (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
