@@ -206,6 +206,26 @@ def test_lanes_block_orders_match_torch(isa, dtype, case):
                                             (dict(blocking, lanes_blocks_inner=True), 1)], seed=7)
 
 
+def _settings(isa):
+    """(threads, lanes on) for 2 and 1 threads, lanes on and off, each in force while the caller's
+    loop body runs (the thread count restored after)."""
+    prev = torch.get_num_threads()
+    try:
+        for threads in (2, 1):
+            torch.set_num_threads(threads)
+            for enable in (True, False):
+                with lanes(isa, enable):
+                    yield threads, enable
+    finally:
+        torch.set_num_threads(prev)
+
+
+def _assert_identical(got, want, where):
+    assert got.shape == want.shape, where
+    assert torch.equal(got.isnan(), want.isnan()), where
+    assert torch.equal(got.nan_to_num(0.25), want.nan_to_num(0.25)), where
+
+
 # (batch, in channels, H, W, out channels, kernel, stride, padding, sparsity): maps the 2x2 max
 # pool meets after a conv, odd ones included (floor mode drops the last row / column).
 POOL_CASES = [
@@ -233,27 +253,17 @@ def test_max_pool_in_the_store_matches_conv_then_pool(isa, dtype, case):
     w = _weight(o, c, k, k, sparsity, dtype)
     b = torch.randn(o, dtype=dtype)
     v, rp, ci = ops.pack_csr(w)
-    prev = torch.get_num_threads()
-    try:
-        for threads in (2, 1):
-            torch.set_num_threads(threads)
-            for enable in (True, False):
-                with lanes(isa, enable):
-                    for relu in (False, True):
-                        full = ops.sparse_conv2d(x, v, rp, ci, w.shape, b, stride, pad, relu=relu)
-                        res = torch.randn_like(full)
-                        got = ops.sparse_conv2d(x, v, rp, ci, w.shape, b, stride, pad, relu=relu, max_pool=True)
-                        got_res = ops.sparse_conv2d(x, v, rp, ci, w.shape, b, stride, pad, residual=res, relu=relu,
-                                                    max_pool=True)
-                        with_res = ops.sparse_conv2d(x, v, rp, ci, w.shape, b, stride, pad, residual=res, relu=relu)
-                        for pooled, unpooled in ((got, full), (got_res, with_res)):
-                            want = F.max_pool2d(unpooled, 2, 2) if min(unpooled.shape[-2:]) >= 2 else \
-                                unpooled[..., : unpooled.shape[-2] // 2, : unpooled.shape[-1] // 2]
-                            assert pooled.shape == want.shape, (threads, enable, relu)
-                            assert torch.equal(pooled.isnan(), want.isnan()), (threads, enable, relu)
-                            assert torch.equal(pooled.nan_to_num(0.25), want.nan_to_num(0.25)), (threads, enable, relu)
-    finally:
-        torch.set_num_threads(prev)
+    for threads, enable in _settings(isa):
+        for relu in (False, True):
+            full = ops.sparse_conv2d(x, v, rp, ci, w.shape, b, stride, pad, relu=relu)
+            res = torch.randn_like(full)
+            got = ops.sparse_conv2d(x, v, rp, ci, w.shape, b, stride, pad, relu=relu, max_pool=True)
+            got_res = ops.sparse_conv2d(x, v, rp, ci, w.shape, b, stride, pad, residual=res, relu=relu, max_pool=True)
+            with_res = ops.sparse_conv2d(x, v, rp, ci, w.shape, b, stride, pad, residual=res, relu=relu)
+            for pooled, unpooled in ((got, full), (got_res, with_res)):
+                want = F.max_pool2d(unpooled, 2, 2) if min(unpooled.shape[-2:]) >= 2 else \
+                    unpooled[..., : unpooled.shape[-2] // 2, : unpooled.shape[-1] // 2]
+                _assert_identical(pooled, want, (threads, enable, relu))
     if h // stride >= 4:  # NaN reached some pooled output (its taps read it)
         assert got.isnan().any()
 
@@ -289,26 +299,16 @@ def test_conv_pair_matches_two_calls(isa, dtype, case):
     v2, r2, c2 = ops.pack_csr(w2)
     pair = torch.ops.apb_sparse.sparse_conv2d_pair
     prev = torch.get_num_threads()
-    try:
-        for threads in (2, 1):
-            torch.set_num_threads(threads)
-            for enable in (True, False):
-                with lanes(isa, enable):
-                    for relu1, relu, pool, with_res in ((True, True, False, True), (False, False, False, False),
-                                                        (True, True, True, False), (True, False, True, True)):
-                        mid = ops.sparse_conv2d(x, v1, r1, c1, w1.shape, b1, s1, p1, relu=relu1)
-                        full = ops.sparse_conv2d(mid, v2, r2, c2, w2.shape, b2, s2, p2)
-                        res = torch.randn_like(full) if with_res else None
-                        want = ops.sparse_conv2d(mid, v2, r2, c2, w2.shape, b2, s2, p2, residual=res, relu=relu,
-                                                 max_pool=pool)
-                        got = pair(x, v1, r1, c1, list(w1.shape), b1, [s1] * 2, [p1] * 2, [1, 1], 1, relu1, v2, r2, c2,
-                                   list(w2.shape), b2, [s2] * 2, [p2] * 2, [1, 1], 1, res, relu, pool)
-                        where = (threads, enable, relu1, relu, pool, with_res)
-                        assert got.shape == want.shape, where
-                        assert torch.equal(got.isnan(), want.isnan()), where
-                        assert torch.equal(got.nan_to_num(0.25), want.nan_to_num(0.25)), where
-    finally:
-        torch.set_num_threads(prev)
+    for threads, enable in _settings(isa):
+        for relu1, relu, pool, with_res in ((True, True, False, True), (False, False, False, False),
+                                            (True, True, True, False), (True, False, True, True)):
+            mid = ops.sparse_conv2d(x, v1, r1, c1, w1.shape, b1, s1, p1, relu=relu1)
+            full = ops.sparse_conv2d(mid, v2, r2, c2, w2.shape, b2, s2, p2)
+            res = torch.randn_like(full) if with_res else None
+            want = ops.sparse_conv2d(mid, v2, r2, c2, w2.shape, b2, s2, p2, residual=res, relu=relu, max_pool=pool)
+            got = pair(x, v1, r1, c1, list(w1.shape), b1, [s1] * 2, [p1] * 2, [1, 1], 1, relu1, v2, r2, c2,
+                       list(w2.shape), b2, [s2] * 2, [p2] * 2, [1, 1], 1, res, relu, pool)
+            _assert_identical(got, want, (threads, enable, relu1, relu, pool, with_res))
     assert want.isnan().any()  # the NaN reached the output through both convs
     if k1 == 3 and p1 == 1 and s2 == 1:  # ResNet's downsampling shortcut: 1x1 with conv1's stride, as the residual
         ws = _weight(co, c, 1, 1, sparsity, dtype, 3)
