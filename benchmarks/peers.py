@@ -231,7 +231,13 @@ def _torch_layer_times(model, fn, iters: int) -> list:
     for i in range(per_call):
         ev = [events[k * per_call + i] for k in range(iters)]
         shapes = ev[0].input_shapes[0] if ev[0].input_shapes else []
-        layers.append({"index": i, "op": ev[0].name, "input": list(shapes),
+        # conv / linear layers the call computes: a deployed pair runs two convs, three with its
+        # shortcut (argument 23, shortcut_values, recorded with a shape when given)
+        convs = 1
+        if ev[0].name == "apb_sparse::sparse_conv2d_pair":
+            args = ev[0].input_shapes or []
+            convs = 2 + int(len(args) > 23 and bool(args[23]))
+        layers.append({"index": i, "op": ev[0].name, "input": list(shapes), "layers": convs,
                        "ms": statistics.median((e.time_range.end - e.time_range.start) / 1e3 for e in ev)})
     return layers
 
