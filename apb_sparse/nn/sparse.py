@@ -214,32 +214,22 @@ class SparseConv2d(_CsrMixin, nn.Module):
                 and input.device.type == "cpu" and prev._plan.pre is None and self._plan.pre is None
                 and not prev.fused_pool and prev.fused_prev is None and (sc is None or sc._plan.pre is None)):
             return None
+        if residual is not None:
+            n, _, h, w = input.shape
+            shape = (n, self.out_channels, *self._out_hw(*prev._out_hw(h, w)))
+            if not (isinstance(residual, Tensor) and tuple(residual.shape) == shape and residual.dtype == input.dtype
+                    and residual.device == input.device):
+                return None
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (
                 input, prev.values, prev.bias, self.values, self.bias, residual,
                 *((sc.values, sc.bias) if sc is not None else ()))):
             return None
-        if residual is not None:
-            n, _, h, w = input.shape
-            h, w = prev._out_hw(h, w)
-            shape = (n, self.out_channels, *self._out_hw(h, w))
-            if not (isinstance(residual, Tensor) and tuple(residual.shape) == shape and residual.dtype == input.dtype
-                    and residual.device == input.device):
-                return None
         w1, s1, p1, d1 = prev._args
         w2, s2, p2, d2 = self._args
         return ops.call_op(torch.ops.apb_sparse.sparse_conv2d_pair, input, prev.values, prev.row_ptr, prev.col_idx,
                            w1, prev.bias, s1, p1, d1, prev.groups, prev.fused_relu, self.values, self.row_ptr,
                            self.col_idx, w2, self.bias, s2, p2, d2, self.groups, residual, self.fused_relu,
                            self.fused_pool, *((sc.values, sc.row_ptr, sc.col_idx, sc.bias) if sc is not None else ()))
-
-    def _out_hw(self, h: int, w: int) -> Tuple[int, int]:
-        """Output height and width for an input of h x w."""
-        if self._plan.pre is not None:  # explicit F.pad first
-            left, right, top, bottom = self._plan.pre
-            h, w = h + top + bottom, w + left + right
-        (kh, kw), (sh, sw) = self.kernel_size, self.stride
-        (ph, pw), (dh, dw) = self._plan.kernel, self.dilation
-        return (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
 
     def _pooled(self, input: Tensor, residual) -> Tensor:
         if residual is None and isinstance(input, Tensor) and input.dtype in ops.KERNEL_DTYPES and not (
@@ -262,12 +252,15 @@ class SparseConv2d(_CsrMixin, nn.Module):
 
     def _output_shape(self, input: Tensor) -> torch.Size:
         n, _, h, w = input.shape
+        return torch.Size((n, self.out_channels, *self._out_hw(h, w)))
+
+    def _out_hw(self, h: int, w: int) -> Tuple[int, int]:
+        """Output height and width for an input of h x w."""
         if self.padding == "same":  # stride 1 (nn.Conv2d refuses "same" otherwise)
-            return torch.Size((n, self.out_channels, h, w))
+            return h, w
         (kh, kw), (sh, sw) = self.kernel_size, self.stride
         (ph, pw), (dh, dw) = (0, 0) if self.padding == "valid" else self.padding, self.dilation
-        return torch.Size((n, self.out_channels, (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1,
-                           (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1))
+        return (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
 
     def _kernel_residual(self, input: Tensor, residual) -> Optional[Tensor]:
         """``residual`` as the kernel's epilogue takes it (the output's shape, dtype and device), or

@@ -24,6 +24,7 @@
 #include <memory>
 #include <mutex>
 #include <new>
+#include <optional>
 #include <unordered_map>
 #include <vector>
 #include <cstdlib>
@@ -1030,7 +1031,7 @@ Tensor conv_pair_lanes(const Tensor& input, const ConvGeom& g1, const int32_t* r
   if (pool && (residual.defined() || shortcut)) return Tensor();  // the pooled store takes no residual
   // The shortcut (1x1, conv1's stride, no padding) reads what conv1's tap (ph / dh, pw / dw) reads
   // for the same output pixel: it runs on conv1's input chunk as that tap.
-  const int64_t kch = g1.dh > 0 ? g1.ph / g1.dh : 0, kcw = g1.dw > 0 ? g1.pw / g1.dw : 0;
+  const int64_t kch = g1.ph / g1.dh, kcw = g1.pw / g1.dw;
   if (shortcut && (g1.G != 1 || g1.ph % g1.dh != 0 || g1.pw % g1.dw != 0 || kch >= g1.KH || kcw >= g1.KW))
     return Tensor();
   // Both layers at the smaller of their chunk sizes (fewer images per chunk is always valid).
@@ -1054,17 +1055,18 @@ Tensor conv_pair_lanes(const Tensor& input, const ConvGeom& g1, const int32_t* r
   const LanesPlan<T> plan2(g2, rp2, col2, val2, b2.defined() ? b2.const_data_ptr<T>() : nullptr, units,
                            off_buf.get() + nnz1, nthreads > 1);
   // The shortcut as a conv of conv1's geometry whose nonzeros all sit on the tap (kch, kcw).
-  std::vector<int32_t> col_s(static_cast<size_t>(nnzs));
-  for (int64_t j = 0; j < nnzs; ++j) col_s[j] = int32_t((cols[j] * g1.KH + kch) * g1.KW + kcw);
-  const int64_t wsz[4] = {g2.O, g1.C, g1.KH, g1.KW}, st1[2] = {g1.sh, g1.sw}, pd1[2] = {g1.ph, g1.pw},
-                dl1[2] = {g1.dh, g1.dw};
-  const int64_t shape1[4] = {g1.N, g1.C, g1.H, g1.W};
-  const ConvGeom gs(shape1, wsz, st1, pd1, dl1, 1);
+  std::vector<int32_t> col_s;
+  std::optional<ConvGeom> gs;
   const Tensor bs = biass.defined() ? biass.contiguous() : Tensor();
   std::unique_ptr<LanesPlan<T>> plans;
   if (shortcut) {
-    plans.reset(new LanesPlan<T>(gs, rps, col_s.data(), vals, bs.defined() ? bs.const_data_ptr<T>() : nullptr, units,
-                                 off_buf.get() + nnz1 + nnz2, nthreads > 1));
+    col_s.resize(static_cast<size_t>(nnzs));
+    for (int64_t j = 0; j < nnzs; ++j) col_s[j] = int32_t((cols[j] * g1.KH + kch) * g1.KW + kcw);
+    const int64_t wsz[4] = {g2.O, g1.C, g1.KH, g1.KW}, st1[2] = {g1.sh, g1.sw}, pd1[2] = {g1.ph, g1.pw},
+                  dl1[2] = {g1.dh, g1.dw}, shape1[4] = {g1.N, g1.C, g1.H, g1.W};
+    gs.emplace(shape1, wsz, st1, pd1, dl1, 1);
+    plans = std::make_unique<LanesPlan<T>>(*gs, rps, col_s.data(), vals, bs.defined() ? bs.const_data_ptr<T>() : nullptr,
+                                           units, off_buf.get() + nnz1 + nnz2, nthreads > 1);
   }
   const T* x = input.const_data_ptr<T>();
   const int64_t s[4] = {input.stride(0), input.stride(1), input.stride(2), input.stride(3)};
@@ -1516,17 +1518,18 @@ Tensor sparse_conv2d_pair_cpu(const Tensor& input, const Tensor& values1, const 
               "shortcut_values, shortcut_row_ptr and shortcut_col_idx go together");
   TORCH_CHECK(!(shortcut && residual.has_value()), "residual and a shortcut conv exclude each other");
   const int64_t wsc[4] = {g2.O, g1.C, 1, 1}, pad0[2] = {0, 0}, dil1[2] = {1, 1};
-  const ConvGeom gs(input.sizes(), wsc, stride1, pad0, dil1, 1);
+  std::optional<ConvGeom> gs;
   if (shortcut) {
-    TORCH_CHECK(gs.OH == g2.OH && gs.OW == g2.OW, "the shortcut's output (", gs.OH, "x", gs.OW,
+    gs.emplace(input.sizes(), wsc, stride1, pad0, dil1, 1);
+    TORCH_CHECK(gs->OH == g2.OH && gs->OW == g2.OW, "the shortcut's output (", gs->OH, "x", gs->OW,
                 ") must have the second conv's output size (", g2.OH, "x", g2.OW, ")");
-    check_csr(*shortcut_values, *shortcut_row_ptr, *shortcut_col_idx, gs.O, gs.taps(), input);
-    check_bias(shortcut_bias, input, gs.O);
+    check_csr(*shortcut_values, *shortcut_row_ptr, *shortcut_col_idx, gs->O, gs->taps(), input);
+    check_bias(shortcut_bias, input, gs->O);
   } else {
     TORCH_CHECK(!shortcut_bias.has_value(), "shortcut_bias without a shortcut conv");
   }
   Tensor out;
-  if (g1.Cg > 0 && g2.Cg > 0 && gs.Cg > 0) {
+  if (g1.Cg > 0 && g2.Cg > 0) {
     const Tensor v1 = values1.contiguous(), r1 = row_ptr1.contiguous(), c1 = col_idx1.contiguous();
     const Tensor v2 = values2.contiguous(), r2 = row_ptr2.contiguous(), c2 = col_idx2.contiguous();
     const Tensor vs = shortcut ? shortcut_values->contiguous() : Tensor();
@@ -1546,7 +1549,7 @@ Tensor sparse_conv2d_pair_cpu(const Tensor& input, const Tensor& values1, const 
   // Elsewhere the convolutions one after the other (the same values; arguments checked above).
   std::optional<Tensor> res = residual;
   if (shortcut) {
-    res = sparse_conv2d_checked(input, gs, *shortcut_values, *shortcut_row_ptr, *shortcut_col_idx, shortcut_bias,
+    res = sparse_conv2d_checked(input, *gs, *shortcut_values, *shortcut_row_ptr, *shortcut_col_idx, shortcut_bias,
                                 std::nullopt, false, false);
   }
   const Tensor mid_out = sparse_conv2d_checked(input, g1, values1, row_ptr1, col_idx1, bias1, std::nullopt, relu1, false);
