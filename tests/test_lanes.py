@@ -37,6 +37,8 @@ CASES = [
     (32, 1, 8, 8, 16, (3, 3), 1, 1, 1, 1, 0.6),     # one input channel, 64 output pixels
     (40, 288, 4, 4, 8, (3, 3), 1, 1, 1, 1, 0.9),    # wide input: fewer images per chunk (L2-sized), partial chunk
     (32, 64, 2, 2, 48, (3, 3), 1, 1, 1, 1, 0.9),    # 2x2 maps: 2 units so that 2 threads each take a chunk
+    (32, 64, 4, 4, 40, (3, 3), 1, 1, 1, 1, 0.6),    # long rows on 4x4 (AVX2: 2 units, 6-pixel blocks + 4)
+    (24, 32, 6, 6, 16, (3, 3), 2, 1, 1, 1, 0.5),    # strided into 3x3 (9 pixels: a 6-pixel block, then 3 single)
 ]
 
 
@@ -204,6 +206,24 @@ def test_lanes_block_orders_match_torch(isa, dtype, case):
     _check_lanes_configs(isa, dtype, case, [(dict(blocking, lanes_blocks_inner=True), None),
                                             (dict(blocking, lanes_blocks_inner=False), None),
                                             (dict(blocking, lanes_blocks_inner=True), 1)], seed=7)
+
+
+# Narrow maps with long rows: two vectors of images per pixel on AVX2, blocks of 6 pixels, then
+# one of 4, then single pixels; with input-channel blocking and without.
+WIDE_BLOCK_CASES = [
+    (32, 96, 4, 4, 24, (3, 3), 1, 1, 1, 1, 0.5),    # 16 pixels: 6 + 6 + 4
+    (40, 64, 5, 5, 16, (3, 3), 1, 1, 1, 1, 0.6),    # 25 pixels: 6 x 4 + 1, partial last chunk
+    (32, 48, 6, 6, 8, (3, 3), 2, 1, 1, 1, 0.4),     # stride 2 into 3x3: 6 + 3 single
+]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", WIDE_BLOCK_CASES, ids=lambda c: "x".join(map(str, c[:5])) + f"s{c[6]}")
+def test_lanes_wide_blocks_match_torch(isa, dtype, case):
+    _check_lanes_configs(isa, dtype, case, [(dict(channel_blocking=True), None), (dict(channel_blocking=False), None),
+                                            (dict(channel_blocking=True), 1), (dict(channel_blocking=False), 1)],
+                         seed=9)
 
 
 def _settings(isa):

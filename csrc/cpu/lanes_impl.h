@@ -222,7 +222,14 @@ void lanes_rows_chunked(const LanesArgs<T>& a, int64_t r0, int64_t r1) {
           lanes_block<T, NU, PB>(a.off + jb, a.val + jb, n, src, a.pix + q, init, dst, first, last, a.direct,
                                  r * P + q);
         } else {
-          for (int64_t u = q; u < P; ++u)
+          int64_t u = q;
+          if constexpr (PB > 4) {
+            if (u + 4 <= P) {
+              lanes_block<T, NU, 4>(a.off + jb, a.val + jb, n, src, a.pix + u, init, dst, first, last);
+              u += 4;
+            }
+          }
+          for (; u < P; ++u)
             lanes_block<T, NU, 1>(a.off + jb, a.val + jb, n, src, a.pix + u, init, dst + (u - q) * L, first, last);
         }
       }
@@ -237,7 +244,14 @@ void lanes_rows_chunked(const LanesArgs<T>& a, int64_t r0, int64_t r1) {
         lanes_block<T, NU, PB>(a.off + jb, a.val + jb, n, src, a.pix + q, init, dst, first, last, a.direct,
                                r * P + q);
       } else {
-        for (int64_t u = q; u < P; ++u)
+        int64_t u = q;
+        if constexpr (PB > 4) {
+          if (u + 4 <= P) {
+            lanes_block<T, NU, 4>(a.off + jb, a.val + jb, n, src, a.pix + u, init, dst, first, last);
+            u += 4;
+          }
+        }
+        for (; u < P; ++u)
           lanes_block<T, NU, 1>(a.off + jb, a.val + jb, n, src, a.pix + u, init, dst + (u - q) * L, first, last);
       }
     });
@@ -249,7 +263,9 @@ template <typename T, int NU>
 void lanes_rows(const LanesArgs<T>& a, int64_t r0, int64_t r1) {
   constexpr int W = VecB<T, acc_bytes(NU)>::W;
   constexpr int N = NU * Vec<T>::W / W;
-  constexpr int PB = 8 / N > 0 ? 8 / N : 1;  // 8 independent accumulators hide the FMA latency
+  // 8 independent accumulators hide the FMA latency; with two vectors of images per pixel, 6
+  // pixels (12 accumulators, the tiles' count) feed each weight broadcast to 12 FMAs.
+  constexpr int PB = N == 2 ? 6 : 8 / N > 0 ? 8 / N : 1;
   constexpr int L = NU * Vec<T>::W;
   const int64_t P = a.pixels;
   if constexpr (NU == 1) {
@@ -266,6 +282,12 @@ void lanes_rows(const LanesArgs<T>& a, int64_t r0, int64_t r1) {
     int64_t q = a.tile_rows * a.out_w;
     for (; q + PB <= P; q += PB)
       lanes_block<T, NU, PB>(off, val, nnz, src, a.pix + q, init, dst + q * L, true, true, a.direct, r * P + q);
+    if constexpr (PB > 4) {
+      if (q + 4 <= P) {
+        lanes_block<T, NU, 4>(off, val, nnz, src, a.pix + q, init, dst + q * L);
+        q += 4;
+      }
+    }
     for (; q < P; ++q) lanes_block<T, NU, 1>(off, val, nnz, src, a.pix + q, init, dst + q * L);
   }
 }
