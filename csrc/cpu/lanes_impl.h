@@ -98,6 +98,22 @@ inline void lanes_block(const int32_t* off, const T* val, int32_t nnz, const T* 
     for (int v = 0; v < N; ++v) storeu(dst + p * L + v * W, acc[p][v] + b);
 }
 
+/// Pixels [q, P) of a row after its last full block of PB (pixel table pix, output block at dst):
+/// one block of 4 when PB is larger, then single pixels.
+template <typename T, int NU, int PB>
+inline void lanes_tail(const int32_t* off, const T* val, int32_t nnz, const T* src, const int64_t* pix, T init,
+                       T* dst, int64_t q, int64_t P, bool first, bool last) {
+  constexpr int L = NU * Vec<T>::W;
+  int64_t u = q;
+  if constexpr (PB > 4) {
+    if (u + 4 <= P) {
+      lanes_block<T, NU, 4>(off, val, nnz, src, pix + u, init, dst, first, last);
+      u += 4;
+    }
+  }
+  for (; u < P; ++u) lanes_block<T, NU, 1>(off, val, nnz, src, pix + u, init, dst + (u - q) * L, first, last);
+}
+
 /// Nonzeros [jb, jb + n) of row r in tap chunk k of nk (LanesArgs::split; the whole row when
 /// nk == 1), prefetching the offsets and values of row r + 2's share when that row is below r1.
 template <typename T>
@@ -222,15 +238,7 @@ void lanes_rows_chunked(const LanesArgs<T>& a, int64_t r0, int64_t r1) {
           lanes_block<T, NU, PB>(a.off + jb, a.val + jb, n, src, a.pix + q, init, dst, first, last, a.direct,
                                  r * P + q);
         } else {
-          int64_t u = q;
-          if constexpr (PB > 4) {
-            if (u + 4 <= P) {
-              lanes_block<T, NU, 4>(a.off + jb, a.val + jb, n, src, a.pix + u, init, dst, first, last);
-              u += 4;
-            }
-          }
-          for (; u < P; ++u)
-            lanes_block<T, NU, 1>(a.off + jb, a.val + jb, n, src, a.pix + u, init, dst + (u - q) * L, first, last);
+          lanes_tail<T, NU, PB>(a.off + jb, a.val + jb, n, src, a.pix, init, dst, q, P, first, last);
         }
       }
     });
@@ -244,15 +252,7 @@ void lanes_rows_chunked(const LanesArgs<T>& a, int64_t r0, int64_t r1) {
         lanes_block<T, NU, PB>(a.off + jb, a.val + jb, n, src, a.pix + q, init, dst, first, last, a.direct,
                                r * P + q);
       } else {
-        int64_t u = q;
-        if constexpr (PB > 4) {
-          if (u + 4 <= P) {
-            lanes_block<T, NU, 4>(a.off + jb, a.val + jb, n, src, a.pix + u, init, dst, first, last);
-            u += 4;
-          }
-        }
-        for (; u < P; ++u)
-          lanes_block<T, NU, 1>(a.off + jb, a.val + jb, n, src, a.pix + u, init, dst + (u - q) * L, first, last);
+        lanes_tail<T, NU, PB>(a.off + jb, a.val + jb, n, src, a.pix, init, dst, q, P, first, last);
       }
     });
   }
@@ -282,13 +282,7 @@ void lanes_rows(const LanesArgs<T>& a, int64_t r0, int64_t r1) {
     int64_t q = a.tile_rows * a.out_w;
     for (; q + PB <= P; q += PB)
       lanes_block<T, NU, PB>(off, val, nnz, src, a.pix + q, init, dst + q * L, true, true, a.direct, r * P + q);
-    if constexpr (PB > 4) {
-      if (q + 4 <= P) {
-        lanes_block<T, NU, 4>(off, val, nnz, src, a.pix + q, init, dst + q * L);
-        q += 4;
-      }
-    }
-    for (; q < P; ++q) lanes_block<T, NU, 1>(off, val, nnz, src, a.pix + q, init, dst + q * L);
+    lanes_tail<T, NU, PB>(off, val, nnz, src, a.pix, init, dst + q * L, q, P, true, true);
   }
 }
 
