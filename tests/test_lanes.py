@@ -209,11 +209,14 @@ def test_lanes_block_orders_match_torch(isa, dtype, case):
 
 
 # Narrow maps with long rows: two vectors of images per pixel on AVX2, blocks of 6 pixels, then
-# one of 4, then single pixels; with input-channel blocking and without.
+# one of 4, then single pixels; with input-channel blocking and without.  The tails of rows with
+# one vector per pixel (blocks of 8) too.
 WIDE_BLOCK_CASES = [
     (32, 96, 4, 4, 24, (3, 3), 1, 1, 1, 1, 0.5),    # 16 pixels: 6 + 6 + 4
     (40, 64, 5, 5, 16, (3, 3), 1, 1, 1, 1, 0.6),    # 25 pixels: 6 x 4 + 1, partial last chunk
     (32, 48, 6, 6, 8, (3, 3), 2, 1, 1, 1, 0.4),     # stride 2 into 3x3: 6 + 3 single
+    (8, 64, 2, 2, 32, (3, 3), 1, 1, 1, 1, 0.5),     # one vector per pixel, 2x2: one block of 4
+    (12, 32, 6, 6, 16, (3, 3), 1, 1, 1, 1, 0.5),    # one vector per pixel, 36 pixels: 8 x 4 + 4
 ]
 
 
