@@ -263,9 +263,10 @@ template <typename T, int NU>
 void lanes_rows(const LanesArgs<T>& a, int64_t r0, int64_t r1) {
   constexpr int W = VecB<T, acc_bytes(NU)>::W;
   constexpr int N = NU * Vec<T>::W / W;
-  // 8 independent accumulators hide the FMA latency; with two vectors of images per pixel, 6
-  // pixels (12 accumulators, the tiles' count) feed each weight broadcast to 12 FMAs.
-  constexpr int PB = N == 2 ? 6 : 8 / N > 0 ? 8 / N : 1;
+  // 8 independent accumulators hide the FMA latency; with two 32-byte vectors of images per pixel
+  // (the AVX2 build), 6 pixels (12 accumulators, the tiles' count) feed each weight broadcast to 12
+  // FMAs.  The wide-vector builds keep 8 / N (not measured with more).
+  constexpr int PB = N == 2 && !kWide ? 6 : 8 / N > 0 ? 8 / N : 1;
   constexpr int L = NU * Vec<T>::W;
   const int64_t P = a.pixels;
   if constexpr (NU == 1) {
