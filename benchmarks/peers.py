@@ -204,8 +204,10 @@ def _ds_layer(li: dict, subs: list) -> dict:
             "teraflops": li.get("average_teraflops_per_second"), "sub_layers": subs}
 
 
+# A traced graph calls aten::_convolution directly (the dense convs that deploy keeps, such as the
+# denser shortcuts of global masks), eager code aten::conv2d; nested calls are dropped below.
 LAYER_OPS = ("apb_sparse::sparse_conv2d", "apb_sparse::sparse_conv2d_pair", "apb_sparse::sparse_linear",
-             "apb_sparse::masked_conv2d", "aten::conv2d",
+             "apb_sparse::masked_conv2d", "aten::conv2d", "aten::convolution", "aten::_convolution",
              "aten::linear")
 
 
