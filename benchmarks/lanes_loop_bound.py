@@ -172,7 +172,10 @@ def main(argv=None) -> int:
     if shutil.which(a.cxx) is None:
         print(f"lanes_loop_bound: no C++ compiler {a.cxx!r}", file=sys.stderr)
         return 2
-    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    flags = ""
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
     if not (" avx2" in flags and " fma" in flags):
         print("lanes_loop_bound: this CPU has no AVX2 + FMA", file=sys.stderr)
         return 2

@@ -2,7 +2,6 @@
 straight-line code for the same calls agree, on a tiny chunk (no timing is checked)."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -11,20 +10,13 @@ import pytest
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _has_avx2_fma() -> bool:
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-    return " avx2" in flags and " fma" in flags
-
-
-@pytest.mark.skipif(shutil.which("g++") is None or not _has_avx2_fma(), reason="needs g++ and an AVX2 + FMA CPU")
 def test_loop_bound_tiny(tmp_path):
     out = tmp_path / "bound.json"
     cmd = [sys.executable, os.path.join(HERE, "lanes_loop_bound.py"), "--channels", "3", "--rows", "2", "--nnz", "5",
            "--map", "6", "--reps", "1", "--passes", "1", "--json", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    if proc.returncode == 2 and ("no C++ compiler" in proc.stderr or "no AVX2" in proc.stderr):
+        pytest.skip(proc.stderr.strip())
     assert proc.returncode == 0, proc.stdout + proc.stderr
     data = json.loads(out.read_text())
     assert data["ghz"] > 0.5
